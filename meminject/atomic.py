@@ -1,0 +1,34 @@
+"""Atomic file writes: a temporary file in the target's directory, fsync, then rename.
+
+A reader (or a process killed mid-write) sees either the old file or the whole
+new one, never a prefix. Shared by every command that writes results.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from meminject.errors import BadInputError
+
+
+def write_bytes_atomic(path: Path | str, data: bytes, *, overwrite: bool = False) -> None:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise BadInputError(f"{path} exists; pass --force to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: Path | str, text: str, *, overwrite: bool = False) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"), overwrite=overwrite)

@@ -1,0 +1,176 @@
+"""Compile a memory set into hooks and keep them installed exactly as long as needed.
+
+Compilation happens once per activation of a set: encoders run here (cached per
+(memory, model) on the :class:`LoadedModel`), never inside a hook. Each hook
+point gets one function that runs every strategy body for that point in turn.
+Hooks are removed when the ``inject`` block ends, also when it ends by an
+exception, and the bridge's ``use_attn_result`` flag is put back as it was.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from meminject.errors import BadInputError, InjectionError, MeminjectError, PluginError
+from meminject.extension import EncodeRequest, InjectionContext, SiteHook
+from meminject.memfile import MemoryEntry, MemorySet, check_against_model, load_memory_set
+
+if TYPE_CHECKING:
+    import torch
+
+    from meminject.models import LoadedModel
+    from meminject.plugins import Registry
+
+MemoriesLike: TypeAlias = MemorySet | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+
+_CACHE_EXCLUDE = {"name", "tau", "enabled", "positions", "strategy"}
+
+
+def as_memory_set(memories: MemoriesLike, registry: Registry | None = None) -> MemorySet:
+    """Accept a loaded set, or paths to files and directories."""
+    if isinstance(memories, MemorySet):
+        return memories
+    if isinstance(memories, (str, os.PathLike)):
+        return load_memory_set([Path(memories)], registry)
+    return load_memory_set([Path(p) for p in memories], registry)
+
+
+@dataclass(frozen=True)
+class CompiledHook:
+    hook: SiteHook
+    strategy: str
+    plugin: str
+
+
+class _Compiler:
+    """The :class:`~meminject.extension.CompileContext` handed to strategies."""
+
+    def __init__(self, model: LoadedModel, registry: Registry, entries: list[MemoryEntry]):
+        self.model = model
+        self.registry = registry
+        self._entries = {id(e.memory): e for e in entries}
+
+    def _entry(self, memory: Any) -> MemoryEntry:
+        return self._entries[id(memory)]
+
+    def error(self, memory: Any, message: str, field: str | None = None) -> Exception:
+        return self._entry(memory).error(message, field)
+
+    def encode(self, memory: Any) -> torch.Tensor:
+        key = (memory.encoding, memory.model_dump_json(exclude=_CACHE_EXCLUDE))
+        cached = self.model.encodings.get(key)
+        if cached is not None:
+            return cached
+        entry = self.registry.encoders[memory.encoding]
+        request = EncodeRequest(self.model, memory, memory.encoder_params())
+        try:
+            vector = entry.encoder(request)
+        except MeminjectError as exc:
+            raise self.error(memory, str(exc), "text") from exc
+        except Exception as exc:
+            raise PluginError(
+                entry.plugin, f"encoder '{entry.name}' failed on memory '{memory.name}': {exc!r}"
+            ) from exc
+        self.model.encodings[key] = vector
+        return vector
+
+
+def compile_memories(
+    model: LoadedModel, memories: MemoriesLike, registry: Registry | None = None
+) -> list[CompiledHook]:
+    """Check the set against the model and turn its active memories into hooks."""
+    from meminject.plugins import get_registry
+
+    registry = registry or get_registry()
+    memory_set = as_memory_set(memories, registry)
+    check_against_model(memory_set, model.dims)
+    compiler = _Compiler(model, registry, memory_set.entries)
+    by_strategy: dict[str, list[Any]] = defaultdict(list)
+    for entry in memory_set.entries:
+        by_strategy[entry.memory.strategy].append(entry.memory)
+    compiled: list[CompiledHook] = []
+    for name, memories_of_kind in by_strategy.items():
+        reg = registry.strategies[name]
+        strategy = reg.strategy_cls()
+        active = [m for m in memories_of_kind if not strategy.is_noop(m)]
+        if not active:
+            continue
+        try:
+            hooks = strategy.compile(active, compiler)
+        except MeminjectError:
+            raise
+        except Exception as exc:
+            raise PluginError(reg.plugin, f"strategy '{name}' failed to compile: {exc!r}") from exc
+        compiled.extend(CompiledHook(h, name, reg.plugin) for h in hooks)
+    return compiled
+
+
+def _hook_fn(hook_name: str, parts: list[CompiledHook], ctx: InjectionContext) -> Any:
+    def run(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+        for part in parts:
+            try:
+                activation = part.hook.body(activation, ctx)
+            except MeminjectError:
+                raise
+            except Exception as exc:
+                raise InjectionError(
+                    f"strategy '{part.strategy}' (plugin '{part.plugin}') failed at "
+                    f"{hook_name}: {exc!r}"
+                ) from exc
+        return activation
+
+    return run
+
+
+#: What ``inject`` and ``generate`` accept: a set, paths, or hooks compiled beforehand.
+MemoriesArg: TypeAlias = MemoriesLike | list[CompiledHook]
+
+
+@contextmanager
+def inject(
+    model: LoadedModel,
+    memories: MemoriesArg | None,
+    *,
+    context: InjectionContext | None = None,
+    registry: Registry | None = None,
+) -> Iterator[InjectionContext]:
+    """Activate a memory set on ``model`` for the duration of the block.
+
+    >>> with inject(model, "memories/toyworld/") as ctx:   # doctest: +SKIP
+    ...     logits = model.bridge(model.to_tokens("The capital of Velor is"))
+
+    The yielded :class:`InjectionContext` tells hooks where the current forward
+    sits in the sequence; code that runs its own KV-cached loop updates
+    ``ctx.offset`` (``generate`` does this for you).
+    """
+    ctx = context or InjectionContext()
+    if memories is None:
+        compiled: list[CompiledHook] = []
+    elif isinstance(memories, list) and all(isinstance(m, CompiledHook) for m in memories):
+        compiled = list(memories)
+    else:
+        compiled = compile_memories(model, memories, registry)  # type: ignore[arg-type]
+    grouped: dict[str, list[CompiledHook]] = defaultdict(list)
+    for part in compiled:
+        grouped[part.hook.hook_name].append(part)
+    bridge = model.bridge
+    missing = [name for name in grouped if name not in bridge.hook_dict]
+    if missing:
+        raise BadInputError(f"model '{model.name}' has no hook point '{missing[0]}'")
+    needs_result = any(p.hook.needs_attn_result for p in compiled)
+    had_result = bool(getattr(bridge.cfg, "use_attn_result", False))
+    fwd_hooks = [(name, _hook_fn(name, parts, ctx)) for name, parts in grouped.items()]
+    if needs_result and not had_result:
+        bridge.set_use_attn_result(True)
+    try:
+        with bridge.hooks(fwd_hooks=fwd_hooks):
+            yield ctx
+    finally:
+        if needs_result and not had_result:
+            bridge.set_use_attn_result(False)

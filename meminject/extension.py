@@ -1,0 +1,130 @@
+"""What a plugin implements: encoder requests, strategies and the hooks they compile to.
+
+These are the contracts between the engine and built-in or third-party code.
+The module imports no torch at import time, because strategies must be
+registrable (and their parameter models validated) without loading a model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from meminject.schema import MemoryBase, PositionMode
+
+if TYPE_CHECKING:
+    import torch
+    from pydantic import BaseModel
+
+    from meminject.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class EncodeRequest:
+    """Everything an encoder may need; new fields may be added later."""
+
+    model: LoadedModel
+    memory: Any  # the validated memory (an AddMemory or a plugin's subclass)
+    params: BaseModel | None  # the encoder's own table, validated by its params model
+
+    @property
+    def text(self) -> str:
+        return str(self.memory.text)
+
+    @property
+    def layer(self) -> int:
+        return int(self.memory.layer)
+
+    def distinct_tokens(self) -> list[int]:
+        """Token ids of the text without BOS, each once, in order of first occurrence."""
+        return list(dict.fromkeys(self.model.tokenize(self.text, prepend_bos=False)))
+
+
+class InjectionContext:
+    """Where the current forward pass sits in the sequence, so positions mean the same
+    thing with and without a KV cache.
+
+    ``offset`` is the absolute position of the first token in the current forward
+    (0 without a cache; the number of cached tokens with one); ``prompt_len`` is the
+    prompt's length including BOS. Absolute positions never shift as tokens are
+    generated, which is what makes cached and uncached generation agree.
+    """
+
+    def __init__(self, prompt_len: int | None = None) -> None:
+        self.offset = 0
+        self.prompt_len = prompt_len
+
+    def index(
+        self, positions: PositionMode | Sequence[int], seq_len: int, device: Any = None
+    ) -> slice | torch.Tensor | None:
+        """Indices into the current forward's position axis, or None if none apply."""
+        start, stop = self.offset, self.offset + seq_len
+        prompt_len = self.prompt_len if self.prompt_len is not None else stop
+        if positions == "all":
+            return slice(None)
+        if positions == "prompt":
+            lo, hi = start, min(stop, prompt_len)
+        elif positions == "generated":
+            lo, hi = max(start, prompt_len), stop
+        elif positions == "last":
+            lo, hi = prompt_len - 1, prompt_len
+            lo, hi = max(lo, start), min(hi, stop)
+        else:
+            import torch
+
+            absolute = sorted({p + prompt_len if p < 0 else p for p in positions})
+            local = [p - start for p in absolute if start <= p < stop]
+            if not local:
+                return None
+            return torch.tensor(local, dtype=torch.long, device=device)
+        if lo >= hi:
+            return None
+        return slice(lo - start, hi - start)
+
+
+#: A compiled hook body: takes the activation and the context, returns the new activation.
+HookBody = Callable[["torch.Tensor", InjectionContext], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class SiteHook:
+    """One strategy's work at one hook point. The engine chains all bodies at a hook."""
+
+    hook_name: str
+    body: HookBody
+    needs_attn_result: bool = False  # the bridge must compute per-head results
+
+
+class CompileContext(Protocol):
+    """What the engine offers a strategy while compiling; new members may be added."""
+
+    @property
+    def model(self) -> LoadedModel: ...
+
+    def encode(self, memory: Any) -> torch.Tensor:
+        """The memory's vector from its encoder, computed once per (memory, model)."""
+        ...
+
+    def error(self, memory: Any, message: str, field: str | None = None) -> Exception:
+        """An error located at the memory's file, name and field, to raise."""
+        ...
+
+
+class Strategy:
+    """Base class of injection strategies.
+
+    Subclasses set ``name`` and ``memory_model`` and implement ``compile``, which
+    receives every active memory of this strategy in a set at once (so a strategy
+    can batch memories that share a site) and returns the hooks to install.
+    """
+
+    name: ClassVar[str]
+    memory_model: ClassVar[type[MemoryBase]]
+
+    def compile(self, memories: Sequence[Any], ctx: CompileContext) -> list[SiteHook]:
+        raise NotImplementedError
+
+    def is_noop(self, memory: Any) -> bool:
+        """A memory that cannot change any activation; the engine skips it entirely."""
+        return not memory.enabled

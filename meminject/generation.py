@@ -1,0 +1,143 @@
+"""Generation with a memory set active, driven by meminject's own decoding loop.
+
+The loop is ours (not ``TransformerBridge.generate``) because hooks must know
+the absolute position of every token they see: with a KV cache a step's forward
+holds one token, without one it holds the whole sequence. The loop sets
+``InjectionContext.offset`` before each forward, which is what makes every
+positions mode give the same tokens with the cache on and off.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from meminject.engine import MemoriesArg, inject
+from meminject.errors import BadInputError
+from meminject.extension import InjectionContext
+
+if TYPE_CHECKING:
+    import torch
+
+    from meminject.models import LoadedModel
+    from meminject.plugins import Registry
+
+
+@dataclass(frozen=True)
+class TokenProb:
+    token: str
+    token_id: int
+    prob: float
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt: str
+    completion: str
+    prompt_tokens: list[int]
+    new_tokens: list[int]
+    top_next: list[TokenProb] = field(default_factory=list)  # after the prompt, before sampling
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.completion
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def top_tokens(model: LoadedModel, logits: torch.Tensor, k: int) -> list[TokenProb]:
+    import torch
+
+    if k <= 0:
+        return []
+    probs = torch.softmax(logits.float(), dim=-1)
+    values, ids = probs.topk(min(k, probs.shape[-1]))
+    return [
+        TokenProb(model.token_str(int(i)), int(i), float(v))
+        for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+    ]
+
+
+def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+    import torch
+
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+def generate(
+    model: LoadedModel,
+    prompt: str,
+    memories: MemoriesArg | None = None,
+    *,
+    max_new_tokens: int = 20,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    use_kv_cache: bool = True,
+    stop_at_eos: bool = True,
+    top_k: int = 0,
+    registry: Registry | None = None,
+) -> Generation:
+    """Generate a completion of ``prompt``, with ``memories`` injected if given.
+
+    ``temperature=0`` is greedy decoding. ``top_k`` asks for that many most likely
+    next tokens after the prompt (with their probabilities) in the result.
+    """
+    import torch
+
+    if max_new_tokens < 0:
+        raise BadInputError("max_new_tokens must be >= 0")
+    if temperature < 0:
+        raise BadInputError("temperature must be >= 0")
+    tokens = model.to_tokens(prompt)
+    prompt_len = tokens.shape[1]
+    ctx = InjectionContext(prompt_len=prompt_len)
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+    eos = model.tokenizer.eos_token_id
+    n_ctx = model.dims.n_ctx
+    bridge = model.bridge
+    new_tokens: list[int] = []
+    top: list[TokenProb] = []
+    scope = inject(model, memories, context=ctx, registry=registry) if memories else nullcontext()
+    with scope, torch.no_grad():
+        past = None
+        sequence = tokens
+        for step in range(max(max_new_tokens, 1) if top_k else max_new_tokens):
+            if use_kv_cache:
+                fresh = sequence if past is None else sequence[:, -1:]
+                ctx.offset = sequence.shape[1] - fresh.shape[1]
+                logits, past = bridge(
+                    fresh, return_type="logits_and_cache", past_key_values=past, use_cache=True
+                )
+            else:
+                ctx.offset = 0
+                logits = bridge(sequence, return_type="logits")
+            last = logits[0, -1]
+            if step == 0 and top_k:
+                top = top_tokens(model, last, top_k)
+            if step >= max_new_tokens:
+                break
+            token = _pick(last, temperature, generator)
+            new_tokens.append(token)
+            if (stop_at_eos and eos is not None and token == eos) or (
+                sequence.shape[1] + 1 > n_ctx
+            ):
+                break
+            sequence = torch.cat(
+                [sequence, torch.tensor([[token]], dtype=sequence.dtype, device=sequence.device)],
+                dim=1,
+            )
+    shown = [t for t in new_tokens if not (stop_at_eos and t == eos)]
+    return Generation(
+        prompt=prompt,
+        completion=model.decode(shown),
+        prompt_tokens=tokens[0].tolist(),
+        new_tokens=new_tokens,
+        top_next=top,
+    )

@@ -1,0 +1,59 @@
+"""Plugin hooks (pluggy). One function per hook; each takes a ``register`` callback.
+
+Callbacks instead of return values let one implementation register several
+things and let meminject record which plugin registered which name, so a clash
+can name both plugins. Implementations may accept fewer arguments than the spec
+lists (pluggy passes only what they ask for), so hooks can gain arguments later
+without breaking existing plugins.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+PROJECT = "meminject"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def register_encoders(register: Any) -> None:
+    """Register encoders that turn a memory's text into a vector.
+
+    Call ``register(name, encoder, params_model=None)``. ``encoder`` is a callable
+    taking one :class:`meminject.extension.EncodeRequest` and returning a tensor of
+    shape ``[d_model]``. ``params_model`` (a pydantic model) describes the
+    encoder's own table in a memory file, ``[memory.<name>]``; it appears in
+    ``meminject schema`` and is validated when files load.
+    """
+
+
+@hookspec
+def register_strategies(register: Any) -> None:
+    """Register injection strategies.
+
+    Call ``register(name, strategy_cls)``. ``strategy_cls`` subclasses
+    :class:`meminject.extension.Strategy`: its ``memory_model`` (a subclass of
+    :class:`meminject.schema.MemoryBase` with ``strategy: Literal[name]``) is the
+    memory's table in a file, and its ``compile`` turns memories into hooks.
+    """
+
+
+@hookspec
+def register_models(register: Any) -> None:
+    """Register named model sources.
+
+    Call ``register(name, loader, description="")``. ``loader`` takes keyword
+    arguments ``device`` and ``dtype`` (strings as the user gave them, or None) and
+    returns a Hugging Face model directory (a path), a hub name, or a loaded
+    ``TransformerBridge``. ``meminject --model NAME`` and
+    memory files' ``[model] name`` resolve registered names first.
+    """
+
+
+@hookspec
+def register_commands(cli: Any) -> None:
+    """Add commands to the ``meminject`` click group ``cli`` (``@cli.command()``)."""

@@ -1,0 +1,247 @@
+"""Plugin manager: loads built-in and installed plugins, and collects what they register.
+
+Built-ins go through exactly the same hooks as third-party plugins (the ``llm``
+way), so the built-in encoders and strategies are also the reference examples.
+Each hook implementation is called on its own with a ``register`` callback bound
+to the plugin's name; that is how a clash, or an exception, names its plugin.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import cached_property
+from importlib import metadata
+from typing import Any
+
+import pluggy
+from pydantic import BaseModel
+
+from meminject import hookspecs
+from meminject.errors import PluginError
+from meminject.extension import Strategy
+from meminject.schema import MemoryBase, StrictModel, build_file_model
+
+ENV_VAR = "MEMINJECT_LOAD_PLUGINS"
+ENTRY_POINT_GROUP = "meminject"
+BUILTIN_MODULES = ("meminject.encoders", "meminject.strategies", "meminject.models")
+_NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
+
+
+@dataclass(frozen=True)
+class EncoderEntry:
+    name: str
+    encoder: Callable[..., Any]
+    params_model: type[BaseModel] | None
+    plugin: str
+
+
+@dataclass(frozen=True)
+class StrategyEntry:
+    name: str
+    strategy_cls: type[Strategy]
+    plugin: str
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    loader: Callable[..., Any]
+    description: str
+    plugin: str
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    hooks: tuple[str, ...]
+    version: str | None
+    builtin: bool
+
+
+@dataclass
+class Registry:
+    """What the loaded plugins registered. Build one with :func:`build_registry`."""
+
+    pm: pluggy.PluginManager
+    plugins: list[PluginInfo] = field(default_factory=list)
+    encoders: dict[str, EncoderEntry] = field(default_factory=dict)
+    strategies: dict[str, StrategyEntry] = field(default_factory=dict)
+    models: dict[str, ModelEntry] = field(default_factory=dict)
+
+    @cached_property
+    def file_model(self) -> type[StrictModel]:
+        """The pydantic model of a memory file, given what is registered."""
+        return build_file_model(
+            {name: e.strategy_cls.memory_model for name, e in self.strategies.items()},
+            {name: e.params_model for name, e in self.encoders.items()},
+        )
+
+    def strategy(self, name: str) -> Strategy:
+        return self.strategies[name].strategy_cls()
+
+    def add_commands(self, cli: Any) -> None:
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            plugin = self.pm.get_name(impl.plugin) or "?"
+            try:
+                impl.function(**_kwargs(impl, cli=cli))
+            except Exception as exc:
+                raise PluginError(plugin, f"register_commands raised {exc!r}") from exc
+
+
+def _kwargs(impl: Any, **available: Any) -> dict[str, Any]:
+    """Pass an implementation only the arguments it asks for (hooks may grow)."""
+    return {name: available[name] for name in impl.argnames if name in available}
+
+
+def _allowed_plugins() -> set[str] | None:
+    value = os.environ.get(ENV_VAR)
+    if value is None:
+        return None
+    return {part.strip() for part in value.split(",") if part.strip()}
+
+
+def _entry_points() -> list[metadata.EntryPoint]:
+    return sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+
+
+def build_registry(
+    extra_plugins: Iterable[tuple[str, object]] = (), *, load_entrypoints: bool = True
+) -> Registry:
+    """Load built-ins, installed plugins (filtered by ``MEMINJECT_LOAD_PLUGINS``) and
+    ``extra_plugins`` (name, module-or-object pairs, for tests), then collect registrations.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    infos: list[PluginInfo] = []
+
+    def add(name: str, plugin: object, version: str | None, builtin: bool) -> None:
+        try:
+            pm.register(plugin, name=name)
+        except (pluggy.PluginValidationError, ValueError) as exc:
+            raise PluginError(name, f"invalid hook implementation: {exc}") from exc
+        hooks = tuple(sorted(impl.name for impl in pm.get_hookcallers(plugin) or ()))
+        infos.append(PluginInfo(name, hooks, version, builtin))
+
+    for module_name in BUILTIN_MODULES:
+        add(module_name, importlib.import_module(module_name), None, True)
+
+    if load_entrypoints:
+        allowed = _allowed_plugins()
+        found = _entry_points()
+        if allowed is not None:
+            known = {ep.name for ep in found} | {
+                ep.dist.name for ep in found if ep.dist is not None
+            }
+            missing = sorted(allowed - known)
+            if missing:
+                raise PluginError(
+                    missing[0], f"{ENV_VAR} names it, but no such plugin is installed"
+                )
+        for ep in found:
+            dist = ep.dist.name if ep.dist is not None else None
+            if allowed is not None and ep.name not in allowed and dist not in allowed:
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                raise PluginError(ep.name, f"failed to import: {exc!r}") from exc
+            add(ep.name, plugin, ep.dist.version if ep.dist is not None else None, False)
+
+    for name, plugin in extra_plugins:
+        add(name, plugin, None, False)
+
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        plugin_name = pm.get_name(exc.plugin) or "?"
+        raise PluginError(plugin_name, f"implements an unknown hook: {exc}") from exc
+
+    registry = Registry(pm=pm, plugins=infos)
+    _collect(registry)
+    return registry
+
+
+def _collect(registry: Registry) -> None:
+    pm = registry.pm
+
+    def each(hook: Any, make_register: Callable[[str], Callable[..., None]]) -> None:
+        for impl in hook.get_hookimpls():  # registration order
+            plugin = pm.get_name(impl.plugin) or "?"
+            try:
+                impl.function(**_kwargs(impl, register=make_register(plugin)))
+            except PluginError:
+                raise
+            except Exception as exc:
+                raise PluginError(plugin, f"{hook.name} raised {exc!r}") from exc
+
+    def checked_name(kind: str, name: Any, plugin: str, taken: dict[str, Any]) -> str:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise PluginError(plugin, f"{kind} name {name!r} is not a lowercase identifier")
+        if name in taken:
+            raise PluginError(
+                plugin, f"{kind} '{name}' is already registered by plugin '{taken[name].plugin}'"
+            )
+        return name
+
+    def encoder_register(plugin: str) -> Callable[..., None]:
+        def register(
+            name: str, encoder: Callable[..., Any], params_model: type[BaseModel] | None = None
+        ) -> None:
+            checked_name("encoder", name, plugin, registry.encoders)
+            if not callable(encoder):
+                raise PluginError(plugin, f"encoder '{name}' is not callable")
+            if params_model is not None and not (
+                isinstance(params_model, type) and issubclass(params_model, BaseModel)
+            ):
+                raise PluginError(plugin, f"encoder '{name}': params_model is not a pydantic model")
+            registry.encoders[name] = EncoderEntry(name, encoder, params_model, plugin)
+
+        return register
+
+    def strategy_register(plugin: str) -> Callable[..., None]:
+        def register(name: str, strategy_cls: type[Strategy]) -> None:
+            checked_name("strategy", name, plugin, registry.strategies)
+            if not (isinstance(strategy_cls, type) and issubclass(strategy_cls, Strategy)):
+                raise PluginError(plugin, f"strategy '{name}' is not a meminject Strategy class")
+            model = getattr(strategy_cls, "memory_model", None)
+            if not (isinstance(model, type) and issubclass(model, MemoryBase)):
+                raise PluginError(plugin, f"strategy '{name}' has no memory_model (a MemoryBase)")
+            if "strategy" not in model.model_fields:
+                raise PluginError(
+                    plugin, f"strategy '{name}': memory_model has no 'strategy' field"
+                )
+            registry.strategies[name] = StrategyEntry(name, strategy_cls, plugin)
+
+        return register
+
+    def model_register(plugin: str) -> Callable[..., None]:
+        def register(name: str, loader: Callable[..., Any], description: str = "") -> None:
+            checked_name("model", name, plugin, registry.models)
+            registry.models[name] = ModelEntry(name, loader, description, plugin)
+
+        return register
+
+    each(pm.hook.register_encoders, encoder_register)
+    each(pm.hook.register_strategies, strategy_register)
+    each(pm.hook.register_models, model_register)
+
+
+_registry: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, built on first use."""
+    global _registry
+    if _registry is None:
+        _registry = build_registry()
+    return _registry
+
+
+def reset_registry(registry: Registry | None = None) -> None:
+    """Replace (or drop) the process-wide registry; tests use this."""
+    global _registry
+    _registry = registry

