@@ -9,6 +9,7 @@ with 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import click
 
-from meminject.errors import EXIT_RUNTIME, MeminjectError
+from meminject.errors import EXIT_RUNTIME, BadInputError, MeminjectError
 
 _DEBUG_ENV = "MEMINJECT_DEBUG"
 
@@ -53,8 +54,11 @@ def _debug(ctx: click.Context) -> bool:
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="meminject")
 @click.option("--debug", is_flag=True, envvar=_DEBUG_ENV, help="Show tracebacks on errors.")
+@click.option(
+    "--no-plugins", is_flag=True, help="Load built-ins only (as MEMINJECT_LOAD_PLUGINS='')."
+)
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, no_plugins: bool) -> None:
     """Give a language model memories at inference time.
 
     Memories are small TOML files: texts injected into attention outputs
@@ -62,6 +66,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+
+
+def _outside_option(f: Any) -> Any:
+    return click.option(
+        "--allow-outside-paths",
+        is_flag=True,
+        help="Let tensor files live outside their memory file's directory.",
+    )(f)
 
 
 def _model_options(f: Any) -> Any:
@@ -132,6 +144,7 @@ def _load(
 @click.option("--compare", is_flag=True, help="Show the baseline beside the injected run.")
 @click.option("--no-kv-cache", is_flag=True, help="Recompute the whole sequence each step.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_outside_option
 def generate(
     prompt: str,
     memory_paths: Sequence[str],
@@ -146,6 +159,7 @@ def generate(
     compare: bool,
     no_kv_cache: bool,
     as_json: bool,
+    allow_outside_paths: bool,
 ) -> None:
     """Generate a completion of PROMPT with a memory set injected."""
     from meminject.memfile import load_memory_set
@@ -156,7 +170,11 @@ def generate(
     from meminject.engine import compile_memories
     from meminject.generation import generate as run
 
-    compiled = compile_memories(model, memory_set) if memory_set is not None else None
+    compiled = (
+        compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
+        if memory_set is not None
+        else None
+    )
     kwargs: dict[str, Any] = dict(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -219,6 +237,190 @@ def _escape(text: str) -> str:
 
 
 @cli.command()
+@click.argument("prompt")
+@click.option("--target", required=True, help="What the prompt should continue with.")
+@click.option("--layer", required=True, type=click.IntRange(0), help="Layer ℓ of the site.")
+@click.option(
+    "--site",
+    required=True,
+    type=click.Choice(
+        ["attn_z", "attn_out", "mlp_post", "mlp_out", "resid_pre", "resid_mid", "resid_post"]
+    ),
+)
+@click.option(
+    "--position",
+    default=-1,
+    show_default=True,
+    type=int,
+    help="Prompt position of the key (negative counts from the end).",
+)
+@click.option(
+    "--alpha",
+    default=None,
+    type=click.FloatRange(0, min_open=True),
+    help="Step size; default: the smallest that makes the target top-1.",
+)
+@click.option(
+    "--steps",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Gradient steps of size alpha.",
+)
+@click.option("--teacher-force", is_flag=True, help="Fit all target tokens, not only the first.")
+@click.option(
+    "--positive",
+    "positive_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Prompts (one per line) that must produce the target.",
+)
+@click.option(
+    "--negative",
+    "negative_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Prompts (one per line) that must not produce the target.",
+)
+@click.option("--hardness", default=3.0, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option(
+    "--boundary",
+    default=None,
+    type=click.FloatRange(0, min_open=True),
+    help="Use this boundary instead of searching (default 0.25 without examples).",
+)
+@click.option("--grid", default=None, help="Boundaries to search, e.g. 0.05-2:0.05.")
+@click.option("--name", default=None, help="Memory name (default: from the target).")
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="TOML file to write (tensors go beside it).",
+)
+@click.option("--append", is_flag=True, help="Add the memory to an existing file.")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@click.option("--model", "model_name", default="toyworld", show_default=True)
+@_model_options
+def learn(
+    prompt: str,
+    target: str,
+    layer: int,
+    site: str,
+    position: int,
+    alpha: float | None,
+    steps: int,
+    teacher_force: bool,
+    positive_file: str | None,
+    negative_file: str | None,
+    hardness: float,
+    boundary: float | None,
+    grid: str | None,
+    name: str | None,
+    out: Path,
+    append: bool,
+    force: bool,
+    model_name: str,
+    device: str | None,
+    dtype: str | None,
+    coordinates: str | None,
+) -> None:
+    """Learn a gated local memory that makes PROMPT continue with --target."""
+    from meminject import learn as learning
+
+    if out.exists() and not (append or force):
+        raise BadInputError(f"{out} exists; pass --force to overwrite it or --append to add")
+    positives = learning.read_prompts(positive_file) if positive_file else []
+    negatives = learning.read_prompts(negative_file) if negative_file else []
+    boundaries = parse_float_spec(grid) if grid else learning.DEFAULT_GRID
+    model = _load(model_name, None, device, dtype, coordinates)
+    learned = learning.learn(
+        model,
+        prompt,
+        target,
+        layer=layer,
+        site=site,
+        position=position,
+        alpha=alpha,
+        steps=steps,
+        teacher_force=teacher_force,
+    )
+    click.echo(
+        f"alpha = {learned.alpha:.6g} ({steps} step{'s' * (steps > 1)}); p(target) "
+        f"{learned.prob_before:.4f} -> {learned.prob_after:.4f} at the key's position"
+    )
+    choice = None
+    if boundary is None and (positives or negatives):
+        choice = learning.search_boundary(
+            model, learned, positives, negatives, hardness=hardness, grid=boundaries
+        )
+        _print_boundary_table(choice)
+        boundary = choice.boundary
+    elif boundary is None:
+        boundary = 0.25
+    toml_path, tensor_path = learning.write_learned(
+        out,
+        learned,
+        model,
+        name=name or learning.slug(target),
+        boundary=boundary,
+        hardness=hardness,
+        append=append,
+        force=force,
+        choice=choice,
+    )
+    click.echo(
+        f"wrote {toml_path} and {tensor_path.name} (boundary {boundary:g}, hardness {hardness:g})"
+    )
+
+
+def _print_boundary_table(choice: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(
+        title=f"boundary search ({choice.n_positives} positives, {choice.n_negatives} negatives)"
+    )
+    for column in ("boundary", "positives ok", "negatives ok", "accuracy"):
+        table.add_column(column, justify="right")
+    for row in choice.table:
+        mark = "bold" if row.accuracy == choice.accuracy else ""
+        table.add_row(
+            f"{row.boundary:g}",
+            f"{row.positives_ok}/{choice.n_positives}",
+            f"{row.negatives_ok}/{choice.n_negatives}",
+            f"{row.accuracy:.3f}",
+            style=mark,
+        )
+    Console(highlight=False).print(table)
+    click.echo(
+        f"chosen boundary {choice.boundary:g} (accuracy {choice.accuracy:.3f}; centre of "
+        "the widest best interval)"
+    )
+
+
+def parse_float_spec(spec: str) -> list[float]:
+    """'0.1,0.2', '0.05-2:0.05' (start-stop:step, inclusive) or a mix separated by commas."""
+    values: list[float] = []
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                bounds, _, step_text = part.partition(":")
+                cut = bounds.index("-", 1)
+                start, stop = float(bounds[:cut]), float(bounds[cut + 1 :])
+                step = float(step_text) if step_text else 1.0
+                if step <= 0:
+                    raise ValueError
+                n = round((stop - start) / step)
+                values += [round(start + i * step, 10) for i in range(n + 1)]
+            else:
+                values.append(float(part))
+    except ValueError:
+        raise BadInputError(f"cannot read the number list {spec!r}") from None
+    return values
+
+
+@cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option(
     "--model",
@@ -227,12 +429,14 @@ def _escape(text: str) -> str:
     help="Also check ranges and widths against this model (loads it).",
 )
 @_model_options
+@_outside_option
 def validate(
     paths: Sequence[str],
     model_name: str | None,
     device: str | None,
     dtype: str | None,
     coordinates: str | None,
+    allow_outside_paths: bool,
 ) -> None:
     """Check memory files and directories (schema only unless --model is given)."""
     from meminject.memfile import load_memory_set
@@ -243,7 +447,7 @@ def validate(
         from meminject.engine import compile_memories
 
         model = _load(model_name, memory_set, device, dtype, coordinates)
-        compile_memories(model, memory_set)
+        compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
         checked = f"schema and model '{model.name}'"
     n_files = len(memory_set.files)
     click.echo(
@@ -329,6 +533,15 @@ def schema(out: Path | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point: adds plugins' commands, then runs the group."""
+    args = list(argv) if argv is not None else sys.argv[1:]
+    options = args[: args.index("--")] if "--" in args else args
+    if "--no-plugins" in options:
+        # Plugins are loaded before click parses (their commands join the group), so the
+        # flag is honoured here, through the same switch as the environment variable.
+        from meminject.plugins import ENV_VAR, reset_registry
+
+        os.environ[ENV_VAR] = ""
+        reset_registry()
     try:
         from meminject.plugins import get_registry
 

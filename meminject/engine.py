@@ -51,16 +51,23 @@ class CompiledHook:
 class _Compiler:
     """The :class:`~meminject.extension.CompileContext` handed to strategies."""
 
-    def __init__(self, model: LoadedModel, registry: Registry, entries: list[MemoryEntry]):
+    def __init__(
+        self,
+        model: LoadedModel,
+        registry: Registry,
+        entries: list[MemoryEntry],
+        allow_outside_paths: bool = False,
+    ):
         self.model = model
         self.registry = registry
+        self.allow_outside_paths = allow_outside_paths
         self._entries = {id(e.memory): e for e in entries}
 
-    def _entry(self, memory: Any) -> MemoryEntry:
+    def entry(self, memory: Any) -> MemoryEntry:
         return self._entries[id(memory)]
 
     def error(self, memory: Any, message: str, field: str | None = None) -> Exception:
-        return self._entry(memory).error(message, field)
+        return self.entry(memory).error(message, field)
 
     def encode(self, memory: Any) -> torch.Tensor:
         key = (memory.encoding, memory.model_dump_json(exclude=_CACHE_EXCLUDE))
@@ -82,15 +89,23 @@ class _Compiler:
 
 
 def compile_memories(
-    model: LoadedModel, memories: MemoriesLike, registry: Registry | None = None
+    model: LoadedModel,
+    memories: MemoriesLike,
+    registry: Registry | None = None,
+    *,
+    allow_outside_paths: bool = False,
 ) -> list[CompiledHook]:
-    """Check the set against the model and turn its active memories into hooks."""
+    """Check the set against the model and turn its active memories into hooks.
+
+    ``allow_outside_paths`` lets tensor files live outside their memory file's
+    directory (absolute paths, ``..``, symlinks); off by default for untrusted sets.
+    """
     from meminject.plugins import get_registry
 
     registry = registry or get_registry()
     memory_set = as_memory_set(memories, registry)
     check_against_model(memory_set, model.dims)
-    compiler = _Compiler(model, registry, memory_set.entries)
+    compiler = _Compiler(model, registry, memory_set.entries, allow_outside_paths)
     by_strategy: dict[str, list[Any]] = defaultdict(list)
     for entry in memory_set.entries:
         by_strategy[entry.memory.strategy].append(entry.memory)

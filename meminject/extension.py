@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import torch
     from pydantic import BaseModel
 
+    from meminject.memfile import MemoryEntry
     from meminject.models import LoadedModel
 
 
@@ -108,6 +109,15 @@ class CompileContext(Protocol):
 
     def error(self, memory: Any, message: str, field: str | None = None) -> Exception:
         """An error located at the memory's file, name and field, to raise."""
+        ...
+
+    def entry(self, memory: Any) -> MemoryEntry:
+        """Where the memory came from: its file, index and the file's [model] table."""
+        ...
+
+    @property
+    def allow_outside_paths(self) -> bool:
+        """Whether tensor paths may leave the memory file's directory (an explicit flag)."""
         ...
 
 

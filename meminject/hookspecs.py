@@ -55,5 +55,15 @@ def register_models(register: Any) -> None:
 
 
 @hookspec
+def register_datasets(register: Any) -> None:
+    """Register dataset loaders for ``meminject sweep``.
+
+    Call ``register(name, loader, description="")``. ``loader`` takes the dataset
+    argument the user gave (a path, or None for a built-in dataset) plus keyword
+    options, and returns the rows to evaluate (see :mod:`meminject.datasets`).
+    """
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add commands to the ``meminject`` click group ``cli`` (``@cli.command()``)."""

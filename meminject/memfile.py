@@ -43,6 +43,7 @@ class MemoryEntry:
     file: Path
     index: int  # 0-based position among the file's [[memory]] tables
     source: str  # the file's text, for line lookup
+    model_info: ModelInfo | None = None  # the file's [model] table
 
     @property
     def name(self) -> str:
@@ -111,22 +112,6 @@ class MemorySet:
                 if value is not None:
                     merged.setdefault(key, value)
         return ModelInfo(**merged)
-
-    def with_enabled(self, names: Iterable[str], enabled: bool) -> MemorySet:
-        """A copy with the named memories enabled or disabled (for --only / --disable)."""
-        chosen = set(names)
-        files = []
-        for f in self.files:
-            entries = tuple(
-                MemoryEntry(
-                    e.memory.model_copy(update={"enabled": enabled}), e.file, e.index, e.source
-                )
-                if e.name in chosen
-                else e
-                for e in f.entries
-            )
-            files.append(LoadedFile(f.path, f.model, entries))
-        return MemorySet(tuple(files))
 
 
 def field_line(
@@ -311,7 +296,8 @@ def read_memory_file(path: Path | str, registry: Any | None = None) -> LoadedFil
         location = _location_of(dict(first), path, data, source, registry)
         raise MemoryFileError(message, location) from None
     entries = tuple(
-        MemoryEntry(memory, path, i, source) for i, memory in enumerate(validated.memory)
+        MemoryEntry(memory, path, i, source, validated.model)
+        for i, memory in enumerate(validated.memory)
     )
     _check_unique(entries)
     return LoadedFile(path, validated.model, entries)

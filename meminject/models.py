@@ -41,6 +41,25 @@ class LoadedModel:
     coordinates: str
     source: str
     encodings: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    def fingerprint(self) -> str:
+        """A hash of the weights as loaded (coordinates included), so a key/delta memory
+        made on one model is refused on another. Computed once, on first use."""
+        if self._fingerprint is None:
+            import hashlib
+
+            import torch
+
+            digest = hashlib.blake2b(digest_size=16)
+            digest.update(self.coordinates.encode())
+            state = self.bridge.original_model.state_dict()
+            for name in sorted(state):
+                tensor = state[name].detach()
+                digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+                digest.update(tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = f"blake2b:{digest.hexdigest()}"
+        return self._fingerprint
 
     @property
     def cfg(self) -> Any:
@@ -70,6 +89,30 @@ class LoadedModel:
             d_vocab=int(cfg.d_vocab),
             n_ctx=int(cfg.n_ctx),
         )
+
+    def site_shape(self, site: str) -> tuple[int, ...]:
+        """Shape of one position's activation at a site (what keys and deltas must have)."""
+        dims = self.dims
+        if site == "attn_z":
+            return (dims.n_heads, int(self.bridge.cfg.d_head or dims.d_model // dims.n_heads))
+        if site == "mlp_post":
+            if not self.bridge.cfg.d_mlp:
+                raise BadInputError(f"model '{self.name}' does not report its MLP width (d_mlp)")
+            return (int(self.bridge.cfg.d_mlp),)
+        return (dims.d_model,)
+
+    def model_table(self) -> dict[str, Any]:
+        """The ``[model]`` table describing this model, fingerprint included."""
+        dims = self.dims
+        return {
+            "name": self.name,
+            "d_model": dims.d_model,
+            "n_layers": dims.n_layers,
+            "n_heads": dims.n_heads,
+            "d_vocab": dims.d_vocab,
+            "coordinates": self.coordinates,
+            "fingerprint": self.fingerprint(),
+        }
 
     @property
     def prepends_bos(self) -> bool:

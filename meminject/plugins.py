@@ -27,7 +27,12 @@ from meminject.schema import MemoryBase, StrictModel, build_file_model
 
 ENV_VAR = "MEMINJECT_LOAD_PLUGINS"
 ENTRY_POINT_GROUP = "meminject"
-BUILTIN_MODULES = ("meminject.encoders", "meminject.strategies", "meminject.models")
+BUILTIN_MODULES = (
+    "meminject.encoders",
+    "meminject.strategies",
+    "meminject.models",
+    "meminject.datasets",
+)
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
 
 
@@ -55,6 +60,14 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class DatasetEntry:
+    name: str
+    loader: Callable[..., Any]
+    description: str
+    plugin: str
+
+
+@dataclass(frozen=True)
 class PluginInfo:
     name: str
     hooks: tuple[str, ...]
@@ -71,6 +84,7 @@ class Registry:
     encoders: dict[str, EncoderEntry] = field(default_factory=dict)
     strategies: dict[str, StrategyEntry] = field(default_factory=dict)
     models: dict[str, ModelEntry] = field(default_factory=dict)
+    datasets: dict[str, DatasetEntry] = field(default_factory=dict)
 
     @cached_property
     def file_model(self) -> type[StrictModel]:
@@ -225,9 +239,19 @@ def _collect(registry: Registry) -> None:
 
         return register
 
+    def dataset_register(plugin: str) -> Callable[..., None]:
+        def register(name: str, loader: Callable[..., Any], description: str = "") -> None:
+            checked_name("dataset", name, plugin, registry.datasets)
+            if not callable(loader):
+                raise PluginError(plugin, f"dataset '{name}': loader is not callable")
+            registry.datasets[name] = DatasetEntry(name, loader, description, plugin)
+
+        return register
+
     each(pm.hook.register_encoders, encoder_register)
     each(pm.hook.register_strategies, strategy_register)
     each(pm.hook.register_models, model_register)
+    each(pm.hook.register_datasets, dataset_register)
 
 
 _registry: Registry | None = None

@@ -82,6 +82,11 @@ class ModelInfo(StrictModel):
     n_layers: int | None = Field(None, gt=0, description="Checked against the loaded model.")
     n_heads: int | None = Field(None, gt=0, description="Checked against the loaded model.")
     d_vocab: int | None = Field(None, gt=0, description="Checked against the loaded model.")
+    fingerprint: str | None = Field(
+        None,
+        description="Hash of the weights (in the given coordinates) that tensor memories were "
+        "made with; a different model is refused.",
+    )
     coordinates: Coordinates | None = Field(
         None,
         description=(
@@ -179,6 +184,33 @@ class AddMemory(MemoryBase):
     def encoder_params(self) -> BaseModel | None:
         """The validated ``params`` table of this memory's encoder, if it takes one."""
         return getattr(self, "_encoder_params", None)
+
+
+GatedSite = Literal[
+    "attn_z", "attn_out", "mlp_post", "mlp_out", "resid_pre", "resid_mid", "resid_post"
+]
+
+
+class GatedMemory(MemoryBase):
+    """A gradient-derived local memory: ``a ← a + s·Δ`` with the similarity gate
+    ``x = 1 − (a·k)/‖k‖²``, ``s = exp(−(x²/b²)^h)``; k and Δ live in a safetensors file."""
+
+    strategy_name: ClassVar[str] = "gated"
+
+    strategy: Literal["gated"]
+    site: GatedSite = Field(..., description="Where the delta is added (and the key was read).")
+    tensors: str = Field(
+        ...,
+        min_length=1,
+        description="Safetensors file holding 'key' and 'delta', relative to this TOML file.",
+    )
+    boundary: float = Field(..., gt=0, description="Gate width b: fires while |x| ≲ b.")
+    hardness: float = Field(3.0, gt=0, description="Gate hardness h: larger is sharper.")
+
+    @field_validator("boundary", "hardness")
+    @classmethod
+    def _finite_gate(cls, value: float) -> float:
+        return _finite(value)
 
 
 def _memory_union(

@@ -1,8 +1,12 @@
 """Built-in injection strategies, registered through the same hook as plugins' strategies.
 
 ``add`` is the paper's memory injection: ``a ← a + τ·v`` at a site of layer ℓ and
-the chosen positions. Memories that share a hook point are applied by one hook
-function, so a set of many memories still costs one Python call per site.
+the chosen positions. ``gated`` is the gradient-derived local memory: ``a ← a + s·Δ``
+where the gate ``s = exp(−(x²/b²)^h)``, ``x = 1 − (a·k)/‖k‖²``, fires only on
+activations resembling the key. Memories that share a hook point are applied by
+one hook function; gated memories that share a hook point and positions are one
+batched computation (a keys matrix), so a bank of thousands stays cheap. All gates
+of a bank read the activation as it arrives, before any of the bank's deltas.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from meminject.extension import CompileContext, InjectionContext, SiteHook, Strategy
 from meminject.hookspecs import hookimpl
-from meminject.schema import SITE_HOOKS, AddMemory
+from meminject.schema import SITE_HOOKS, AddMemory, GatedMemory
 
 if TYPE_CHECKING:
+    from jaxtyping import Float
     from torch import Tensor
 
 
@@ -69,6 +74,116 @@ def _adder(items: list[tuple[int | None, Tensor, Any]]) -> Any:
     return body
 
 
+class GatedStrategy(Strategy):
+    """Add s·Δ, gated by the activation's similarity to a stored key (a local memory)."""
+
+    name = "gated"
+    memory_model = GatedMemory
+
+    def compile(self, memories: Sequence[Any], ctx: CompileContext) -> list[SiteHook]:
+        import torch
+
+        from meminject.tensorfile import read_tensors
+
+        model = ctx.model
+        banks: dict[tuple[str, str], list[tuple[Tensor, Tensor, float, float]]] = defaultdict(list)
+        positions_of: dict[tuple[str, str], Any] = {}
+        for memory in memories:
+            entry = ctx.entry(memory)
+            _check_made_for(model, memory, entry, ctx)
+            tensors = read_tensors(
+                entry,
+                memory.tensors,
+                "tensors",
+                ("key", "delta"),
+                allow_outside=ctx.allow_outside_paths,
+            )
+            shape = model.site_shape(memory.site)
+            for name, tensor in tensors.items():
+                if tuple(tensor.shape) != shape:
+                    raise ctx.error(
+                        memory,
+                        f"tensor '{name}' has shape {tuple(tensor.shape)}, but site "
+                        f"'{memory.site}' of this model needs {shape}",
+                        "tensors",
+                    )
+            key = tensors["key"].flatten().to(torch.float32)
+            if float(key.norm()) == 0.0:
+                raise ctx.error(memory, "the key is all zeros; the gate is undefined", "tensors")
+            delta = tensors["delta"].flatten().to(torch.float32)
+            hook_name = SITE_HOOKS[memory.site].format(layer=memory.layer)
+            group = (hook_name, repr(memory.positions))
+            positions_of[group] = memory.positions
+            banks[group].append((key, delta, memory.boundary, memory.hardness))
+        hooks = []
+        for (hook_name, positions_key), bank in banks.items():
+            keys = torch.stack([k for k, _, _, _ in bank]).to(model.device)
+            deltas = torch.stack([d for _, d, _, _ in bank]).to(model.device)
+            boundary = torch.tensor([b for _, _, b, _ in bank], device=model.device)
+            hardness = torch.tensor([h for _, _, _, h in bank], device=model.device)
+            body = gate_body(
+                keys, deltas, boundary, hardness, positions_of[(hook_name, positions_key)]
+            )
+            hooks.append(SiteHook(hook_name, body))
+        return hooks
+
+
+def _check_made_for(model: Any, memory: Any, entry: Any, ctx: CompileContext) -> None:
+    info = entry.model_info
+    if info is None:
+        return
+    if info.coordinates is not None and info.coordinates != model.coordinates:
+        raise ctx.error(
+            memory,
+            f"made in '{info.coordinates}' coordinates, but the model is loaded in "
+            f"'{model.coordinates}' (pass --coordinates {info.coordinates})",
+            "tensors",
+        )
+    if info.fingerprint is not None and info.fingerprint != model.fingerprint():
+        made_for = f"'{info.name}'" if info.name else "another model"
+        raise ctx.error(
+            memory,
+            f"made for {made_for} (fingerprint {info.fingerprint}), not the loaded model "
+            f"'{model.name}' ({model.fingerprint()})",
+            "tensors",
+        )
+
+
+def gate_values(
+    flat: Float[Tensor, "batch pos width"],
+    keys: Float[Tensor, "memories width"],
+    boundary: Float[Tensor, " memories"],
+    hardness: Float[Tensor, " memories"],
+) -> Float[Tensor, "batch pos memories"]:
+    """s = exp(−(x²/b²)^h) with x = 1 − (a·k)/‖k‖², for every memory at once."""
+    x = 1.0 - (flat @ keys.T) / (keys * keys).sum(-1)
+    return (-(((x * x) / (boundary * boundary)) ** hardness)).exp()
+
+
+def gate_body(
+    keys: Tensor, deltas: Tensor, boundary: Tensor, hardness: Tensor, positions: Any
+) -> Any:
+    """The hook body of a bank of gated memories; ``learn`` scores boundaries with it too,
+    so the boundary chosen is the boundary applied."""
+
+    def body(activation: Tensor, ctx: InjectionContext) -> Tensor:
+        index = ctx.index(positions, activation.shape[1], activation.device)
+        if index is None:
+            return activation
+        selected = activation[:, index]
+        flat = selected.reshape(*selected.shape[:2], -1).to(keys.dtype)
+        gates = gate_values(flat, keys, boundary, hardness)
+        update = (gates @ deltas).reshape(selected.shape).to(activation.dtype)
+        if isinstance(index, slice) and index == slice(None):
+            return activation + update
+        out = activation.clone()
+        out[:, index] = selected + update
+        return out
+
+    return body
+
+
 @hookimpl
 def register_strategies(register: Any) -> None:
     register("add", AddStrategy)
+    register("gated", GatedStrategy)

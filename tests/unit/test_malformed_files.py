@@ -164,7 +164,7 @@ CASES: list[tuple[str, str, str]] = [
     (
         "unknown-strategy",
         "version = 1\n" + OK + 'strategy = "multiply"\n',
-        "{f}:2: memory 'm': unknown strategy 'multiply'; registered: add",
+        "{f}:2: memory 'm': unknown strategy 'multiply'; registered: add, gated",
     ),
     (
         "bad-position-word",

@@ -16,11 +16,11 @@ from meminject import hookimpl
 from meminject.errors import PluginError
 from meminject.extension import Strategy
 from meminject.memfile import load_memory_set
-from meminject.plugins import ENV_VAR, build_registry
+from meminject.plugins import BUILTIN_MODULES, ENV_VAR, build_registry
 from meminject.schema import MemoryBase, json_schema
 from tests.conftest import write
 
-BUILTINS = ["meminject.encoders", "meminject.strategies", "meminject.models"]
+BUILTINS = list(BUILTIN_MODULES)
 
 
 def make_distribution(root: Path, dist: str, module: str, source: str, ep_name: str) -> None:
@@ -60,7 +60,7 @@ def test_builtins_register_through_the_same_hooks() -> None:
     assert [p.name for p in registry.plugins] == BUILTINS
     assert all(p.builtin for p in registry.plugins)
     assert list(registry.encoders) == ["unembed", "embed", "layer"]
-    assert list(registry.strategies) == ["add"]
+    assert list(registry.strategies) == ["add", "gated"]
     assert "toyworld" in registry.models
     assert {e.plugin for e in registry.encoders.values()} == {"meminject.encoders"}
 
@@ -86,7 +86,7 @@ def test_load_plugins_env_var_filters(site_dir, monkeypatch, value, loaded) -> N
         monkeypatch.setenv(ENV_VAR, value)
     registry = build_registry()
     names = [p.name for p in registry.plugins]
-    assert names[:3] == BUILTINS
+    assert names[: len(BUILTINS)] == BUILTINS
     if loaded is None:
         assert names == [*BUILTINS, "other"]
     else:
@@ -295,3 +295,20 @@ def test_plugins_command_lists_loaded_plugins(site_dir) -> None:
     assert "meminject.encoders (built-in): register_encoders" in result.output
     assert "double (version 0.3): register_encoders" in result.output
     assert "double  [double]" in encoders.output
+
+
+def test_no_plugins_flag_loads_built_ins_only(site_dir, capsys) -> None:
+    from meminject.cli import main
+    from meminject.plugins import reset_registry
+
+    make_distribution(site_dir, "meminject-double", "mi_test_double", GOOD_PLUGIN, "double")
+    reset_registry()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--no-plugins", "plugins"])
+    finally:
+        reset_registry()
+    assert exit_info.value.code == 0
+    output = capsys.readouterr().out
+    assert "meminject.encoders (built-in)" in output
+    assert "double" not in output
