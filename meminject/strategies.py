@@ -35,7 +35,7 @@ class AddStrategy(Strategy):
 
     def compile(self, memories: Sequence[Any], ctx: CompileContext) -> list[SiteHook]:
         model = ctx.model
-        by_hook: dict[str, list[tuple[int | None, Tensor, Any]]] = defaultdict(list)
+        by_hook: dict[str, dict[str, tuple[Any, Tensor]]] = defaultdict(dict)
         for memory in memories:
             site = memory.resolved_site
             vector = ctx.encode(memory)
@@ -47,29 +47,44 @@ class AddStrategy(Strategy):
                     "encoding",
                 )
             delta = (memory.tau * vector).to(device=model.device, dtype=model.dtype)
+            # One head's result enters the residual stream only through the sum over
+            # heads, so adding v to head h's result is exactly adding v to the layer's
+            # attention output. Lowering it there spares the per-head result tensor
+            # (batch × pos × heads × d_model) that hook_result would make the model build.
+            if site == "attn_result":
+                site = "attn_out"
             hook_name = SITE_HOOKS[site].format(layer=memory.layer)
-            by_hook[hook_name].append((memory.head, delta, memory.positions))
-        return [
-            SiteHook(name, _adder(items), needs_attn_result=name.endswith("attn.hook_result"))
-            for name, items in by_hook.items()
-        ]
+            by_hook[hook_name][_positions_key(memory.positions)] = (
+                memory.positions,
+                by_hook[hook_name].get(_positions_key(memory.positions), (None, 0))[1] + delta,
+            )
+        return [SiteHook(name, _adder(list(groups.values()))) for name, groups in by_hook.items()]
 
 
-def _adder(items: list[tuple[int | None, Tensor, Any]]) -> Any:
+def _positions_key(positions: Any) -> str:
+    return repr(positions)
+
+
+def _adder(groups: list[tuple[Any, Tensor]]) -> Any:
+    """Add each positions group's summed delta; "all" is a plain broadcast add."""
+
     def body(activation: Tensor, ctx: InjectionContext) -> Tensor:
-        out = None
+        out = activation
+        cloned = False
         seq_len = activation.shape[1]
-        for head, delta, positions in items:
+        for positions, delta in groups:
+            if positions == "all":
+                out = out + delta
+                cloned = True
+                continue
             index = ctx.index(positions, seq_len, activation.device)
             if index is None:
                 continue
-            if out is None:
-                out = activation.clone()
-            if head is None:
-                out[:, index] += delta
-            else:
-                out[:, index, head] += delta
-        return activation if out is None else out
+            if not cloned:
+                out = out.clone()
+                cloned = True
+            out[:, index] += delta
+        return out
 
     return body
 

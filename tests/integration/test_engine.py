@@ -148,7 +148,8 @@ def test_add_at_layer_sites_matches_manual_hook(gpt2, tmp_path, site):
 
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
 def test_head_result_injection_equals_attention_output_injection(model_dirs, tmp_path, arch):
-    """Adding v to one head's result adds exactly v to the layer's attention output."""
+    """Adding v to one head's result (through the per-head hook point) adds exactly v to
+    the layer's attention output; the engine relies on this to avoid per-head results."""
     from meminject.models import load_model
 
     model = load_model(model_dirs[arch])
@@ -157,15 +158,29 @@ def test_head_result_injection_equals_attention_output_injection(model_dirs, tmp
         tmp_path / "o", text="George Washington", layer=1, tau=4.0, site="attn_out"
     )
     tokens = model.to_tokens(PROMPT)
+    v = encoded(model, head_file)
+
+    def add_to_head(result, hook):
+        result = result.clone()
+        result[:, :, 2] += 4.0 * v
+        return result
+
     with torch.no_grad():
         plain = model.bridge(tokens)
-        with inject(model, head_file):
-            via_head = model.bridge(tokens)
+        model.bridge.set_use_attn_result(True)
+        try:
+            per_head = model.bridge.run_with_hooks(
+                tokens, fwd_hooks=[("blocks.1.attn.hook_result", add_to_head)]
+            )
+        finally:
+            model.bridge.set_use_attn_result(False)
         with inject(model, out_file):
             via_out = model.bridge(tokens)
-    torch.testing.assert_close(via_head, via_out, rtol=1e-5, atol=1e-5)
-    assert (via_head - plain).abs().max() > 1e-3
-    assert not getattr(model.bridge.cfg, "use_attn_result", False)  # flag restored
+        with inject(model, head_file):
+            via_engine = model.bridge(tokens)
+    torch.testing.assert_close(per_head, via_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(via_engine, per_head, rtol=1e-5, atol=1e-5)
+    assert (per_head - plain).abs().max() > 1e-3
 
 
 POSITION_MODES = ["all", "prompt", "generated", "last", [1, 3, -1], [-2, 12, 14]]
