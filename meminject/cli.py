@@ -17,6 +17,8 @@ from typing import Any
 
 import click
 
+from meminject.cli_analysis import inspect, sweep
+from meminject.cli_options import model_options
 from meminject.errors import EXIT_RUNTIME, BadInputError, MeminjectError
 
 _DEBUG_ENV = "MEMINJECT_DEBUG"
@@ -76,23 +78,6 @@ def _outside_option(f: Any) -> Any:
     )(f)
 
 
-def _model_options(f: Any) -> Any:
-    f = click.option(
-        "--coordinates",
-        type=click.Choice(["processed", "raw"]),
-        default=None,
-        help="Weight coordinates (default: the memory files' [model], else processed).",
-    )(f)
-    f = click.option(
-        "--dtype",
-        type=click.Choice(["float32", "float16", "bfloat16"]),
-        default=None,
-        help="Model dtype (default float32).",
-    )(f)
-    f = click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: auto).")(f)
-    return f
-
-
 def _load(
     model_name: str | None,
     memory_set: Any,
@@ -124,7 +109,7 @@ def _load(
     default=None,
     help="Model name, alias or local directory (default: the files' [model], else toyworld).",
 )
-@_model_options
+@model_options
 @click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(0, 4096))
 @click.option(
     "--temperature",
@@ -300,7 +285,7 @@ def _escape(text: str) -> str:
 @click.option("--append", is_flag=True, help="Add the memory to an existing file.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @click.option("--model", "model_name", default="toyworld", show_default=True)
-@_model_options
+@model_options
 def learn(
     prompt: str,
     target: str,
@@ -326,12 +311,13 @@ def learn(
 ) -> None:
     """Learn a gated local memory that makes PROMPT continue with --target."""
     from meminject import learn as learning
+    from meminject.specs import parse_float_spec
 
     if out.exists() and not (append or force):
         raise BadInputError(f"{out} exists; pass --force to overwrite it or --append to add")
     positives = learning.read_prompts(positive_file) if positive_file else []
     negatives = learning.read_prompts(negative_file) if negative_file else []
-    boundaries = parse_float_spec(grid) if grid else learning.DEFAULT_GRID
+    boundaries = parse_float_spec(grid, "grid") if grid else learning.DEFAULT_GRID
     model = _load(model_name, None, device, dtype, coordinates)
     learned = learning.learn(
         model,
@@ -398,28 +384,6 @@ def _print_boundary_table(choice: Any) -> None:
     )
 
 
-def parse_float_spec(spec: str) -> list[float]:
-    """'0.1,0.2', '0.05-2:0.05' (start-stop:step, inclusive) or a mix separated by commas."""
-    values: list[float] = []
-    try:
-        for part in spec.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                bounds, _, step_text = part.partition(":")
-                cut = bounds.index("-", 1)
-                start, stop = float(bounds[:cut]), float(bounds[cut + 1 :])
-                step = float(step_text) if step_text else 1.0
-                if step <= 0:
-                    raise ValueError
-                n = round((stop - start) / step)
-                values += [round(start + i * step, 10) for i in range(n + 1)]
-            else:
-                values.append(float(part))
-    except ValueError:
-        raise BadInputError(f"cannot read the number list {spec!r}") from None
-    return values
-
-
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option(
@@ -428,7 +392,7 @@ def parse_float_spec(spec: str) -> list[float]:
     default=None,
     help="Also check ranges and widths against this model (loads it).",
 )
-@_model_options
+@model_options
 @_outside_option
 def validate(
     paths: Sequence[str],
@@ -529,6 +493,10 @@ def schema(out: Path | None) -> None:
         from meminject.atomic import write_text_atomic
 
         write_text_atomic(out, text, overwrite=True)
+
+
+cli.add_command(sweep)
+cli.add_command(inspect)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

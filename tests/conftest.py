@@ -14,6 +14,9 @@ settings.register_profile("fuzz", max_examples=20_000, deadline=None)
 settings.register_profile("default", max_examples=100, deadline=None)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+# The core suite runs on built-ins only, whatever plugins are installed; plugin tests set
+# MEMINJECT_LOAD_PLUGINS themselves (monkeypatch) to exercise discovery and filtering.
+os.environ.setdefault("MEMINJECT_LOAD_PLUGINS", "")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "memory_injections_paper"

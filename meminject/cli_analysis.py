@@ -1,0 +1,355 @@
+"""The analysis commands ``meminject sweep`` and ``meminject inspect`` (click).
+
+They live apart from :mod:`meminject.cli` so the main group can register them with
+``cli.add_command``; like every command they import torch, pandas and matplotlib
+only inside their bodies, so ``meminject --help`` stays light. Errors a user can
+cause are :class:`~meminject.errors.MeminjectError` and become one line and exit
+code 2 in the main group.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from meminject.cli_options import model_options
+
+
+def _model_options(f: Any) -> Any:
+    f = model_options(f)
+    return click.option(
+        "--model",
+        "model_name",
+        default="toyworld",
+        show_default=True,
+        help="Model name, alias (gpt2-small) or local Hugging Face directory.",
+    )(f)
+
+
+def _load(model_name: str, device: str | None, dtype: str | None, coordinates: str | None) -> Any:
+    from meminject.models import load_model
+
+    return load_model(
+        model_name, device=device, dtype=dtype, coordinates=coordinates or "processed"
+    )
+
+
+@click.command()
+@click.argument("dataset")
+@_model_options
+@click.option(
+    "--layers", "layer_spec", default="all", show_default=True, help="Layers: 0-11, 0,3,5, 0-11:2."
+)
+@click.option(
+    "--tau", "tau_spec", default="1,2,4,8", show_default=True, help="τ values: 1,2,4 or 0.5-8:0.5."
+)
+@click.option(
+    "--encoding",
+    "encoding_spec",
+    default="unembed",
+    show_default=True,
+    help="Comma-separated registered encoders (unembed, embed, layer, plugins').",
+)
+@click.option(
+    "--heads",
+    "head_spec",
+    default=None,
+    help="Heads (SPEC or 'all') to inject into; omitted = the whole attention output.",
+)
+@click.option(
+    "--controls",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 1000),
+    help="Random-token control memories per prompt (same token count as the memory).",
+)
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--shard", default="0/1", show_default=True, help="Take rows i, i+n, … (0-based).")
+@click.option(
+    "--answer-metric",
+    type=click.Choice(["first-token", "full"]),
+    default="first-token",
+    show_default=True,
+    help="p(answer's first token), or p(whole answer) teacher-forced.",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the controls.")
+@click.option("--limit", default=None, type=click.IntRange(0), help="Use the first N rows only.")
+@click.option("--prompt-column", default=None, help="CSV column of the prompt.")
+@click.option("--memory-column", default=None, help="CSV column of the memory text.")
+@click.option("--answer-column", default=None, help="CSV column of the answer.")
+@click.option("--explicit-column", default=None, help="CSV column of the explicit prompt.")
+@click.option(
+    "-o",
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Tidy records, one row per prompt × cell × memory (.csv or .parquet).",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Layers × τ heatmap of the mean % increase (PNG).",
+)
+@click.option(
+    "--plot-stat",
+    type=click.Choice(["mean_pct", "median_pct", "share_improved"]),
+    default="mean_pct",
+    show_default=True,
+    help="What the heatmap shows: the paper's mean % increase, the median % change, or "
+    "the share of prompts improved.",
+)
+@click.option("--force", is_flag=True, help="Overwrite --out and --plot files.")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="Cells shown.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def sweep(
+    dataset: str,
+    model_name: str,
+    device: str | None,
+    dtype: str | None,
+    coordinates: str,
+    layer_spec: str,
+    tau_spec: str,
+    encoding_spec: str,
+    head_spec: str | None,
+    controls: int,
+    batch_size: int,
+    shard: str,
+    answer_metric: str,
+    seed: int,
+    limit: int | None,
+    prompt_column: str | None,
+    memory_column: str | None,
+    answer_column: str | None,
+    explicit_column: str | None,
+    out: Path | None,
+    plot: Path | None,
+    plot_stat: str,
+    force: bool,
+    top: int,
+    no_progress: bool,
+) -> None:
+    """Measure how much injecting each row's memory raises p(answer), per (layer, τ,
+    encoding[, head]), against random-token controls (Sakarvadia et al. 2023).
+
+    DATASET is a registered dataset (toyworld) or a CSV in the paper's columns
+    (obscure_sentence, explicit_entity, answer).
+    """
+    from meminject.datasets import resolve_dataset
+    from meminject.plugins import get_registry
+    from meminject.specs import parse_float_spec, parse_int_spec, parse_name_list, parse_shard
+    from meminject.sweep import SweepConfig, check_output_path, plot_heatmap, run_sweep
+    from meminject.sweep import write_records as write
+
+    # Everything that can be checked without the model is checked before loading it.
+    registry = get_registry()
+    taus = parse_float_spec(tau_spec, "tau")
+    encodings = parse_name_list(encoding_spec, "encoding")
+    unknown = [e for e in encodings if e not in registry.encoders]
+    if unknown:
+        raise click.BadParameter(
+            f"unknown encoding '{unknown[0]}'; registered: {', '.join(sorted(registry.encoders))}",
+            param_hint="--encoding",
+        )
+    shard_pair = parse_shard(shard)
+    if out is not None:
+        check_output_path(out, force)
+    if plot is not None and plot.exists() and not force:
+        from meminject.errors import BadInputError
+
+        raise BadInputError(f"{plot} exists; pass --force to overwrite it")
+    rows = resolve_dataset(
+        dataset,
+        registry,
+        prompt_column=prompt_column,
+        memory_column=memory_column,
+        answer_column=answer_column,
+        explicit_column=explicit_column,
+        limit=limit,
+    )
+    model = _load(model_name, device, dtype, coordinates)
+    dims = model.dims
+    layers = parse_int_spec(layer_spec, "layer", universe=range(dims.n_layers))
+    heads = parse_int_spec(head_spec, "head", universe=range(dims.n_heads)) if head_spec else None
+    config = SweepConfig(
+        layers=tuple(layers),
+        taus=tuple(taus),
+        encodings=tuple(encodings),
+        heads=tuple(heads) if heads is not None else None,
+        controls=controls,
+        batch_size=batch_size,
+        shard=shard_pair,
+        metric=answer_metric,
+        seed=seed,
+    )
+    result = run_sweep(model, rows, config, registry=registry, progress=not no_progress)
+    if out is not None:
+        write(result.records, out, force=force)
+    summary = result.summary
+    if plot is not None and not summary.empty:
+        title = f"{model.name} · {dataset} · {answer_metric} · {result.stats['rows']} prompts"
+        plot_heatmap(summary, plot, stat=plot_stat, title=title, force=force)
+    _print_summary(result, top, out, plot)
+
+
+def _fmt_pct(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:+.0f}%" if abs(value) >= 100 else f"{value:+.1f}%"
+
+
+def _print_summary(result: Any, top: int, out: Path | None, plot: Path | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    # Not a terminal (a pipe, a log file): use a width the table fits in.
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 130)
+    stats = result.stats
+    summary = result.summary
+    console.print(
+        f"{stats['rows']} prompts × {stats['cells']} cells "
+        f"({stats['base_passes']} base passes, {stats['replays']} replays, "
+        f"{stats['full_passes']} full passes) in {stats['seconds']:.1f} s"
+    )
+    if summary.empty:
+        console.print("no rows in this shard")
+        return
+    has_controls = bool(summary["control_n"].max() > 0)
+    table = Table(title=f"top {min(top, len(summary))} cells by mean % increase")
+    for column in ("layer", "head", "τ", "enc", "p before", "p after"):
+        table.add_column(column, justify="right")
+    table.add_column("mean %", justify="right", style="bold")
+    table.add_column("median %", justify="right")
+    table.add_column("improved", justify="right")
+    if has_controls:
+        table.add_column("ctrl mean %", justify="right")
+        table.add_column("ctrl improved", justify="right")
+    ranked = summary.sort_values("mean_pct", ascending=False, na_position="last").head(top)
+    for cell in ranked.itertuples(index=False):
+        cells = [
+            str(cell.layer),
+            "all" if _is_na(cell.head) else str(cell.head),
+            f"{cell.tau:g}",
+            str(cell.encoding),
+            f"{cell.p_before:.4f}",
+            f"{cell.p_after:.4f}",
+            _fmt_pct(cell.mean_pct),
+            _fmt_pct(cell.median_pct),
+            f"{cell.share_improved:.0%}",
+        ]
+        if has_controls:
+            cells += [_fmt_pct(cell.control_mean_pct), f"{cell.control_share_improved:.0%}"]
+        table.add_row(*cells)
+    if top:
+        console.print(table)
+    best = result.best()
+    if best is not None:
+        head = best["head"]
+        where = f"layer {best['layer']}" + ("" if _is_na(head) else f" head {head}")
+        line = (
+            f"best cell: {where}, τ = {best['tau']:g}, encoding {best['encoding']}: "
+            f"mean increase {_fmt_pct(best['mean_pct'])}, median {_fmt_pct(best['median_pct'])}, "
+            f"{best['share_improved']:.0%} of prompts improved"
+        )
+        if has_controls:
+            line += (
+                f"; controls {_fmt_pct(best['control_mean_pct'])}, "
+                f"{best['control_share_improved']:.0%} improved"
+            )
+        console.print(line)
+    for label, path in (("records", out), ("heatmap", plot)):
+        if path is not None:
+            console.print(f"{label}: {path}")
+
+
+def _is_na(value: Any) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
+
+
+@click.command()
+@click.argument("prompt")
+@_model_options
+@click.option("--heads", is_flag=True, help="Also project every head's result.")
+@click.option("--layers", "layer_spec", default="all", show_default=True, help="Layers: 0-11 …")
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(0), help="Tokens shown.")
+@click.option(
+    "--token",
+    default=None,
+    help="Rank this single token (mind the leading space: ' Paris') in every projection.",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Heatmap of --token's rank, layers × heads (PNG).",
+)
+@click.option("--force", is_flag=True, help="Overwrite the --plot file.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def inspect(
+    prompt: str,
+    model_name: str,
+    device: str | None,
+    dtype: str | None,
+    coordinates: str,
+    heads: bool,
+    layer_spec: str,
+    top_k: int,
+    token: str | None,
+    plot: Path | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Show what each layer's attention (and with --heads each head) writes at PROMPT's
+    last position, projected onto the vocabulary through W_U (the paper's head latent
+    space projector)."""
+    from meminject.errors import BadInputError
+    from meminject.lens import plot_ranks, project_attention
+    from meminject.specs import parse_int_spec
+
+    if plot is not None and token is None:
+        raise click.UsageError("--plot draws the rank of --token; give --token too")
+    if plot is not None and plot.exists() and not force:
+        raise BadInputError(f"{plot} exists; pass --force to overwrite it")
+    model = _load(model_name, device, dtype, coordinates)
+    layers = parse_int_spec(layer_spec, "layer", universe=range(model.dims.n_layers))
+    report = project_attention(model, prompt, layers=layers, heads=heads, top_k=top_k, token=token)
+    if plot is not None:
+        plot_ranks(report, plot, force=force)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        return
+    _print_lens(report, plot)
+
+
+def _print_lens(report: Any, plot: Path | None) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(
+        f"last position {report.position} ({report.last_token!r}); projections x·W_U "
+        "(no final norm)"
+    )
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("layer", justify="right")
+    table.add_column("head", justify="right")
+    table.add_column("top tokens (logit)")
+    if report.token is not None:
+        table.add_column(f"rank of {report.token!r}", justify="right")
+    for p in report.projections:
+        tokens = "  ".join(f"{escape(repr(t.token))} {t.logit:.2f}" for t in p.top)
+        row = [str(p.layer), "attn" if p.head is None else str(p.head), tokens]
+        if report.token is not None:
+            row.append(str(p.rank))
+        table.add_row(*row)
+    console.print(table)
+    if plot is not None:
+        console.print(f"heatmap: {plot}")

@@ -1,0 +1,222 @@
+"""Datasets for ``meminject sweep``: the row type, the paper's CSV format, toyworld's set.
+
+A row is a multi-hop prompt (the paper's ``obscure_sentence``), the memory that should
+help with it (``explicit_entity``: the bridge entity the model fails to recall), the
+answer, and optionally the explicit prompt (the same question with the entity named).
+
+Strings are kept exactly as the file has them. In particular answers are stored
+without the leading space they have as a continuation of the prompt ("Rome", not
+" Rome"); :mod:`meminject.sweep` handles that when it tokenizes (the answer's tokens
+are the continuation of ``prompt + " " + answer`` after the prompt), so no CSV ever
+needs editing and the same file works for tokenizers with and without a space marker.
+
+Files are read with the standard ``csv`` module rather than pandas, because pandas
+turns answers such as ``NA`` (Namibia) or ``None`` into missing values.
+
+Loaders are registered through the ``register_datasets`` hook like any plugin's, so
+``meminject sweep NAME`` resolves built-in and third-party datasets the same way.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meminject.errors import BadInputError
+from meminject.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from meminject.plugins import Registry
+
+#: Column names tried, in order, for each field when the caller maps none. The second
+#: names are those of the paper's 2WikiMultiHop files (``multi_hop_100.csv``).
+PROMPT_COLUMNS = ("obscure_sentence", "obscure_sent")
+MEMORY_COLUMNS = ("explicit_entity",)
+ANSWER_COLUMNS = ("answer",)
+EXPLICIT_COLUMNS = ("explicit_sentence", "explicit_sent")
+
+#: Largest dataset file read (bytes); the paper's largest CSV is well under 1 MiB.
+MAX_CSV_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One evaluation item.
+
+    ``row_id`` is the row's 0-based position among the file's data rows; it is what
+    ties a sweep's output rows back to the dataset, and it seeds the row's control
+    memories, so it must not depend on sharding or batching.
+    """
+
+    prompt: str
+    memory: str
+    answer: str
+    explicit_prompt: str | None = None
+    row_id: int = 0
+
+
+def _pick_column(
+    header: Sequence[str], given: str | None, candidates: Sequence[str], path: Path, what: str
+) -> str | None:
+    if given is not None:
+        if given not in header:
+            raise BadInputError(
+                f"{path}: column '{given}' (the {what}) is not in the file; it has "
+                f"{', '.join(repr(h) for h in header)}"
+            )
+        return given
+    for name in candidates:
+        if name in header:
+            return name
+    return None
+
+
+def load_csv(
+    path: str | Path | None,
+    *,
+    prompt_column: str | None = None,
+    memory_column: str | None = None,
+    answer_column: str | None = None,
+    explicit_column: str | None = None,
+    limit: int | None = None,
+) -> list[PromptRow]:
+    """Read a CSV in the paper's format (``obscure_sentence``, ``explicit_entity``,
+    ``answer``, optional ``explicit_sentence``; the 2WikiMultiHop names
+    ``obscure_sent``/``explicit_sent`` too). ``*_column`` maps other names;
+    ``limit`` keeps the first rows only.
+
+    Missing files, missing columns and empty required cells raise
+    :class:`~meminject.errors.BadInputError` naming the file (and line and column).
+    """
+    if path is None:
+        raise BadInputError("the csv dataset needs a path: meminject sweep FILE.csv …")
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such dataset file")
+    if path.stat().st_size > MAX_CSV_BYTES:
+        raise BadInputError(f"{path}: larger than {MAX_CSV_BYTES >> 20} MiB; refusing to read it")
+    if limit is not None and limit < 0:
+        raise BadInputError("limit must be >= 0")
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # utf-8-sig: spreadsheet exports add a BOM
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = [h.strip() for h in next(reader)]
+    except StopIteration:
+        raise BadInputError(f"{path}: the file is empty (no header row)") from None
+    columns = {
+        "prompt": _pick_column(header, prompt_column, PROMPT_COLUMNS, path, "prompt"),
+        "memory": _pick_column(header, memory_column, MEMORY_COLUMNS, path, "memory"),
+        "answer": _pick_column(header, answer_column, ANSWER_COLUMNS, path, "answer"),
+    }
+    candidates = {"prompt": PROMPT_COLUMNS, "memory": MEMORY_COLUMNS, "answer": ANSWER_COLUMNS}
+    for what, column in columns.items():
+        if column is None:
+            raise BadInputError(
+                f"{path}: missing column '{candidates[what][0]}' (the {what}); map another "
+                f"column with --{what}-column"
+            )
+    explicit = _pick_column(header, explicit_column, EXPLICIT_COLUMNS, path, "explicit prompt")
+    index = {name: header.index(name) for name in header}
+    rows: list[PromptRow] = []
+    for row_id, record in enumerate(reader):
+        if limit is not None and len(rows) >= limit:
+            break
+        line = reader.line_num
+        if len(record) != len(header):
+            raise BadInputError(
+                f"{path}:{line}: row has {len(record)} fields, the header has {len(header)}"
+            )
+        values: dict[str, str] = {}
+        for what, column in columns.items():
+            value = record[index[column]]  # type: ignore[index]
+            if not value.strip():
+                raise BadInputError(f"{path}:{line}: column '{column}' is empty")
+            values[what] = value
+        explicit_value = record[index[explicit]] if explicit is not None else None
+        rows.append(
+            PromptRow(
+                prompt=values["prompt"],
+                memory=values["memory"],
+                answer=values["answer"],
+                explicit_prompt=explicit_value or None,
+                row_id=row_id,
+            )
+        )
+    return rows
+
+
+def load_toyworld(path: str | Path | None = None, **options: Any) -> list[PromptRow]:
+    """toyworld's held-out two-hop prompts (``meminject.toyworld.dataset_path()``), in the
+    paper's columns; ``path`` may name another toyworld model directory or CSV."""
+    from meminject import toyworld
+
+    if path is None:
+        csv_path = toyworld.dataset_path()
+    else:
+        given = Path(path)
+        csv_path = toyworld.dataset_path(given) if given.is_dir() else given
+    if not csv_path.is_file():
+        raise BadInputError(
+            f"{csv_path}: the toyworld dataset is missing; run python -m meminject.toyworld.train"
+        )
+    return load_csv(csv_path, **options)
+
+
+def looks_like_path(spec: str) -> bool:
+    """A dataset argument that names a file rather than a registered dataset."""
+    return spec.lower().endswith(".csv") or "/" in spec or "\\" in spec or Path(spec).exists()
+
+
+def resolve_dataset(
+    spec: str, registry: Registry | None = None, *, limit: int | None = None, **options: Any
+) -> list[PromptRow]:
+    """Rows of a registered dataset (``toyworld``) or of a CSV file in the paper's format,
+    the first ``limit`` only if given.
+
+    Registered names win over files of the same name in the working directory; write
+    ``./toyworld`` for such a file. Options left as None are not passed, so a plugin's
+    loader need only accept the options its users give (``limit`` is applied here).
+    """
+    from meminject.plugins import get_registry
+
+    registry = registry or get_registry()
+    given = {key: value for key, value in options.items() if value is not None}
+    loader: Callable[..., Any]
+    if spec in registry.datasets:
+        loader = registry.datasets[spec].loader
+        argument: str | None = None
+    elif looks_like_path(spec):
+        loader, argument = load_csv, spec
+    else:
+        known = ", ".join(sorted(registry.datasets)) or "none"
+        raise BadInputError(
+            f"unknown dataset '{spec}': not a registered dataset ({known}) nor a CSV file"
+        )
+    rows = loader(argument, **given)
+    if not isinstance(rows, list) or not all(isinstance(r, PromptRow) for r in rows):
+        raise BadInputError(f"dataset '{spec}': the loader did not return a list of PromptRow")
+    if limit is not None:
+        if limit < 0:
+            raise BadInputError("limit must be >= 0")
+        rows = rows[:limit]
+    ids = [r.row_id for r in rows]
+    if len(set(ids)) != len(ids):
+        raise BadInputError(f"dataset '{spec}': row ids repeat; each row needs its own row_id")
+    return rows
+
+
+@hookimpl
+def register_datasets(register: Any) -> None:
+    register("csv", load_csv, "A CSV in the paper's columns; pass its path as DATASET.")
+    register(
+        "toyworld",
+        load_toyworld,
+        "toyworld's held-out two-hop prompts with their bridge entities (ships with the model).",
+    )

@@ -1,0 +1,984 @@
+"""The paper's experiment as a sweep: for every (layer ℓ, τ, encoding[, head]) cell, how
+much does injecting a prompt's memory raise the probability of its answer, against
+random controls?
+
+Semantics (DESIGN §4, §8). A cell injects with the ``add`` strategy at
+``blocks.ℓ.hook_attn_out`` (or head h's ``attn.hook_result``): ``a ← a + τ·v`` at
+**every position of the sequence fed to the model**, i.e. positions ``"all"`` as in the
+paper (with ``--answer-metric full`` the teacher-forced answer tokens are part of that
+sequence, exactly as ``"all"`` covers generated tokens in ``generate``). ``v`` comes from
+the registered encoder (``registry.encoders[name]`` through an
+:class:`~meminject.extension.EncodeRequest`), so plugin encoders work in sweeps.
+Controls are memories of random tokens with the same token count as the real memory,
+drawn from a seed, the row's id and the control's index — so a row gets the same
+controls whatever the sharding or batching.
+
+The answer's tokens are the continuation of ``prompt + " " + answer`` after the
+prompt's own tokens (no space is added when the prompt ends with, or the answer starts
+with, whitespace); if a tokenizer merges across that boundary, ``" " + answer`` is
+tokenized on its own instead. The CSV strings are never edited.
+
+The ``first-token`` metric is the probability of the answer's first token after the
+prompt; ``full`` is the probability of the whole answer, teacher-forced (the exponent of
+the summed log-probabilities). Per cell the summary holds the mean probability before
+and after, the mean change, the paper's mean percent increase
+``100·mean((after − before)/before)``, the median percent change and the share of
+prompts improved — and the same for the controls.
+
+Why it is fast, and why that is still exact:
+
+* **The base pass runs once per prompt**, batched. Prompts are right-padded: the models
+  are causal, so a real token never attends to the padding after it and its positions
+  are the unpadded ones; each row is read at its own last real position(s). No
+  attention mask is needed, and none is passed.
+* **Layers before ℓ are not recomputed.** During the base pass a forward pre-hook on
+  every block records the block's input (the residual stream) and the other arguments
+  the Hugging Face model passes it (causal mask, rotary position embeddings, …). A cell
+  at layer ℓ re-runs only blocks ℓ…L−1 from the recorded residual, with a hook at
+  ``blocks.ℓ.hook_attn_out`` adding each row's ``τ·v``, then the final norm and the
+  unembedding — at the read positions only. (``TransformerBridge.forward`` has a
+  ``start_at_layer``, but it still executes blocks 0…ℓ−1 and discards their output, so
+  it saves nothing.) Every batch first re-runs the blocks from the lowest swept layer
+  without an injection and compares with the base pass; if an architecture breaks the
+  replay (a difference above 1e-4 in log-probability) that batch falls back to full
+  forward passes with the same hook, which is always correct.
+* **Heads cost nothing extra.** Adding ``v`` to one head's result adds exactly ``v`` to
+  the layer's attention output (the heads' results are summed into it; DESIGN §4 and
+  ``tests/integration/test_engine.py`` show the equality; the engine lowers per-head
+  ``add`` memories to the attention output for the same reason), so the per-head cells
+  of a (ℓ, τ, encoding) are computed once and reported for every head. The tests also
+  compare them with a hand-made edit of that head's own ``attn.hook_result``.
+* **τ = 0 is the base pass** (the engine installs no hook for it either).
+* Controls share the batches and the recorded residuals. Memory does not grow with the
+  number of cells: per batch only the recorded residuals (one per layer) live; per cell
+  only each row's log-probability (8 bytes) is kept.
+
+:func:`reference_cell` is the plain loop the sweep must agree with (two forward passes
+through :func:`meminject.engine.inject` with an :class:`~meminject.schema.AddMemory`);
+the tests hold every cell to 1e-5 against it, and ``benchmarks/bench_sweep.py`` times
+the two.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import time
+import warnings
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meminject.datasets import PromptRow
+from meminject.errors import BadInputError, MeminjectError, PluginError
+from meminject.schema import AddMemory
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+    from jaxtyping import Float, Int
+    from torch import Tensor
+
+    from meminject.models import LoadedModel
+    from meminject.plugins import Registry
+
+METRICS = ("first-token", "full")
+OUTPUT_SUFFIXES = (".csv", ".parquet", ".pq")
+
+#: Largest difference in log-probability between the replayed and the full forward
+#: pass that still counts as "the replay reproduces the model" (float32 noise is ~1e-6).
+REPLAY_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What to sweep. ``heads=None`` injects into the whole attention output."""
+
+    layers: tuple[int, ...]
+    taus: tuple[float, ...]
+    encodings: tuple[str, ...] = ("unembed",)
+    heads: tuple[int, ...] | None = None
+    controls: int = 0
+    batch_size: int = 16
+    shard: tuple[int, int] = (0, 1)
+    metric: str = "first-token"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.layers or not self.taus or not self.encodings:
+            raise BadInputError("a sweep needs at least one layer, one τ and one encoding")
+        if self.heads is not None and not self.heads:
+            raise BadInputError("--heads names no head")
+        if self.metric not in METRICS:
+            raise BadInputError(f"unknown answer metric '{self.metric}'; choose {METRICS}")
+        if self.controls < 0:
+            raise BadInputError("--controls must be >= 0")
+        if self.batch_size < 1:
+            raise BadInputError("--batch-size must be >= 1")
+        index, count = self.shard
+        if count < 1 or not 0 <= index < count:
+            raise BadInputError(f"shard {index}/{count}: need 0 <= i < n")
+        for tau in self.taus:
+            if not math.isfinite(tau):
+                raise BadInputError(f"τ = {tau} is not a finite number")
+
+    @property
+    def n_cells(self) -> int:
+        heads = len(self.heads) if self.heads is not None else 1
+        return len(self.layers) * len(self.taus) * len(self.encodings) * heads
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+@dataclass(frozen=True)
+class TokenizedRow:
+    """A row as the model sees it: the input ids, and which logits score which targets."""
+
+    row: PromptRow
+    input_ids: list[int]
+    read_positions: list[int]  # logits at these positions …
+    targets: list[int]  # … score these tokens
+
+
+def answer_tokens(model: LoadedModel, prompt: str, answer: str) -> list[int]:
+    """The answer's tokens as a continuation of the prompt (see the module docstring)."""
+    sep = "" if prompt[-1:].isspace() or answer[:1].isspace() else " "
+    head = model.tokenize(prompt, prepend_bos=False)
+    full = model.tokenize(prompt + sep + answer, prepend_bos=False)
+    if len(full) > len(head) and full[: len(head)] == head:
+        return full[len(head) :]
+    return model.tokenize(sep + answer, prepend_bos=False)
+
+
+def tokenize_row(model: LoadedModel, row: PromptRow, metric: str = "first-token") -> TokenizedRow:
+    """Input ids (BOS as the model prepends it), read positions and targets of a row."""
+    prompt_ids = model.tokenize(row.prompt)
+    answer = answer_tokens(model, row.prompt, row.answer)
+    if not prompt_ids:
+        raise BadInputError(f"row {row.row_id}: the prompt encodes to no tokens")
+    if not answer:
+        raise BadInputError(f"row {row.row_id}: the answer {row.answer!r} encodes to no tokens")
+    if metric == "first-token":
+        ids, targets = prompt_ids, answer[:1]
+    elif metric == "full":
+        ids, targets = prompt_ids + answer[:-1], answer
+    else:
+        raise BadInputError(f"unknown answer metric '{metric}'; choose {METRICS}")
+    if len(ids) > model.dims.n_ctx:
+        raise BadInputError(
+            f"row {row.row_id}: {len(ids)} tokens, longer than the model's context of "
+            f"{model.dims.n_ctx}"
+        )
+    first = len(prompt_ids) - 1
+    return TokenizedRow(row, ids, list(range(first, first + len(targets))), targets)
+
+
+# --------------------------------------------------------------------------- controls
+
+#: Per model: token id → "word" (decodes to " letters" and re-tokenizes to itself),
+#: "other" (re-tokenizes to itself) or None (unusable). Filled lazily as tokens are drawn.
+_TOKEN_KINDS: weakref.WeakKeyDictionary[Any, dict[int, str | None]] = weakref.WeakKeyDictionary()
+
+
+def _token_kind(model: LoadedModel, token: int) -> str | None:
+    kinds = _TOKEN_KINDS.setdefault(model, {})
+    if token not in kinds:
+        text = model.token_str(token)
+        kind: str | None = None
+        usable = bool(text) and "\ufffd" not in text and text.isprintable()
+        if usable and model.tokenize(text, prepend_bos=False) == [token]:
+            word = text[1:]
+            is_word = text[0] == " " and len(word) >= 2 and word.isascii() and word.isalpha()
+            kind = "word" if is_word else "other"
+        kinds[token] = kind
+    return kinds[token]
+
+
+def _draw_tokens(
+    model: LoadedModel, rng: random.Random, length: int, banned: set[int]
+) -> list[int]:
+    """``length`` distinct tokens drawn uniformly from the vocabulary's words (tokens that
+    decode to a space and letters, so their concatenation re-tokenizes to them); from any
+    self-contained token when a tokenizer has too few such words."""
+    tokenizer = model.tokenizer
+    vocab = min(model.dims.d_vocab, len(tokenizer))
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for accepted in (("word",), ("word", "other")):
+        chosen: list[int] = []
+        for _ in range(200 * length + 1000):
+            token = rng.randrange(vocab)
+            if token in banned or token in special or token in chosen:
+                continue
+            if _token_kind(model, token) in accepted:
+                chosen.append(token)
+                if len(chosen) == length:
+                    return chosen
+    raise BadInputError(f"model '{model.name}': too few usable tokens to draw controls from")
+
+
+def control_texts(model: LoadedModel, row: PromptRow, n: int, seed: int) -> list[str]:
+    """``n`` random-token memories for ``row``, each with as many tokens as its memory.
+
+    Seeded by ``(seed, row_id, index)`` only, so sharding and batching never change
+    them. The memory's and the answer's own tokens are excluded, so a control cannot
+    contain the answer by chance; a draw whose text does not re-tokenize to the drawn
+    tokens is redrawn, so the control really has that many tokens.
+    """
+    if n <= 0:
+        return []
+    memory_ids = model.tokenize(row.memory, prepend_bos=False)
+    if not memory_ids:
+        raise BadInputError(f"row {row.row_id}: the memory {row.memory!r} encodes to no tokens")
+    banned = set(memory_ids) | set(answer_tokens(model, row.prompt, row.answer))
+    texts = []
+    for index in range(n):
+        rng = random.Random(f"meminject-control:{seed}:{row.row_id}:{index}")
+        for _ in range(100):
+            ids = _draw_tokens(model, rng, len(memory_ids), banned)
+            text = model.decode(ids)
+            if model.tokenize(text, prepend_bos=False) == ids:
+                texts.append(text)
+                break
+        else:
+            raise BadInputError(
+                f"row {row.row_id}: could not draw a {len(memory_ids)}-token control that "
+                "survives decoding and re-tokenizing with this tokenizer"
+            )
+    return texts
+
+
+# --------------------------------------------------------------------------- encoders
+
+
+def sweep_memory(
+    text: str,
+    *,
+    layer: int,
+    tau: float,
+    encoding: str,
+    head: int | None = None,
+    registry: Registry | None = None,
+) -> AddMemory:
+    """The :class:`AddMemory` a cell stands for (positions ``"all"``), with the encoder's
+    parameter defaults attached when the encoder takes parameters."""
+    from meminject.plugins import get_registry
+
+    registry = registry or get_registry()
+    if encoding not in registry.encoders:
+        known = ", ".join(sorted(registry.encoders))
+        raise BadInputError(f"unknown encoding '{encoding}'; registered: {known}")
+    memory = AddMemory.model_validate(
+        {
+            "name": "sweep",
+            "text": text,
+            "layer": layer,
+            "tau": float(tau),
+            "encoding": encoding,
+            "head": head,
+            "positions": "all",
+        }
+    )
+    params_model = registry.encoders[encoding].params_model
+    if params_model is not None:
+        # Same mechanism the schema's validator uses to attach a file's params table.
+        object.__setattr__(memory, "_encoder_params", params_model.model_validate({}))
+    return memory
+
+
+def encode_text(
+    model: LoadedModel, text: str, *, layer: int, encoding: str, registry: Registry | None = None
+) -> Float[Tensor, " d_model"]:
+    """``v`` for ``text`` from the registered encoder, exactly as the engine computes it."""
+    from meminject.extension import EncodeRequest
+    from meminject.plugins import get_registry
+
+    registry = registry or get_registry()
+    memory = sweep_memory(text, layer=layer, tau=1.0, encoding=encoding, registry=registry)
+    entry = registry.encoders[encoding]
+    try:
+        vector = entry.encoder(EncodeRequest(model, memory, memory.encoder_params()))
+    except MeminjectError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            entry.plugin, f"encoder '{encoding}' failed on {text!r}: {exc!r}"
+        ) from exc
+    if tuple(vector.shape) != (model.dims.d_model,):
+        raise PluginError(
+            entry.plugin,
+            f"encoder '{encoding}' gave shape {tuple(vector.shape)}, need ({model.dims.d_model},)",
+        )
+    return vector.detach().to(device=model.device, dtype=model.dtype)
+
+
+#: Built-in encoders whose vector does not depend on the layer; computed once per text.
+_LAYER_FREE = {("meminject.encoders", "unembed"), ("meminject.encoders", "embed")}
+
+
+# --------------------------------------------------------------------------- the fast path
+
+
+def _strip_cache(value: Any) -> Any:
+    """Drop the KV cache the bridge threads through the blocks: a replay must not append
+    to it (the blocks would then attend to the base pass's keys as well)."""
+    from transformers.cache_utils import Cache
+
+    return None if isinstance(value, Cache) else value
+
+
+def _log_probs(
+    logits: Float[Tensor, "batch n_read d_vocab"],
+    targets: Int[Tensor, "batch n_read"],
+    valid: Float[Tensor, "batch n_read"],
+) -> Float[Tensor, " batch"]:
+    logp = logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+    return (logp * valid).sum(-1)
+
+
+class _Batch:
+    """One right-padded batch of rows: the base pass, then replays from any layer."""
+
+    def __init__(self, model: LoadedModel, rows: Sequence[TokenizedRow], keep: set[int]) -> None:
+        import torch
+
+        self.model = model
+        self.bridge = model.bridge
+        self.size = len(rows)
+        width = max(len(r.input_ids) for r in rows)
+        n_read = max(len(r.targets) for r in rows)
+        pad = self._pad_id()
+        tokens = torch.full((self.size, width), pad, dtype=torch.long)
+        read = torch.zeros((self.size, n_read), dtype=torch.long)
+        targets = torch.zeros((self.size, n_read), dtype=torch.long)
+        valid = torch.zeros((self.size, n_read), dtype=torch.float32)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r.input_ids)] = torch.tensor(r.input_ids)
+            k = len(r.targets)
+            read[i, :k] = torch.tensor(r.read_positions)
+            read[i, k:] = r.read_positions[-1]
+            targets[i, :k] = torch.tensor(r.targets)
+            valid[i, :k] = 1.0
+        device = model.device
+        self.tokens = tokens.to(device)
+        self.read = read.to(device)
+        self.targets = targets.to(device)
+        self.valid = valid.to(device)
+        self.keep = keep  # layers whose incoming residual is kept
+        self.inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    def _pad_id(self) -> int:
+        tok = self.model.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def base(self) -> Float[Tensor, " batch"]:
+        """Full forward pass; records every kept block's input and arguments."""
+        import torch
+
+        first = min(self.keep)
+        handles = []
+        for index, block in enumerate(self.bridge.blocks):
+            if index < first:
+                continue
+
+            def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any], i=index) -> None:
+                if args:
+                    hidden, rest = args[0], args[1:]
+                else:  # some models pass the residual by keyword
+                    hidden, rest = kwargs.get("hidden_states"), ()
+                named = {k: _strip_cache(v) for k, v in kwargs.items() if k != "hidden_states"}
+                if "use_cache" in named:
+                    named["use_cache"] = False
+                kept = hidden if i in self.keep else None
+                self.inputs[i] = ((kept, *(_strip_cache(a) for a in rest)), named)
+
+            handles.append(block.register_forward_pre_hook(record, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                logits = self.bridge(self.tokens)
+        finally:
+            for handle in handles:
+                handle.remove()
+        if len(self.inputs) != len(self.bridge.blocks) - first or not isinstance(
+            self.inputs[first][0][0], torch.Tensor
+        ):
+            self.inputs.clear()  # the replay cannot work: every cell will run in full
+        return self._score(logits)
+
+    def _score(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
+        index = self.read[..., None].expand(-1, -1, logits.shape[-1])
+        return _log_probs(logits.gather(1, index), self.targets, self.valid)
+
+    @property
+    def can_replay(self) -> bool:
+        return bool(self.inputs)
+
+    def replay(self, layer: int) -> Float[Tensor, " batch"]:
+        """Blocks ``layer``…L−1 from the recorded residual, then norm and unembedding at
+        the read positions only. Hooks installed on the bridge fire as usual."""
+        import torch
+
+        blocks = self.bridge.blocks
+        with torch.no_grad():
+            hidden = self.inputs[layer][0][0]
+            for index in range(layer, len(blocks)):
+                args, kwargs = self.inputs[index]
+                out = blocks[index](hidden, *args[1:], **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+            where = self.read[..., None].expand(-1, -1, hidden.shape[-1])
+            picked = hidden.gather(1, where)
+            logits = self.bridge.unembed(self.bridge.ln_final(picked))
+        return _log_probs(logits, self.targets, self.valid)
+
+    def full(self) -> Float[Tensor, " batch"]:
+        """A whole forward pass (the fallback; hooks installed on the bridge fire)."""
+        import torch
+
+        with torch.no_grad():
+            return self._score(self.bridge(self.tokens))
+
+
+class _Adder:
+    """The ``add`` strategy's body with one vector per batch row: ``a ← a + δ_row`` at
+    every position. ``delta`` is set before each pass; None leaves the activation as is."""
+
+    def __init__(self) -> None:
+        self.delta: Tensor | None = None
+
+    def __call__(self, activation: Float[Tensor, "batch pos d_model"], hook: Any) -> Any:
+        if self.delta is None:
+            return activation
+        return activation + self.delta[:, None, :].to(activation.dtype)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class SweepResult:
+    """The tidy per-(prompt, cell, memory) records and their per-cell summary."""
+
+    records: pd.DataFrame
+    config: SweepConfig
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def summary(self) -> pd.DataFrame:
+        return summarize(self.records)
+
+    def best(self) -> dict[str, Any] | None:
+        return best_cell(self.summary)
+
+
+CELL_COLUMNS = ["layer", "head", "tau", "encoding"]
+
+
+def summarize(records: pd.DataFrame) -> pd.DataFrame:
+    """Per-cell statistics of tidy records (one sweep's, or several shards' concatenated).
+
+    ``mean_pct`` is the paper's mean percent increase ``100·mean((after−before)/before)``;
+    ``control_*`` are the same statistics over every (prompt, control) pair of the cell.
+    """
+    import numpy as np
+    import pandas as pd
+
+    def stats(frame: pd.DataFrame, prefix: str) -> pd.DataFrame:
+        grouped = frame.groupby(CELL_COLUMNS, dropna=False, sort=True)
+        out = pd.DataFrame(
+            {
+                f"{prefix}n": grouped["p_after"].size(),
+                f"{prefix}p_before": grouped["p_before"].mean(),
+                f"{prefix}p_after": grouped["p_after"].mean(),
+                f"{prefix}mean_change": grouped["change"].mean(),
+                f"{prefix}mean_pct": grouped["pct_change"].mean(),
+                f"{prefix}median_pct": grouped["pct_change"].median(),
+                f"{prefix}share_improved": grouped["improved"].mean(),
+            }
+        )
+        return out
+
+    columns = [
+        "n",
+        "p_before",
+        "p_after",
+        "mean_change",
+        "mean_pct",
+        "median_pct",
+        "share_improved",
+        "control_n",
+        "control_p_after",
+        "control_mean_change",
+        "control_mean_pct",
+        "control_median_pct",
+        "control_share_improved",
+    ]
+    if records.empty:
+        return pd.DataFrame(columns=CELL_COLUMNS + columns)
+    with np.errstate(all="ignore"):
+        memory = stats(records[records["kind"] == "memory"], "")
+        controls = records[records["kind"] == "control"]
+        if controls.empty:
+            summary = memory
+            for column in columns[7:]:
+                summary[column] = np.nan
+        else:
+            control = stats(controls, "control_").drop(columns=["control_p_before"])
+            summary = memory.join(control, how="left")
+    summary = summary.reset_index()
+    summary["head"] = summary["head"].astype("Int64")
+    summary["control_n"] = summary["control_n"].fillna(0).astype("int64")
+    return summary[CELL_COLUMNS + columns]
+
+
+def best_cell(summary: pd.DataFrame) -> dict[str, Any] | None:
+    """The cell with the highest mean percent increase (None when there is none)."""
+    import numpy as np
+
+    finite = summary[np.isfinite(summary["mean_pct"].astype(float))]
+    if finite.empty:
+        return None
+    best: dict[str, Any] = finite.loc[finite["mean_pct"].idxmax()].to_dict()
+    return best
+
+
+def _records(
+    rows: Sequence[PromptRow],
+    texts: Sequence[Sequence[str]],
+    before: np.ndarray,
+    after: np.ndarray,
+    config: SweepConfig,
+) -> pd.DataFrame:
+    """Tidy records from the per-row log-probabilities: ``before`` [R], ``after``
+    [R, layers, τ, encodings, 1+controls]. Heads share their layer's numbers."""
+    import numpy as np
+    import pandas as pd
+
+    n_rows, n_layers, n_taus, n_enc, n_var = after.shape
+    heads = list(config.heads) if config.heads is not None else [None]
+    n_heads = len(heads)
+    shape = (n_rows, n_layers, n_heads, n_taus, n_enc, n_var)
+
+    def axis(values: Any, dim: int) -> np.ndarray:
+        arr = np.asarray(values)
+        view = [1] * len(shape)
+        view[dim] = len(arr)
+        return np.broadcast_to(arr.reshape(view), shape).ravel()
+
+    with np.errstate(all="ignore"):
+        p_before = np.exp(before.astype(np.float64))
+        p_after = np.exp(after.astype(np.float64))
+        pb = np.broadcast_to(p_before.reshape(n_rows, 1, 1, 1, 1, 1), shape).ravel()
+        pa = np.broadcast_to(p_after[:, :, None], shape).ravel()
+        change = pa - pb
+        pct = 100.0 * change / pb
+    memory_text = np.empty((n_rows, n_var), dtype=object)
+    for i, row_texts in enumerate(texts):
+        memory_text[i, :] = row_texts
+    variant = axis(np.arange(n_var), 5)
+    head_values = pd.array(heads, dtype="Int64")
+    control_values = pd.array([None, *range(n_var - 1)], dtype="Int64")
+    frame = pd.DataFrame(
+        {
+            "row_id": axis([r.row_id for r in rows], 0),
+            "layer": axis(list(config.layers), 1),
+            "head": head_values.take(axis(np.arange(n_heads), 2)),
+            "tau": axis(np.asarray(config.taus, dtype=np.float64), 3),
+            "encoding": pd.Categorical(axis(list(config.encodings), 4)),
+            "kind": pd.Categorical(
+                np.where(variant == 0, "memory", "control"), categories=["memory", "control"]
+            ),
+            "control": control_values.take(variant),
+            "memory": np.broadcast_to(memory_text.reshape(n_rows, 1, 1, 1, 1, n_var), shape)
+            .ravel()
+            .astype(str),
+            "metric": config.metric,
+            "p_before": pb,
+            "p_after": pa,
+            "change": change,
+            "pct_change": pct,
+            "improved": pa > pb,
+        }
+    )
+    return frame
+
+
+# --------------------------------------------------------------------------- the sweep
+
+
+def _encode_batch(
+    model: LoadedModel,
+    texts: Sequence[Sequence[str]],
+    members: Sequence[int],
+    layer: int,
+    encoding: str,
+    registry: Registry,
+) -> Float[Tensor, "variant batch d_model"]:
+    """The vectors of every row's memory (variant 0) and controls (1…) in a batch."""
+    import torch
+
+    n_var = len(texts[members[0]])
+    return torch.stack(
+        [
+            torch.stack(
+                [
+                    encode_text(
+                        model, texts[i][v], layer=layer, encoding=encoding, registry=registry
+                    )
+                    for i in members
+                ]
+            )
+            for v in range(n_var)
+        ]
+    )
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]sweep[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("passes"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def shard_rows(rows: Sequence[PromptRow], shard: tuple[int, int]) -> list[PromptRow]:
+    """Rows ``i, i+n, i+2n, …`` of the dataset for shard ``(i, n)``: shards are disjoint
+    and their union is the dataset, and each gets a mix of the file's rows."""
+    index, count = shard
+    return list(rows[index::count])
+
+
+def run_sweep(
+    model: LoadedModel,
+    rows: Sequence[PromptRow],
+    config: SweepConfig,
+    *,
+    registry: Registry | None = None,
+    progress: bool = False,
+    force_full: bool = False,
+) -> SweepResult:
+    """Run the sweep over this shard's rows; see the module docstring for what and how.
+
+    ``force_full`` disables the replay (every cell runs a whole forward pass with the
+    injection hook); it exists for benchmarks and for diagnosing an architecture.
+    """
+    import numpy as np
+
+    from meminject.plugins import get_registry
+
+    registry = registry or get_registry()
+    dims = model.dims
+    for layer in config.layers:
+        if not 0 <= layer < dims.n_layers:
+            raise BadInputError(
+                f"layer {layer} is out of range; the model has {dims.n_layers} layers "
+                f"(0-{dims.n_layers - 1})"
+            )
+    for head in config.heads or ():
+        if not 0 <= head < dims.n_heads:
+            raise BadInputError(
+                f"head {head} is out of range; the model has {dims.n_heads} heads "
+                f"(0-{dims.n_heads - 1})"
+            )
+    for encoding in config.encodings:
+        if encoding not in registry.encoders:
+            known = ", ".join(sorted(registry.encoders))
+            raise BadInputError(f"unknown encoding '{encoding}'; registered: {known}")
+    hook_names = [f"blocks.{layer}.hook_attn_out" for layer in config.layers]
+    missing = [name for name in hook_names if name not in model.bridge.hook_dict]
+    if missing:
+        raise BadInputError(f"model '{model.name}' has no hook point '{missing[0]}'")
+
+    started = time.perf_counter()
+    mine = shard_rows(rows, config.shard)
+    tokenized = [tokenize_row(model, row, config.metric) for row in mine]
+    texts = [[row.memory, *control_texts(model, row, config.controls, config.seed)] for row in mine]
+    n_var = 1 + config.controls
+    n_rows = len(mine)
+    shape = (n_rows, len(config.layers), len(config.taus), len(config.encodings), n_var)
+    before = np.zeros(n_rows, dtype=np.float64)
+    after = np.zeros(shape, dtype=np.float64)
+    # Similar lengths together: less padding. Results go back to the rows' own slots.
+    order = sorted(range(n_rows), key=lambda i: (len(tokenized[i].input_ids), i))
+    batches = [order[i : i + config.batch_size] for i in range(0, n_rows, config.batch_size)]
+    zero_taus = [t for t in config.taus if t == 0.0]
+    passes_per_batch = (
+        len(config.layers) * (len(config.taus) - len(zero_taus)) * len(config.encodings) * n_var
+    )
+    stats: dict[str, Any] = {
+        "rows": n_rows,
+        "cells": config.n_cells,
+        "base_passes": 0,
+        "replays": 0,
+        "full_passes": 0,
+        "fallback_batches": 0,
+    }
+    keep = set(config.layers)
+    bridge = model.bridge
+    warned = False
+    with _progress(progress) as bar:
+        task = bar.add_task("sweep", total=len(batches) * passes_per_batch)
+        for members in batches:
+            batch = _Batch(model, [tokenized[i] for i in members], keep)
+            base = batch.base()
+            stats["base_passes"] += 1
+            before[members] = base.double().cpu().numpy()
+            replay = batch.can_replay and not force_full
+            if replay:
+                try:
+                    check = batch.replay(min(keep))
+                    replay = float((check - base).abs().max()) <= REPLAY_TOLERANCE
+                except Exception:  # an architecture whose blocks cannot be re-entered
+                    replay = False
+            if not replay:
+                stats["fallback_batches"] += int(not force_full)
+            if not replay and not force_full and not warned:
+                warnings.warn(
+                    f"model '{model.name}': re-running layers from ℓ does not reproduce the "
+                    "full forward pass; falling back to full passes (correct, but slower)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                warned = True
+            layer_free: dict[str, Tensor] = {}
+            for li, layer in enumerate(config.layers):
+                # [encoding][variant, batch, d_model], computed before the hook goes in.
+                vectors = []
+                for encoding in config.encodings:
+                    entry = registry.encoders[encoding]
+                    if (entry.plugin, entry.name) in _LAYER_FREE and encoding in layer_free:
+                        vectors.append(layer_free[encoding])
+                        continue
+                    stacked = _encode_batch(model, texts, members, layer, encoding, registry)
+                    if (entry.plugin, entry.name) in _LAYER_FREE:
+                        layer_free[encoding] = stacked
+                    vectors.append(stacked)
+                adder = _Adder()
+                with bridge.hooks(fwd_hooks=[(f"blocks.{layer}.hook_attn_out", adder)]):
+                    for ei, stacked in enumerate(vectors):
+                        for ti, tau in enumerate(config.taus):
+                            for v in range(n_var):
+                                if tau == 0.0:  # the engine installs no hook for τ = 0
+                                    after[members, li, ti, ei, v] = before[members]
+                                    continue
+                                adder.delta = tau * stacked[v]
+                                if replay:
+                                    logp = batch.replay(layer)
+                                    stats["replays"] += 1
+                                else:
+                                    logp = batch.full()
+                                    stats["full_passes"] += 1
+                                adder.delta = None
+                                after[members, li, ti, ei, v] = logp.double().cpu().numpy()
+                                bar.advance(task)
+            del batch, layer_free
+    stats["seconds"] = time.perf_counter() - started
+    records = _records(mine, texts, before, after, config)
+    return SweepResult(records=records, config=config, stats=stats)
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def reference_cell(
+    model: LoadedModel,
+    row: PromptRow,
+    *,
+    layer: int,
+    tau: float,
+    encoding: str = "unembed",
+    head: int | None = None,
+    metric: str = "first-token",
+    memory_text: str | None = None,
+    registry: Registry | None = None,
+) -> tuple[float, float]:
+    """The plain loop: ``(p_before, p_after)`` for one prompt and one cell, from two
+    ordinary forward passes, the second inside :func:`meminject.engine.inject` with the
+    cell's :class:`AddMemory` (``memory_text`` replaces the row's memory, for controls).
+    With a ``head`` it is a per-head memory (site ``attn_result``), compiled as in a file."""
+    import torch
+
+    from meminject.engine import inject
+    from meminject.memfile import LoadedFile, MemoryEntry, MemorySet
+
+    tokenized = tokenize_row(model, row, metric)
+    memory = sweep_memory(
+        memory_text if memory_text is not None else row.memory,
+        layer=layer,
+        tau=tau,
+        encoding=encoding,
+        head=head,
+        registry=registry,
+    )
+    where = Path("<sweep>")
+    memory_set = MemorySet(files=(LoadedFile(where, None, (MemoryEntry(memory, where, 0, ""),)),))
+    tokens = torch.tensor([tokenized.input_ids], dtype=torch.long, device=model.device)
+    read = torch.tensor([tokenized.read_positions], device=model.device)
+    targets = torch.tensor([tokenized.targets], device=model.device)
+    with torch.no_grad():
+        plain = model.bridge(tokens)
+        with inject(model, memory_set, registry=registry):
+            injected = model.bridge(tokens)
+
+    def prob(logits: Tensor) -> float:
+        logp = logits[0, read[0]].float().log_softmax(-1).gather(-1, targets[0][:, None])
+        return math.exp(float(logp.double().sum()))
+
+    return prob(plain), prob(injected)
+
+
+# --------------------------------------------------------------------------- output
+
+
+def check_output_path(path: Path, force: bool) -> None:
+    """Fail before hours of compute, not after: known suffix, and no silent overwrite."""
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise BadInputError(f"{path}: unknown output format; use .csv or .parquet")
+    if path.exists() and not force:
+        raise BadInputError(f"{path} exists; pass --force to overwrite it")
+
+
+def write_records(records: pd.DataFrame, path: Path | str, *, force: bool = False) -> None:
+    """Write tidy records as CSV or Parquet (by suffix), atomically."""
+    from meminject.atomic import write_bytes_atomic
+
+    path = Path(path)
+    check_output_path(path, force)
+    buffer = io.BytesIO()
+    if path.suffix.lower() == ".csv":
+        records.to_csv(buffer, index=False)
+    else:
+        records.to_parquet(buffer, index=False)
+    write_bytes_atomic(path, buffer.getvalue(), overwrite=force)
+
+
+def read_records(path: Path | str) -> pd.DataFrame:
+    """Read records written by :func:`write_records` (e.g. to merge shards)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such file")
+    if path.suffix.lower() == ".csv":
+        frame = pd.read_csv(path, keep_default_na=False, na_values={"head": [""], "control": [""]})
+    else:
+        frame = pd.read_parquet(path)
+    frame["head"] = frame["head"].astype("Int64")
+    frame["control"] = frame["control"].astype("Int64")
+    return frame
+
+
+#: Statistics a heatmap can show: summary column → colour-bar label.
+PLOT_STATS = {
+    "mean_pct": "mean % increase of p(answer) (the paper's metric)",
+    "median_pct": "median % change of p(answer)",
+    "share_improved": "share of prompts whose p(answer) rose",
+}
+
+
+def plot_heatmap(
+    summary: pd.DataFrame,
+    path: Path | str,
+    *,
+    stat: str = "mean_pct",
+    title: str = "",
+    force: bool = False,
+) -> None:
+    """Layers × τ heatmaps of a per-cell statistic (default: the paper's mean percent
+    increase), one panel per encoding and a second row for the controls when there are
+    any, written atomically as PNG. Head cells of one layer are averaged (they are
+    equal for the ``add`` injection)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import Normalize, SymLogNorm
+
+    from meminject.atomic import write_bytes_atomic
+
+    if stat not in PLOT_STATS:
+        raise BadInputError(f"unknown plot statistic '{stat}'; choose {', '.join(PLOT_STATS)}")
+    path = Path(path)
+    if path.exists() and not force:
+        raise BadInputError(f"{path} exists; pass --force to overwrite it")
+    if summary.empty:
+        raise BadInputError("nothing to plot: the sweep has no rows")
+    encodings = list(dict.fromkeys(summary["encoding"].astype(str)))
+    has_controls = bool(summary["control_n"].max() > 0)
+    kinds = [(stat, "memory")] + ([(f"control_{stat}", "control")] if has_controls else [])
+    layers = sorted(summary["layer"].unique())
+    taus = sorted(summary["tau"].unique())
+    grids: dict[tuple[str, str], np.ndarray] = {}
+    for column, kind in kinds:
+        for encoding in encodings:
+            part = summary[summary["encoding"].astype(str) == encoding]
+            table = part.groupby(["layer", "tau"])[column].mean().unstack("tau")
+            grids[(kind, encoding)] = table.reindex(index=layers, columns=taus).to_numpy(float)
+    values = np.concatenate([g[np.isfinite(g)] for g in grids.values()])
+    norm: Normalize
+    if stat == "share_improved":
+        norm, fmt = Normalize(vmin=0.0, vmax=1.0), "{:.0%}"  # white at one half
+    else:
+        # Percent changes run from -100 to the thousands when a base probability is
+        # tiny: a symmetric log scale around 0 keeps losses and gains readable.
+        span = max(float(np.abs(values).max()) if values.size else 1.0, 1.0)
+        norm, fmt = SymLogNorm(linthresh=10.0, linscale=1.0, vmin=-span, vmax=span), "{:.0f}"
+    n_rows, n_cols = len(kinds), len(encodings)
+    fig, axes = plt.subplots(
+        n_rows,
+        n_cols,
+        figsize=(
+            1.2 + max(3.0, 0.42 * len(taus)) * n_cols,
+            0.8 + max(2.2, 0.32 * len(layers)) * n_rows,
+        ),
+        squeeze=False,
+        constrained_layout=True,
+    )
+    image = None
+    for r, (_, kind) in enumerate(kinds):
+        for c, encoding in enumerate(encodings):
+            ax = axes[r][c]
+            grid = grids[(kind, encoding)]
+            image = ax.imshow(grid, origin="lower", aspect="auto", cmap="RdBu_r", norm=norm)
+            ax.set_xticks(range(len(taus)), [f"{t:g}" for t in taus], fontsize=7)
+            ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
+            ax.set_xlabel("τ")
+            ax.set_ylabel("layer")
+            ax.set_title(f"{encoding} · {kind}", fontsize=9)
+            if grid.size <= 300:
+                for y in range(grid.shape[0]):
+                    for x in range(grid.shape[1]):
+                        if np.isfinite(grid[y, x]):
+                            text = fmt.format(grid[y, x])
+                            ax.text(x, y, text, ha="center", va="center", fontsize=6)
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label=PLOT_STATS[stat])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    write_bytes_atomic(path, buffer.getvalue(), overwrite=force)

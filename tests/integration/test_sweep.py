@@ -1,0 +1,448 @@
+"""Sweeps on tiny real models: the fast path against the plain reference loop, the
+paper's statistics recomputed by hand, shards, controls, the command line."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from meminject.cli import _Group
+from meminject.cli_analysis import sweep as sweep_command
+from meminject.datasets import PromptRow, load_csv
+from meminject.errors import BadInputError
+from meminject.hookspecs import hookimpl
+from meminject.plugins import build_registry
+from meminject.sweep import (
+    SweepConfig,
+    answer_tokens,
+    control_texts,
+    read_records,
+    reference_cell,
+    run_sweep,
+    summarize,
+    tokenize_row,
+)
+from tests.conftest import SHARED_DATA, write
+
+pytestmark = pytest.mark.integration
+
+# Our own multi-hop prompts (different lengths, so batches are padded).
+ROWS = [
+    PromptRow("The first emperor of Rome was born in the", "Augustus", "city of Rome", None, 0),
+    PromptRow("The capital of the country north of Spain is", "France", "Paris", None, 1),
+    PromptRow("The author of Hamlet was born in", "William Shakespeare", "Stratford", None, 2),
+    PromptRow("Water boils at", "one hundred degrees", "100 degrees", None, 3),
+    PromptRow(
+        "The inventor of the telephone, who also taught the deaf, was born in the city of",
+        "Alexander Graham Bell",
+        "Edinburgh",
+        None,
+        4,
+    ),
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The CI box has 2 cores shared with other jobs; two busy-waiting torch threads on a
+    loaded machine are ~100x slower than one for the tiny matrices here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _head(value) -> int | None:
+    return None if pd.isna(value) else int(value)
+
+
+def assert_matches_reference(model, rows, records, metric, registry=None):
+    """Every record equals the reference loop's two plain forward passes: 1e-5 in
+    probability, and 1e-4 relative (the tiny random models give p ~ 1e-5, where an
+    absolute tolerance alone would prove nothing)."""
+    by_id = {r.row_id: r for r in rows}
+    worst_abs = worst_rel = 0.0
+    for rec in records.itertuples(index=False):
+        before, after = reference_cell(
+            model,
+            by_id[rec.row_id],
+            layer=int(rec.layer),
+            tau=float(rec.tau),
+            encoding=str(rec.encoding),
+            head=_head(rec.head),
+            metric=metric,
+            memory_text=rec.memory,
+            registry=registry,
+        )
+        for ours, theirs in ((rec.p_before, before), (rec.p_after, after)):
+            worst_abs = max(worst_abs, abs(ours - theirs))
+            worst_rel = max(worst_rel, abs(math.log(ours) - math.log(theirs)))
+    assert worst_abs < 1e-5
+    assert worst_rel < 1e-4
+    # The injections must matter, or the equality proves nothing.
+    assert records["pct_change"].abs().max() > 1.0
+
+
+@pytest.mark.parametrize("metric", ["first-token", "full"])
+def test_sweep_equals_reference_loop_on_every_cell(gpt2, metric):
+    config = SweepConfig(
+        layers=(0, 1),
+        taus=(0.0, 5.0),
+        encodings=("unembed", "embed", "layer"),
+        controls=2,
+        batch_size=2,  # three batches, padded
+        metric=metric,
+    )
+    result = run_sweep(gpt2, ROWS, config)
+    records = result.records
+    assert len(records) == len(ROWS) * 2 * 2 * 3 * 3
+    assert result.stats["replays"] > 0 and result.stats["full_passes"] == 0
+    assert result.stats["fallback_batches"] == 0
+    zero = records["tau"] == 0.0
+    assert (records[zero]["p_after"] == records[zero]["p_before"]).all()  # τ = 0: no hook
+    assert_matches_reference(gpt2, ROWS, records[~zero], metric)
+
+
+def _by_hand_into_head_result(model, row, layer, head, tau, text):
+    """p(whole answer, teacher-forced) with τ·v added at every position to head
+    ``head``'s own result tensor (``blocks.ℓ.attn.hook_result``, which the bridge builds
+    only with use_attn_result): made without the engine, the sweep or the shortcut."""
+    ids = list(dict.fromkeys(model.tokenize(text, prepend_bos=False)))
+    v = model.bridge.W_U.detach()[:, ids].sum(-1)  # the unembed encoding, by hand
+    prompt = model.tokenize(row.prompt)
+    answer = model.tokenizer.encode(" " + row.answer, add_special_tokens=False)
+    tokens = torch.tensor([prompt + answer[:-1]])
+
+    def add(result, hook):
+        result = result.clone()
+        result[:, :, head] += tau * v
+        return result
+
+    model.bridge.set_use_attn_result(True)
+    try:
+        with torch.no_grad():
+            logits = model.bridge.run_with_hooks(
+                tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_result", add)]
+            )
+    finally:
+        model.bridge.set_use_attn_result(False)
+    logp = torch.log_softmax(logits[0].double(), -1)
+    first = len(prompt) - 1
+    return math.exp(sum(logp[first + j, t].item() for j, t in enumerate(answer)))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+def test_head_cells_equal_an_injection_into_the_heads_own_result(request, model_dirs, arch):
+    """Per-head cells are computed once per layer (a head's result is summed into the
+    attention output). Checked against the reference loop (a per-head AddMemory through
+    the engine) and against a hand-made edit of ``attn.hook_result`` for that head."""
+    from meminject.models import load_model
+
+    model = request.getfixturevalue("gpt2") if arch == "gpt2" else load_model(model_dirs[arch])
+    config = SweepConfig(
+        layers=(0, 1),
+        taus=(3.0,),
+        encodings=("unembed",),
+        heads=(0, 3),
+        controls=1,
+        metric="full",
+    )
+    result = run_sweep(model, ROWS[:3], config)
+    records = result.records
+    assert sorted(records["head"].unique()) == [0, 3]
+    assert result.stats["fallback_batches"] == 0
+    assert_matches_reference(model, ROWS[:3], records, "full")
+    by_id = {r.row_id: r for r in ROWS}
+    for rec in records[records["row_id"] == 2].itertuples(index=False):
+        by_hand = _by_hand_into_head_result(
+            model, by_id[rec.row_id], int(rec.layer), int(rec.head), float(rec.tau), rec.memory
+        )
+        assert rec.p_after == pytest.approx(by_hand, rel=1e-4, abs=1e-6)
+    assert not getattr(model.bridge.cfg, "use_attn_result", False)
+
+
+def test_full_forward_fallback_gives_the_same_numbers(gpt2):
+    config = SweepConfig(layers=(0, 1), taus=(1.0, 4.0), encodings=("unembed",), controls=1)
+    fast = run_sweep(gpt2, ROWS, config)
+    slow = run_sweep(gpt2, ROWS, config, force_full=True)
+    assert slow.stats["replays"] == 0 and slow.stats["full_passes"] > 0
+    np.testing.assert_allclose(fast.records["p_after"], slow.records["p_after"], rtol=1e-5)
+    pd.testing.assert_frame_equal(
+        fast.records.drop(columns=["p_after", "change", "pct_change"]),
+        slow.records.drop(columns=["p_after", "change", "pct_change"]),
+    )
+
+
+def test_layers_before_the_injection_layer_run_once_per_batch(gpt2):
+    """The speed claim, by construction: block 0 runs only in the base passes when the
+    sweep injects at layer 1, whatever the number of τ values and controls."""
+    calls = {0: 0, 1: 0}
+    handles = [
+        gpt2.bridge.blocks[i].register_forward_hook(
+            lambda *args, i=i: calls.__setitem__(i, calls[i] + 1)
+        )
+        for i in (0, 1)
+    ]
+    try:
+        config = SweepConfig(
+            layers=(1,),
+            taus=(1.0, 2.0, 3.0, 4.0),
+            encodings=("unembed",),
+            controls=2,
+            batch_size=2,
+        )
+        result = run_sweep(gpt2, ROWS, config)
+    finally:
+        for handle in handles:
+            handle.remove()
+    batches = result.stats["base_passes"]
+    assert batches == 3
+    assert calls[0] == batches
+    assert calls[1] == batches + batches + 4 * 3 * batches  # base + check + cells × variants
+
+
+def test_statistics_recomputed_by_hand(gpt2):
+    config = SweepConfig(layers=(1,), taus=(2.0, 5.0), encodings=("embed",), controls=2)
+    result = run_sweep(gpt2, ROWS, config)
+    summary = result.summary
+    # p_before from an independent forward pass with the answer's first token taken as
+    # the tokenizer sees " " + answer.
+    row = ROWS[1]
+    tokens = gpt2.to_tokens(row.prompt)
+    target = gpt2.tokenizer.encode(" " + row.answer, add_special_tokens=False)[0]
+    with torch.no_grad():
+        p = torch.softmax(gpt2.bridge(tokens)[0, -1].double(), -1)[target].item()
+    mine = result.records[result.records["row_id"] == 1]
+    assert mine["p_before"].to_numpy() == pytest.approx(p, rel=1e-5)
+
+    for tau in (2.0, 5.0):
+        cell = result.records[result.records["tau"] == tau]
+        memory = cell[cell["kind"] == "memory"].sort_values("row_id")
+        before = memory["p_before"].tolist()
+        after = memory["p_after"].tolist()
+        pct = [100 * (a - b) / b for a, b in zip(after, before, strict=True)]
+        control = cell[cell["kind"] == "control"]
+        c_pct = [
+            100 * (a - b) / b for a, b in zip(control["p_after"], control["p_before"], strict=True)
+        ]
+        got = summary[summary["tau"] == tau].iloc[0]
+        assert got["n"] == len(ROWS) and got["control_n"] == 2 * len(ROWS)
+        assert got["p_before"] == pytest.approx(sum(before) / len(before))
+        assert got["p_after"] == pytest.approx(sum(after) / len(after))
+        assert got["mean_change"] == pytest.approx(
+            sum(a - b for a, b in zip(after, before, strict=True)) / len(ROWS)
+        )
+        assert got["mean_pct"] == pytest.approx(sum(pct) / len(pct))
+        assert got["median_pct"] == pytest.approx(sorted(pct)[len(pct) // 2])  # 5 rows: odd
+        assert got["share_improved"] == pytest.approx(
+            sum(a > b for a, b in zip(after, before, strict=True)) / len(ROWS)
+        )
+        assert got["control_mean_pct"] == pytest.approx(sum(c_pct) / len(c_pct))
+        assert got["control_median_pct"] == pytest.approx(float(np.median(c_pct)))
+    best = result.best()
+    assert best is not None and best["mean_pct"] == summary["mean_pct"].max()
+
+
+def test_shards_partition_the_rows_and_their_union_is_the_whole_sweep(gpt2):
+    config = dict(layers=(0, 1), taus=(1.0, 3.0), encodings=("unembed",), controls=2)
+    whole = run_sweep(gpt2, ROWS, SweepConfig(**config)).records
+    parts = [run_sweep(gpt2, ROWS, SweepConfig(**config, shard=(i, 3))).records for i in range(3)]
+    ids = [set(p["row_id"]) for p in parts]
+    assert ids == [{0, 3}, {1, 4}, {2}]
+    keys = ["row_id", "layer", "tau", "encoding", "kind", "control"]
+    union = pd.concat(parts).sort_values(keys).reset_index(drop=True)
+    whole = whole.sort_values(keys).reset_index(drop=True)
+    pd.testing.assert_frame_equal(
+        union.drop(columns=["p_before", "p_after", "change", "pct_change"]),
+        whole.drop(columns=["p_before", "p_after", "change", "pct_change"]),
+        check_categorical=False,
+    )
+    np.testing.assert_allclose(union["p_after"], whole["p_after"], rtol=1e-5)
+    # Shards' records summarize to the whole sweep's summary.
+    np.testing.assert_allclose(
+        summarize(union)["mean_pct"], summarize(whole)["mean_pct"], rtol=1e-4
+    )
+
+
+def test_controls_are_seeded_same_length_and_free_of_the_answer(gpt2):
+    row = ROWS[4]
+    first = control_texts(gpt2, row, 4, seed=0)
+    assert control_texts(gpt2, row, 4, seed=0) == first
+    assert control_texts(gpt2, row, 4, seed=1) != first
+    assert len(set(first)) == 4
+    n_memory = len(gpt2.tokenize(row.memory, prepend_bos=False))
+    banned = set(answer_tokens(gpt2, row.prompt, row.answer))
+    for text in first:
+        ids = gpt2.tokenize(text, prepend_bos=False)
+        assert len(ids) == n_memory
+        assert not banned & set(ids)
+    # A row's controls depend on its id, not on which shard or batch it lands in.
+    moved = PromptRow(row.prompt, row.memory, row.answer, None, row.row_id)
+    assert control_texts(gpt2, moved, 4, seed=0) == first
+
+
+def test_answer_is_tokenized_as_the_prompts_continuation(gpt2):
+    tok = gpt2.tokenizer
+    assert answer_tokens(gpt2, "The capital of France is", "Paris") == tok.encode(
+        " Paris", add_special_tokens=False
+    )
+    # No second space when the prompt already ends with one, or the answer starts with one.
+    assert answer_tokens(gpt2, "The capital of France is ", "Paris") == tok.encode(
+        "Paris", add_special_tokens=False
+    )
+    assert answer_tokens(gpt2, "The capital of France is", " Paris") == tok.encode(
+        " Paris", add_special_tokens=False
+    )
+    full = tokenize_row(gpt2, ROWS[0], "full")
+    answer = tok.encode(" city of Rome", add_special_tokens=False)
+    assert full.targets == answer
+    assert full.input_ids[-len(answer) + 1 :] == answer[:-1]
+    assert full.read_positions[0] == len(gpt2.tokenize(ROWS[0].prompt)) - 1
+
+
+class _DoubleEncoder:
+    """A plugin encoder (2 × unembed): sweeps must use plugin encoders too."""
+
+    @staticmethod
+    @hookimpl
+    def register_encoders(register):
+        from meminject.encoders import encode_unembed
+
+        def double(request):
+            """Twice the unembedding sum."""
+            return 2 * encode_unembed(request)
+
+        register("double", double)
+
+
+def test_plugin_encoders_work_in_sweeps(gpt2):
+    registry = build_registry([("double-plugin", _DoubleEncoder())], load_entrypoints=False)
+    config = SweepConfig(layers=(1,), taus=(1.5,), encodings=("double",), controls=1)
+    doubled = run_sweep(gpt2, ROWS[:3], config, registry=registry).records
+    assert_matches_reference(gpt2, ROWS[:3], doubled, "first-token", registry=registry)
+    plain = run_sweep(
+        gpt2, ROWS[:3], SweepConfig(layers=(1,), taus=(3.0,), controls=1), registry=registry
+    ).records
+    np.testing.assert_allclose(doubled["p_after"], plain["p_after"], rtol=1e-5)
+
+
+def test_bad_configurations_are_one_line_errors(gpt2):
+    with pytest.raises(BadInputError, match="layer 2 is out of range"):
+        run_sweep(gpt2, ROWS, SweepConfig(layers=(2,), taus=(1.0,)))
+    with pytest.raises(BadInputError, match="head 4 is out of range"):
+        run_sweep(gpt2, ROWS, SweepConfig(layers=(0,), taus=(1.0,), heads=(4,)))
+    with pytest.raises(BadInputError, match="unknown encoding 'nope'"):
+        run_sweep(gpt2, ROWS, SweepConfig(layers=(0,), taus=(1.0,), encodings=("nope",)))
+    with pytest.raises(BadInputError, match="unknown answer metric"):
+        SweepConfig(layers=(0,), taus=(1.0,), metric="last")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _dataset(tmp_path: Path) -> Path:
+    lines = ["obscure_sentence,explicit_entity,answer"]
+    lines += [f'"{r.prompt}",{r.memory},{r.answer}' for r in ROWS]
+    return write(tmp_path / "data.csv", "\n".join(lines) + "\n")
+
+
+def _group() -> click.Group:
+    group = _Group(name="meminject")
+    group.add_command(sweep_command)
+    return group
+
+
+def test_cli_sweep_writes_records_and_heatmap(gpt2, gpt2_dir, tmp_path):
+    data = _dataset(tmp_path)
+    out = tmp_path / "out" / "records.parquet"
+    png = tmp_path / "heat.png"
+    args = [
+        "sweep", str(data), "--model", str(gpt2_dir), "--layers", "0-1", "--tau", "1,4",
+        "--encoding", "unembed,embed", "--controls", "1", "--batch-size", "2",
+        "--out", str(out), "--plot", str(png), "--no-progress",
+    ]  # fmt: skip
+    result = CliRunner().invoke(_group(), args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "best cell: layer" in result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    records = read_records(out)
+    expected = run_sweep(
+        gpt2,
+        load_csv(data),
+        SweepConfig(layers=(0, 1), taus=(1.0, 4.0), encodings=("unembed", "embed"), controls=1),
+    ).records
+    assert len(records) == len(expected) == 5 * 2 * 2 * 2 * 2
+    np.testing.assert_allclose(records["p_after"], expected["p_after"], rtol=1e-5)
+    assert list(records["memory"]) == list(expected["memory"])
+    assert records["head"].isna().all()
+
+    # CSV output, the same numbers; refusing to overwrite without --force.
+    csv_out = tmp_path / "records.csv"
+    csv_args = [a if a != str(out) else str(csv_out) for a in args if a not in ("--plot", str(png))]
+    assert CliRunner().invoke(_group(), csv_args).exit_code == 0
+    again = read_records(csv_out)
+    np.testing.assert_allclose(again["p_after"], records["p_after"], rtol=1e-12)
+    assert again["head"].isna().all() and list(again["control"].isna()) == list(
+        records["control"].isna()
+    )
+    refused = CliRunner().invoke(_group(), csv_args)
+    assert refused.exit_code == 2
+    assert "exists; pass --force" in refused.output
+
+
+def test_cli_sweep_bad_input_is_one_line_exit_2(gpt2_dir, tmp_path):
+    bad = write(tmp_path / "bad.csv", "prompt,explicit_entity,answer\nP,M,A\n")
+    runner = CliRunner()
+    result = runner.invoke(_group(), ["sweep", str(bad), "--model", str(gpt2_dir)])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(bad) in lines[0] and "obscure_sentence" in lines[0]
+    result = runner.invoke(
+        _group(), ["sweep", str(bad), "--prompt-column", "prompt", "--tau", "1-"]
+    )
+    assert result.exit_code == 2 and "cannot read tau spec" in result.output
+    result = runner.invoke(_group(), ["sweep", str(bad), "--out", str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and "unknown output format" in result.output
+
+
+@pytest.mark.slow
+def test_toyworld_sweep_matches_reference(tmp_path):
+    from meminject import toyworld
+    from meminject.datasets import load_toyworld
+    from meminject.models import load_model
+
+    if not (Path(toyworld.WEIGHTS_DIR) / "model.safetensors").is_file():
+        pytest.skip("toyworld's weights are not built in this checkout")
+    model = load_model("toyworld")
+    rows = load_toyworld(limit=8)
+    config = SweepConfig(
+        layers=(0, model.dims.n_layers - 1), taus=(2.0,), encodings=("unembed", "embed"),
+        controls=1, batch_size=4,
+    )  # fmt: skip
+    result = run_sweep(model, rows, config)
+    assert_matches_reference(model, rows, result.records, "first-token")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="the paper's data is not in this workplace")
+def test_the_papers_handwritten_csv_runs_end_to_end(gpt2):
+    """The loader and the answer tokenization on the real file (with GPT-2's tokenizer)."""
+    rows = load_csv(SHARED_DATA / "handwritten_obscure_explicit_data.csv", limit=20)
+    assert len(rows) == 20
+    tok = gpt2.tokenizer
+    for row in rows:
+        assert answer_tokens(gpt2, row.prompt, row.answer) == tok.encode(
+            " " + row.answer, add_special_tokens=False
+        )
+    config = SweepConfig(layers=(0, 1), taus=(1.0, 4.0), encodings=("unembed",), controls=1)
+    result = run_sweep(gpt2, rows, config)
+    assert len(result.records) == 20 * 2 * 2 * 2
+    sample = result.records[result.records["row_id"].isin([0, 7, 19])]
+    assert_matches_reference(gpt2, rows, sample, "first-token")
