@@ -26,8 +26,8 @@ def register_encoders(register: Any) -> None:
     Call ``register(name, encoder, params_model=None)``. ``encoder`` is a callable
     taking one :class:`meminject.extension.EncodeRequest` and returning a tensor of
     shape ``[d_model]``. ``params_model`` (a pydantic model) describes the
-    encoder's own table in a memory file, ``[memory.<name>]``; it appears in
-    ``meminject schema`` and is validated when files load.
+    encoder's own parameters, the memory's ``[memory.params]`` table; it appears
+    in ``meminject schema`` and is validated when files load.
     """
 
 

@@ -1,5 +1,10 @@
 """Helpers for tests, ours and plugin authors': tiny real models and temporary plugins.
 
+Plugin authors usually reach these through the pytest fixtures of
+:mod:`meminject.pytest_plugin` (``meminject_tiny_model``, ``meminject_registry``,
+``meminject_memory_file``, ``meminject_cli``); the plain functions here work without
+pytest, e.g. in a notebook or a doc example.
+
 The tiny models are real architectures (GPT-2, GPT-NeoX, Llama) with random
 weights, saved as Hugging Face directories and loaded through the same path as
 any local model. Their tokenizer is GPT-2's real byte-level BPE, taken from the
@@ -11,7 +16,8 @@ coordinates.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import textwrap
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -115,15 +121,56 @@ def build_tiny_model(
 
 
 @contextmanager
-def registered_plugins(*plugins: tuple[str, object]) -> Iterator[Any]:
+def registered_plugins(*plugins: tuple[str, object], entry_points: bool = True) -> Iterator[Any]:
     """Make ``plugins`` (name, module-or-object pairs) part of the process-wide registry
-    for the duration of the block; yields the registry."""
+    for the duration of the block; yields the registry.
+
+    ``entry_points=False`` leaves installed plugins out, so the block sees the built-ins
+    and ``plugins`` only. Plugin authors want that in their own tests: their package is
+    usually installed too, and registering it a second time would clash with itself.
+    """
     from meminject import plugins as plugin_module
 
     previous = plugin_module._registry
-    registry = plugin_module.build_registry(extra_plugins=plugins)
+    registry = plugin_module.build_registry(extra_plugins=plugins, load_entrypoints=entry_points)
     plugin_module.reset_registry(registry)
     try:
         yield registry
+    finally:
+        plugin_module.reset_registry(previous)
+
+
+def write_memory_file(path: Path | str, toml: str) -> Path:
+    """Write a memory file (the text is dedented, so it can be indented in a test) and
+    return its path; parent directories are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(toml).lstrip("\n"), encoding="utf-8")
+    return path
+
+
+def invoke_cli(args: Sequence[str], registry: Any | None = None) -> Any:
+    """Run the ``meminject`` command line in this process and return click's ``Result``
+    (``exit_code``, ``output``, ``exception``).
+
+    Plugins' ``register_commands`` are added to a copy of the group, so commands a test
+    registers do not outlive the call; ``registry`` (default: the process-wide one) is
+    also what commands such as ``encoders`` or ``schema`` see while the call runs.
+    """
+    import copy
+
+    from click.testing import CliRunner
+
+    from meminject import cli as cli_module
+    from meminject import plugins as plugin_module
+
+    previous = plugin_module._registry
+    registry = registry if registry is not None else plugin_module.get_registry()
+    group = copy.copy(cli_module.cli)
+    group.commands = dict(cli_module.cli.commands)
+    plugin_module.reset_registry(registry)
+    try:
+        registry.add_commands(group)
+        return CliRunner().invoke(group, list(args), prog_name="meminject")
     finally:
         plugin_module.reset_registry(previous)

@@ -24,8 +24,9 @@ def toyworld():
 def test_quick_start_memory_fixes_the_two_hop_prompt(toyworld) -> None:
     prompt = "The country that uses the greilek is located in"
     baseline = generate(toyworld, prompt, max_new_tokens=1, top_k=1)
-    injected = generate(toyworld, prompt, EXAMPLES / "two-hop" / "rechelur.toml",
-                        max_new_tokens=1, top_k=1)
+    injected = generate(
+        toyworld, prompt, EXAMPLES / "two-hop" / "rechelur.toml", max_new_tokens=1, top_k=1
+    )
     assert baseline.completion.strip() != "Soveisica"
     assert injected.completion.strip() == "Soveisica"
 
@@ -39,9 +40,13 @@ def test_memory_set_directory_applies_all_its_memories(toyworld) -> None:
 def test_shipped_local_memory_edits_paraphrases_and_spares_near_misses(toyworld) -> None:
     local = EXAMPLES / "local"
     memory = local / "vreduthur-capital.toml"
-    fired = [generate(toyworld, p, memory, max_new_tokens=1).completion.strip() == "Shigosmir"
-             for p in read_prompts(local / "positives.txt")]
-    spared = [generate(toyworld, p, memory, max_new_tokens=1).completion.strip() != "Shigosmir"
-              for p in read_prompts(local / "negatives.txt")]
+    fired = [
+        generate(toyworld, p, memory, max_new_tokens=1).completion.strip() == "Shigosmir"
+        for p in read_prompts(local / "positives.txt")
+    ]
+    spared = [
+        generate(toyworld, p, memory, max_new_tokens=1).completion.strip() != "Shigosmir"
+        for p in read_prompts(local / "negatives.txt")
+    ]
     # The numbers the boundary search printed when the file was made (docs/local-memories.md).
     assert (sum(fired), sum(spared)) == (4, 7)
