@@ -105,6 +105,12 @@ def _load(model_name: str, device: str | None, dtype: str | None, coordinates: s
     "the share of prompts improved.",
 )
 @click.option("--force", is_flag=True, help="Overwrite --out and --plot files.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted sweep from the partial results beside --out "
+    "(OUT.partial.csv/.parquet) instead of recomputing its finished prompts.",
+)
 @click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="Cells shown.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def sweep(
@@ -131,6 +137,7 @@ def sweep(
     plot: Path | None,
     plot_stat: str,
     force: bool,
+    resume: bool,
     top: int,
     no_progress: bool,
 ) -> None:
@@ -141,9 +148,17 @@ def sweep(
     (obscure_sentence, explicit_entity, answer).
     """
     from meminject.datasets import resolve_dataset
+    from meminject.errors import BadInputError
     from meminject.plugins import get_registry
     from meminject.specs import parse_float_spec, parse_int_spec, parse_name_list, parse_shard
-    from meminject.sweep import SweepConfig, check_output_path, plot_heatmap, run_sweep
+    from meminject.sweep import (
+        SweepConfig,
+        check_output_path,
+        partial_path,
+        plot_heatmap,
+        read_records,
+        run_sweep,
+    )
     from meminject.sweep import write_records as write
 
     # Everything that can be checked without the model is checked before loading it.
@@ -157,11 +172,18 @@ def sweep(
             param_hint="--encoding",
         )
     shard_pair = parse_shard(shard)
+    if resume and out is None:
+        raise BadInputError("--resume needs --out (the partial results live beside it)")
     if out is not None:
         check_output_path(out, force)
+    partial = partial_path(out) if out is not None else None
+    done = read_records(partial) if resume and partial is not None and partial.exists() else None
+    if partial is not None and partial.exists() and not resume and not force:
+        raise BadInputError(
+            f"{partial} holds an interrupted sweep; pass --resume to continue it or --force "
+            "to start again"
+        )
     if plot is not None and plot.exists() and not force:
-        from meminject.errors import BadInputError
-
         raise BadInputError(f"{plot} exists; pass --force to overwrite it")
     rows = resolve_dataset(
         dataset,
@@ -187,9 +209,23 @@ def sweep(
         metric=answer_metric,
         seed=seed,
     )
-    result = run_sweep(model, rows, config, registry=registry, progress=not no_progress)
-    if out is not None:
+
+    def checkpoint(records: Any) -> None:
+        assert partial is not None
+        write(records, partial, force=True)
+
+    result = run_sweep(
+        model,
+        rows,
+        config,
+        registry=registry,
+        progress=not no_progress,
+        done=done,
+        checkpoint=checkpoint if partial is not None else None,
+    )
+    if out is not None and partial is not None:
         write(result.records, out, force=force)
+        partial.unlink(missing_ok=True)
     summary = result.summary
     if plot is not None and not summary.empty:
         title = f"{model.name} · {dataset} · {answer_metric} · {result.stats['rows']} prompts"

@@ -67,7 +67,7 @@ import random
 import time
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -678,11 +678,17 @@ def run_sweep(
     registry: Registry | None = None,
     progress: bool = False,
     force_full: bool = False,
+    done: pd.DataFrame | None = None,
+    checkpoint: Callable[[pd.DataFrame], None] | None = None,
 ) -> SweepResult:
     """Run the sweep over this shard's rows; see the module docstring for what and how.
 
     ``force_full`` disables the replay (every cell runs a whole forward pass with the
     injection hook); it exists for benchmarks and for diagnosing an architecture.
+    ``done`` holds records of an earlier, interrupted run with the same settings: rows
+    whose every cell is there are not computed again. ``checkpoint`` is called after
+    each batch with the records of every finished row so far (``done``'s included), so
+    an interruption loses at most one batch.
     """
     import numpy as np
 
@@ -713,6 +719,10 @@ def run_sweep(
 
     started = time.perf_counter()
     mine = shard_rows(rows, config.shard)
+    previous = _finished_records(done, config) if done is not None else None
+    if previous is not None:
+        finished_ids = set(previous["row_id"].tolist())
+        mine = [row for row in mine if row.row_id not in finished_ids]
     tokenized = [tokenize_row(model, row, config.metric) for row in mine]
     texts = [[row.memory, *control_texts(model, row, config.controls, config.seed)] for row in mine]
     n_var = 1 + config.controls
@@ -734,7 +744,9 @@ def run_sweep(
         "replays": 0,
         "full_passes": 0,
         "fallback_batches": 0,
+        "resumed_rows": 0 if previous is None else previous["row_id"].nunique(),
     }
+    finished: list[int] = []
     keep = set(config.layers)
     bridge = model.bridge
     warned = False
@@ -794,9 +806,76 @@ def run_sweep(
                                 after[members, li, ti, ei, v] = logp.double().cpu().numpy()
                                 bar.advance(task)
             del batch, layer_free
+            finished.extend(members)
+            if checkpoint is not None:
+                checkpoint(
+                    _with_previous(
+                        previous, _subset(mine, texts, before, after, sorted(finished), config)
+                    )
+                )
     stats["seconds"] = time.perf_counter() - started
-    records = _records(mine, texts, before, after, config)
+    records = _with_previous(previous, _records(mine, texts, before, after, config))
     return SweepResult(records=records, config=config, stats=stats)
+
+
+def _subset(
+    rows: Sequence[PromptRow],
+    texts: Sequence[Sequence[str]],
+    before: np.ndarray,
+    after: np.ndarray,
+    index: list[int],
+    config: SweepConfig,
+) -> pd.DataFrame:
+    return _records(
+        [rows[i] for i in index], [texts[i] for i in index], before[index], after[index], config
+    )
+
+
+def _with_previous(previous: pd.DataFrame | None, records: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
+    if previous is None or previous.empty:
+        return records
+    merged = pd.concat([previous, records], ignore_index=True)
+    for column in ("encoding", "kind"):
+        merged[column] = merged[column].astype("category")
+    return merged
+
+
+def _finished_records(done: pd.DataFrame, config: SweepConfig) -> pd.DataFrame:
+    """The rows of an earlier run that are complete, after checking it used these settings."""
+    expected: dict[str, set[Any]] = {
+        "layer": set(config.layers),
+        "tau": {float(t) for t in config.taus},
+        "encoding": set(config.encodings),
+        "metric": {config.metric},
+    }
+    for column, values in expected.items():
+        found = {v.item() if hasattr(v, "item") else v for v in done[column].unique()}
+        if column == "tau":
+            found = {float(v) for v in found}
+        if done.empty or found != values:
+            raise BadInputError(
+                f"the partial results were made with other settings ({column}: "
+                f"{sorted(found, key=str)} instead of {sorted(values, key=str)}); "
+                "start again without --resume"
+            )
+    heads = len(config.heads) if config.heads is not None else 1
+    per_row = (
+        len(config.layers)
+        * heads
+        * len(config.taus)
+        * len(config.encodings)
+        * (1 + config.controls)
+    )
+    counts = done.groupby("row_id").size()
+    complete = counts[counts == per_row].index
+    return done[done["row_id"].isin(complete)].reset_index(drop=True)
+
+
+def partial_path(out: Path) -> Path:
+    """Where a sweep that writes ``out`` keeps the rows it has finished while it runs."""
+    return out.with_name(f"{out.stem}.partial{out.suffix}")
 
 
 # --------------------------------------------------------------------------- reference

@@ -446,3 +446,96 @@ def test_the_papers_handwritten_csv_runs_end_to_end(gpt2):
     assert len(result.records) == 20 * 2 * 2 * 2
     sample = result.records[result.records["row_id"].isin([0, 7, 19])]
     assert_matches_reference(gpt2, rows, sample, "first-token")
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupted_run(model, config):
+    """Run until the first checkpoint, keep what it wrote, then 'crash'."""
+    saved = {}
+
+    def checkpoint(records):
+        saved["records"] = records.copy()
+        raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run_sweep(model, ROWS, config, checkpoint=checkpoint)
+    return saved["records"]
+
+
+def test_resumed_sweep_skips_finished_rows_and_equals_an_uninterrupted_run(gpt2):
+    config = SweepConfig(
+        layers=(0, 1), taus=(1.0, 3.0), encodings=("unembed",), controls=1, batch_size=2
+    )
+    whole = run_sweep(gpt2, ROWS, config)
+    partial = _interrupted_run(gpt2, config)
+    assert partial["row_id"].nunique() == 2  # one batch of two prompts survived
+    resumed = run_sweep(gpt2, ROWS, config, done=partial)
+    assert resumed.stats["resumed_rows"] == 2
+    assert resumed.stats["base_passes"] == 2  # the 3 other prompts: batches of 2 and 1
+    keys = ["row_id", "layer", "tau", "encoding", "kind", "control"]
+    a = resumed.records.sort_values(keys).reset_index(drop=True)
+    b = whole.records.sort_values(keys).reset_index(drop=True)
+    pd.testing.assert_frame_equal(
+        a[[*keys, "memory"]], b[[*keys, "memory"]], check_categorical=False
+    )
+    np.testing.assert_allclose(a["p_after"], b["p_after"], rtol=1e-6)
+
+
+def test_resume_refuses_partial_results_of_other_settings(gpt2):
+    config = SweepConfig(layers=(0, 1), taus=(1.0, 3.0), encodings=("unembed",), batch_size=2)
+    partial = _interrupted_run(gpt2, config)
+    other = SweepConfig(layers=(0, 1), taus=(1.0, 5.0), encodings=("unembed",), batch_size=2)
+    with pytest.raises(BadInputError, match="partial results were made with other settings"):
+        run_sweep(gpt2, ROWS, other, done=partial)
+
+
+def test_cli_resume_continues_from_the_partial_file(gpt2, gpt2_dir, tmp_path):
+    from meminject.sweep import partial_path, write_records
+
+    data = _dataset(tmp_path)
+    rows = load_csv(data)
+    out = tmp_path / "records.csv"
+    config = SweepConfig(
+        layers=(0, 1), taus=(1.0, 4.0), encodings=("unembed",), controls=0, batch_size=2
+    )
+    saved = {}
+
+    def checkpoint(records):
+        saved["r"] = records.copy()
+        raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        run_sweep(gpt2, rows, config, checkpoint=checkpoint)
+    write_records(saved["r"], partial_path(out), force=True)
+    args = [
+        "sweep",
+        str(data),
+        "--model",
+        str(gpt2_dir),
+        "--layers",
+        "0-1",
+        "--tau",
+        "1,4",
+        "--encoding",
+        "unembed",
+        "--controls",
+        "0",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    refused = CliRunner().invoke(_group(), args)
+    assert refused.exit_code == 2
+    assert "holds an interrupted sweep; pass --resume" in refused.output
+    done = CliRunner().invoke(_group(), [*args, "--resume"])
+    assert done.exit_code == 0, done.output
+    assert not partial_path(out).exists()
+    records = read_records(out)
+    expected = run_sweep(gpt2, rows, config).records
+    assert sorted(records["row_id"].unique()) == sorted(expected["row_id"].unique())
+    assert len(records) == len(expected)
