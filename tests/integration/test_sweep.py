@@ -452,7 +452,7 @@ class _Interrupt(Exception):
     pass
 
 
-def _interrupted_run(model, config):
+def _interrupted_run(model, config, rows=ROWS):
     """Run until the first checkpoint, keep what it wrote, then 'crash'."""
     saved = {}
 
@@ -461,7 +461,7 @@ def _interrupted_run(model, config):
         raise _Interrupt
 
     with pytest.raises(_Interrupt):
-        run_sweep(model, ROWS, config, checkpoint=checkpoint)
+        run_sweep(model, rows, config, checkpoint=checkpoint)
     return saved["records"]
 
 
@@ -501,15 +501,7 @@ def test_cli_resume_continues_from_the_partial_file(gpt2, gpt2_dir, tmp_path):
     config = SweepConfig(
         layers=(0, 1), taus=(1.0, 4.0), encodings=("unembed",), controls=0, batch_size=2
     )
-    saved = {}
-
-    def checkpoint(records):
-        saved["r"] = records.copy()
-        raise _Interrupt
-
-    with pytest.raises(_Interrupt):
-        run_sweep(gpt2, rows, config, checkpoint=checkpoint)
-    write_records(saved["r"], partial_path(out), force=True)
+    write_records(_interrupted_run(gpt2, config, rows), partial_path(out), force=True)
     args = [
         "sweep",
         str(data),
