@@ -55,7 +55,9 @@ class MemoryFileError(BadInputError):
         self.message = message
         self.location = location or Location()
         where = self.location.render()
-        super().__init__(f"{where}: {message}" if where else message)
+        text = f"{where}: {message}" if where else message
+        # One line, whatever a file name or a value smuggles in.
+        super().__init__(text.replace("\r", "\\r").replace("\n", "\\n"))
 
 
 class ModelLoadError(BadInputError):

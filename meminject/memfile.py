@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from meminject.errors import Location, MemoryFileError
-from meminject.schema import FORMAT_VERSION, FieldValueError, MemoryBase, ModelInfo
+from meminject.schema import FORMAT_VERSION, NAME_PATTERN, FieldValueError, MemoryBase, ModelInfo
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -228,7 +228,10 @@ def _location_of(
         raw = data.get("memory", [])
         raw_memory = raw[index] if isinstance(raw, list) and index < len(raw) else {}
         name = raw_memory.get("name") if isinstance(raw_memory, dict) else None
-        memory_label = f"'{name}'" if isinstance(name, str) and name else f"#{index + 1}"
+        # Only a valid name is quoted back; anything else (a newline, a control character)
+        # could break the one-line error, so the memory is named by its number instead.
+        valid = isinstance(name, str) and re.fullmatch(NAME_PATTERN, name) is not None
+        memory_label = f"'{name}'" if valid else f"#{index + 1}"
         rest = loc[2:]
         if rest and rest[0] in registry.strategies:
             rest = rest[1:]  # the discriminated union's tag

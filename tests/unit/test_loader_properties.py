@@ -156,5 +156,5 @@ def test_mutations_of_a_valid_memory(tmp_path: Path, drop: set[str], extra: dict
     path = tmp_path / "m.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     check(path)
-    if not drop and not extra:
+    if not drop and not extra:  # the unmutated memory is valid
         assert len(load_memory_set([path])) == 1

@@ -87,6 +87,12 @@ CASES: list[tuple[str, str, str]] = [
         "{f}:2: memory 'm': field 'tau': required field is missing",
     ),
     (
+        "newline-in-name",
+        "version = 1\n" + OK.replace('"m"', '"a\\nb"'),
+        "{f}:3: memory #1: field 'name': String should match pattern "
+        "'^[A-Za-z0-9][A-Za-z0-9_.\\-]*$', got 'a\\nb'",
+    ),
+    (
         "empty-text",
         "version = 1\n" + OK.replace('"Paris"', '""'),
         "{f}:4: memory 'm': field 'text': String should have at least 1 character, got ''",
