@@ -28,7 +28,6 @@ when the pass fails.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -205,6 +204,7 @@ def plot_ranks(report: LensReport, path: Path | str, *, force: bool = False) -> 
     from matplotlib.colors import LogNorm
 
     from meminject.atomic import write_bytes_atomic
+    from meminject.plots import heatmap_panel, png_bytes
 
     path = Path(path)
     if path.exists() and not force:
@@ -214,19 +214,18 @@ def plot_ranks(report: LensReport, path: Path | str, *, force: bool = False) -> 
     fig, ax = plt.subplots(
         figsize=(1.8 + 0.55 * len(columns), 1.2 + 0.4 * len(layers)), constrained_layout=True
     )
-    image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis_r", norm=LogNorm(1, vmax))
-    ax.set_xticks(range(len(columns)), columns, fontsize=7)
-    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
-    ax.set_xlabel("attention output / head")
-    ax.set_ylabel("layer")
-    ax.set_title(f"rank of {report.token!r} at the last position", fontsize=9)
-    if grid.size <= 400:
-        for y in range(grid.shape[0]):
-            for x in range(grid.shape[1]):
-                if np.isfinite(grid[y, x]):
-                    ax.text(x, y, f"{int(grid[y, x])}", ha="center", va="center", fontsize=6)
+    image = heatmap_panel(
+        ax,
+        grid,
+        xticks=columns,
+        yticks=[str(layer) for layer in layers],
+        xlabel="attention output / head",
+        ylabel="layer",
+        title=f"rank of {report.token!r} at the last position",
+        cmap="viridis_r",
+        norm=LogNorm(1, vmax),
+        fmt="{:.0f}",
+        annotate_up_to=400,
+    )
     fig.colorbar(image, ax=ax, label="rank (1 = top)")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue(), overwrite=force)
+    write_bytes_atomic(path, png_bytes(fig, dpi=110), overwrite=force)

@@ -997,6 +997,7 @@ def plot_heatmap(
     from matplotlib.colors import Normalize, SymLogNorm
 
     from meminject.atomic import write_bytes_atomic
+    from meminject.plots import heatmap_panel, png_bytes
 
     if stat not in PLOT_STATS:
         raise BadInputError(f"unknown plot statistic '{stat}'; choose {', '.join(PLOT_STATS)}")
@@ -1041,23 +1042,21 @@ def plot_heatmap(
         for c, encoding in enumerate(encodings):
             ax = axes[r][c]
             grid = grids[(kind, encoding)]
-            image = ax.imshow(grid, origin="lower", aspect="auto", cmap="RdBu_r", norm=norm)
-            ax.set_xticks(range(len(taus)), [f"{t:g}" for t in taus], fontsize=7)
-            ax.set_yticks(range(len(layers)), [str(layer) for layer in layers], fontsize=7)
-            ax.set_xlabel("τ")
-            ax.set_ylabel("layer")
-            ax.set_title(f"{encoding} · {kind}", fontsize=9)
-            if grid.size <= 300:
-                for y in range(grid.shape[0]):
-                    for x in range(grid.shape[1]):
-                        if np.isfinite(grid[y, x]):
-                            text = fmt.format(grid[y, x])
-                            ax.text(x, y, text, ha="center", va="center", fontsize=6)
+            image = heatmap_panel(
+                ax,
+                grid,
+                xticks=[f"{t:g}" for t in taus],
+                yticks=[str(layer) for layer in layers],
+                xlabel="τ",
+                ylabel="layer",
+                title=f"{encoding} · {kind}",
+                cmap="RdBu_r",
+                norm=norm,
+                fmt=fmt,
+                annotate_up_to=300,
+            )
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label=PLOT_STATS[stat])
     if title:
         fig.suptitle(title, fontsize=10)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    write_bytes_atomic(path, buffer.getvalue(), overwrite=force)
+    write_bytes_atomic(path, png_bytes(fig, dpi=90), overwrite=force)
