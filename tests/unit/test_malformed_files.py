@@ -100,7 +100,7 @@ CASES: list[tuple[str, str, str]] = [
     (
         "bad-name",
         "version = 1\n" + OK.replace('"m"', '"has space"'),
-        "{f}:3: memory 'has space': field 'name': String should match pattern "
+        "{f}:3: memory #1: field 'name': String should match pattern "
         "'^[A-Za-z0-9][A-Za-z0-9_.\\-]*$', got 'has space'",
     ),
     (
