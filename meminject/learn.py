@@ -448,7 +448,12 @@ def write_learned(
         {"key": learned.key.contiguous(), "delta": learned.delta.contiguous()},
         metadata=learned.provenance(),
     )
-    digest = hashlib.sha256(data).hexdigest()[:10]
+    # Named by what it holds (safetensors' header order is not stable, so not by its bytes).
+    content = hashlib.sha256()
+    for tensor in (learned.key, learned.delta):
+        content.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    content.update(json.dumps(learned.provenance(), sort_keys=True).encode())
+    digest = content.hexdigest()[:10]
     tensor_path = out.parent / f"{name}.{digest}.safetensors"
 
     lines: list[str] = []
@@ -497,22 +502,28 @@ def write_learned(
         staged.unlink(missing_ok=True)
     write_text_atomic(out, text, overwrite=True)
     for stale in previous_tensors:
-        if stale != tensor_path:
+        if stale.resolve() != tensor_path.resolve():
             stale.unlink(missing_ok=True)
     return out, tensor_path
 
 
 def _tensor_files(toml_path: Path) -> list[Path]:
-    """Tensor files the current TOML refers to (to remove after a --force rewrite)."""
+    """Tensor files the current TOML refers to (to remove after a --force rewrite); only
+    those inside its directory, by the same rule that governs reading them."""
+    from meminject.errors import MemoryFileError
     from meminject.memfile import read_memory_file
+    from meminject.tensorfile import resolve_path
 
     try:
         loaded = read_memory_file(toml_path)
-    except Exception:
+    except MemoryFileError:
         return []
     files = []
     for entry in loaded.entries:
         tensors = getattr(entry.memory, "tensors", None)
-        if tensors and not Path(tensors).is_absolute() and ".." not in Path(tensors).parts:
-            files.append(toml_path.parent / tensors)
+        if tensors:
+            try:
+                files.append(resolve_path(entry, tensors, "tensors"))
+            except MemoryFileError:
+                continue
     return files

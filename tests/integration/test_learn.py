@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from meminject.cli import cli
 from meminject.errors import BadInputError
 from meminject.generation import generate
-from meminject.learn import learn, search_boundary, write_learned
+from meminject.learn import _Objective, gated_top1, learn, search_boundary, write_learned
 from meminject.memfile import load_memory_set
 from tests.conftest import write
 
@@ -64,7 +64,9 @@ def test_learned_delta_makes_the_wrong_target_top1(toyworld, wrong_capital):
     smaller = learn(
         toyworld, learned.prompt, wrong, layer=2, site="resid_pre", alpha=learned.alpha * 0.95
     )
-    assert smaller.prob_after < learned.prob_after
+    objective = _Objective(toyworld, learned.prompt, learned.target_ids, 2, "resid_pre", -1, False)
+    assert objective.is_top1(learned.delta)
+    assert not objective.is_top1(smaller.delta)
 
 
 def test_boundary_search_separates_paraphrases_from_near_misses(
@@ -112,14 +114,12 @@ def test_boundary_search_separates_paraphrases_from_near_misses(
         generate(toyworld, p, memories, max_new_tokens=1).completion.strip() != wrong
         for p in negatives
     )
-    row = (
-        next(r for r in choice.table if r.boundary == choice.boundary)
-        if any(r.boundary == choice.boundary for r in choice.table)
-        else None
-    )
+    # The file applies exactly what the search scores, at the chosen boundary too.
+    scored = gated_top1(toyworld, learned, [*positives, *negatives], choice.boundary, 3.0)
+    target = learned.target_ids[0]
+    assert hits == sum(t == target for t in scored[: len(positives)])
+    assert misses == sum(t != target for t in scored[len(positives) :])
     assert hits + misses >= 10
-    if row is not None:  # the file applies exactly what the search scored
-        assert (hits, misses) == (row.positives_ok, row.negatives_ok)
 
 
 def test_boundary_choice_on_the_model(toyworld, wrong_capital):
@@ -137,7 +137,6 @@ def test_teacher_forcing_fits_every_target_token(toyworld, world):
     prompt = f"The leader of {country} is"
     learned = learn(toyworld, prompt, other, layer=1, site="resid_pre", steps=2, teacher_force=True)
     assert len(learned.target_ids) >= 2
-    from meminject.learn import _Objective
 
     objective = _Objective(toyworld, prompt, learned.target_ids, 1, "resid_pre", -1, True)
     assert objective.is_top1(learned.delta)
@@ -204,3 +203,17 @@ def test_learn_command_end_to_end(toyworld, capitals, tmp_path):
     assert again.stderr == f"Error: {out} exists; pass --force to overwrite it or --append to add\n"
     validated = CliRunner().invoke(cli, ["validate", str(out), "--model", "toyworld"])
     assert validated.exit_code == 0, validated.output
+
+
+def test_forced_rewrite_of_the_same_memory_keeps_its_tensors(
+    toyworld, wrong_capital, tmp_path, monkeypatch
+):
+    _, _, wrong, learned = wrong_capital
+    monkeypatch.chdir(tmp_path)
+    out = Path("same.toml")  # relative on purpose: stale files are compared resolved
+    _, first = write_learned(out, learned, toyworld, name="edit", boundary=0.3, hardness=3.0)
+    _, second = write_learned(
+        out, learned, toyworld, name="edit", boundary=0.3, hardness=3.0, force=True
+    )
+    assert first == second and second.is_file()
+    assert generate(toyworld, learned.prompt, out, max_new_tokens=1).completion.strip() == wrong
