@@ -128,6 +128,15 @@ def _load(
 )
 @click.option("--compare", is_flag=True, help="Show the baseline beside the injected run.")
 @click.option("--no-kv-cache", is_flag=True, help="Recompute the whole sequence each step.")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "hf", "bridge"]),
+    default="auto",
+    show_default=True,
+    help="hf: the plain Hugging Face model, hooked only at the memories' sites (faster; a "
+    "second copy of the weights); bridge: TransformerBridge; auto: hf when every site "
+    "verifies against the bridge, else bridge.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @_outside_option
 def generate(
@@ -143,6 +152,7 @@ def generate(
     top_k: int,
     compare: bool,
     no_kv_cache: bool,
+    backend: str,
     as_json: bool,
     allow_outside_paths: bool,
 ) -> None:
@@ -165,6 +175,7 @@ def generate(
         temperature=temperature,
         use_kv_cache=not no_kv_cache,
         top_k=top_k,
+        backend=backend,
     )
     baseline = run(model, prompt, None, seed=seed, **kwargs) if compare or not compiled else None
     injected = run(model, prompt, compiled, seed=seed, **kwargs) if compiled else None

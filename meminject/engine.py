@@ -10,6 +10,7 @@ exception, and the bridge's ``use_attn_result`` flag is put back as it was.
 from __future__ import annotations
 
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -126,8 +127,12 @@ def compile_memories(
     return compiled
 
 
-def _hook_fn(hook_name: str, parts: list[CompiledHook], ctx: InjectionContext) -> Any:
-    def run(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+def chain_parts(hook_name: str, parts: list[CompiledHook], ctx: InjectionContext) -> Any:
+    """One function running every compiled body of a hook point in turn, naming the
+    strategy and plugin when a body fails. Bridge hooks pass ``hook``; the plain-model
+    fast path calls it with the activation alone."""
+
+    def run(activation: torch.Tensor, hook: Any = None) -> torch.Tensor:
         for part in parts:
             try:
                 activation = part.hook.body(activation, ctx)
@@ -143,8 +148,77 @@ def _hook_fn(hook_name: str, parts: list[CompiledHook], ctx: InjectionContext) -
     return run
 
 
+_RESID_MID = re.compile(r"^blocks\.(\d+)\.hook_resid_mid$")
+
+
+def bridge_fwd_hooks(
+    model: LoadedModel, fwd_hooks: Sequence[tuple[str, Any]]
+) -> list[tuple[str, Any]]:
+    """The hooks to give the bridge for ``fwd_hooks``, with ``resid_mid`` lowered.
+
+    TransformerBridge's ``hook_resid_mid`` is the input of the second LayerNorm: a
+    change made there reaches the MLP but never the residual stream, whereas DESIGN
+    §4's ``a ← a + τ·v`` at resid_mid (HookedTransformer's meaning) changes the stream
+    itself. In a sequential block resid_mid = resid_pre + attn_out, so the change is
+    made to the attention output instead: the block input is kept (after any
+    resid_pre hooks), and after any attn_out hooks the resid_mid hooks see
+    ``resid_pre + attn_out`` and their difference is added to the attention output.
+    """
+    lowered: list[tuple[str, Any]] = []
+    mids: dict[int, list[Any]] = defaultdict(list)
+    for name, fn in fwd_hooks:
+        match = _RESID_MID.match(name)
+        if match is None:
+            lowered.append((name, fn))
+        else:
+            mids[int(match.group(1))].append(fn)
+    if mids and getattr(model.cfg, "parallel_attn_mlp", False):
+        raise BadInputError(
+            f"model '{model.name}' runs attention and MLP in parallel, so it has no resid_mid"
+        )
+    for layer, fns in mids.items():
+        lowered.extend(_resid_mid_pair(layer, fns))
+    return lowered
+
+
+def _resid_mid_pair(layer: int, fns: list[Any]) -> list[tuple[str, Any]]:
+    kept: list[torch.Tensor] = []
+
+    def keep(resid_pre: torch.Tensor, hook: Any) -> torch.Tensor:
+        kept[:] = [resid_pre]
+        return resid_pre
+
+    def apply(attn_out: torch.Tensor, hook: Any) -> torch.Tensor:
+        mid = kept[0] + attn_out
+        new = mid
+        for fn in fns:
+            new = fn(new, hook)
+        return attn_out + (new - mid)
+
+    return [(f"blocks.{layer}.hook_resid_pre", keep), (f"blocks.{layer}.hook_attn_out", apply)]
+
+
 #: What ``inject`` and ``generate`` accept: a set, paths, or hooks compiled beforehand.
 MemoriesArg: TypeAlias = MemoriesLike | list[CompiledHook]
+
+
+def as_compiled(
+    model: LoadedModel, memories: MemoriesArg | None, registry: Registry | None = None
+) -> list[CompiledHook]:
+    """Hooks for ``memories``: compiled now, or as given when compiled beforehand."""
+    if memories is None:
+        return []
+    if isinstance(memories, list) and all(isinstance(m, CompiledHook) for m in memories):
+        return list(memories)
+    return compile_memories(model, memories, registry)  # type: ignore[arg-type]
+
+
+def group_by_hook(compiled: list[CompiledHook]) -> dict[str, list[CompiledHook]]:
+    """Compiled hooks by hook point, in compile order (one installed function each)."""
+    grouped: dict[str, list[CompiledHook]] = defaultdict(list)
+    for part in compiled:
+        grouped[part.hook.hook_name].append(part)
+    return dict(grouped)
 
 
 @contextmanager
@@ -165,22 +239,17 @@ def inject(
     ``ctx.offset`` (``generate`` does this for you).
     """
     ctx = context or InjectionContext()
-    if memories is None:
-        compiled: list[CompiledHook] = []
-    elif isinstance(memories, list) and all(isinstance(m, CompiledHook) for m in memories):
-        compiled = list(memories)
-    else:
-        compiled = compile_memories(model, memories, registry)  # type: ignore[arg-type]
-    grouped: dict[str, list[CompiledHook]] = defaultdict(list)
-    for part in compiled:
-        grouped[part.hook.hook_name].append(part)
+    compiled = as_compiled(model, memories, registry)
+    grouped = group_by_hook(compiled)
     bridge = model.bridge
+    fwd_hooks = bridge_fwd_hooks(
+        model, [(name, chain_parts(name, parts, ctx)) for name, parts in grouped.items()]
+    )
     missing = [name for name in grouped if name not in bridge.hook_dict]
     if missing:
         raise BadInputError(f"model '{model.name}' has no hook point '{missing[0]}'")
     needs_result = any(p.hook.needs_attn_result for p in compiled)
     had_result = bool(getattr(bridge.cfg, "use_attn_result", False))
-    fwd_hooks = [(name, _hook_fn(name, parts, ctx)) for name, parts in grouped.items()]
     if needs_result and not had_result:
         bridge.set_use_attn_result(True)
     try:

@@ -13,7 +13,7 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from meminject.engine import MemoriesArg, inject
+from meminject.engine import MemoriesArg, as_compiled, group_by_hook, inject
 from meminject.errors import BadInputError
 from meminject.extension import InjectionContext
 
@@ -38,6 +38,8 @@ class Generation:
     prompt_tokens: list[int]
     new_tokens: list[int]
     top_next: list[TokenProb] = field(default_factory=list)  # after the prompt, before sampling
+    backend: str = "bridge"  # what ran the forward passes: "hf" (plain model) or "bridge"
+    backend_note: str | None = None  # why the bridge ran when the fast path was not used
 
     @property
     def text(self) -> str:
@@ -81,14 +83,22 @@ def generate(
     stop_at_eos: bool = True,
     top_k: int = 0,
     registry: Registry | None = None,
+    backend: str = "auto",
 ) -> Generation:
     """Generate a completion of ``prompt``, with ``memories`` injected if given.
 
     ``temperature=0`` is greedy decoding. ``top_k`` asks for that many most likely
     next tokens after the prompt (with their probabilities) in the result.
+    ``backend``: ``"auto"`` runs the plain Hugging Face model with hooks only at the
+    memories' sites when every site verifies against the bridge (see
+    :mod:`meminject.fastpath`), else the bridge; ``"hf"`` insists on the plain model;
+    ``"bridge"`` always uses the bridge.
     """
     import torch
 
+    from meminject import fastpath
+
+    fastpath.check_backend(backend)
     if max_new_tokens < 0:
         raise BadInputError("max_new_tokens must be >= 0")
     if temperature < 0:
@@ -96,6 +106,13 @@ def generate(
     tokens = model.to_tokens(prompt)
     prompt_len = tokens.shape[1]
     ctx = InjectionContext(prompt_len=prompt_len)
+    compiled = as_compiled(model, memories, registry)
+    grouped = group_by_hook(compiled)
+    plain, note = fastpath.select(model, list(grouped), backend)
+    if plain is not None:
+        scope: Any = plain.hooks(fastpath.plain_bodies(grouped, ctx))
+    else:
+        scope = inject(model, compiled, context=ctx) if compiled else nullcontext()
     generator = None
     if seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(seed)
@@ -104,19 +121,21 @@ def generate(
     bridge = model.bridge
     new_tokens: list[int] = []
     top: list[TokenProb] = []
-    scope = inject(model, memories, context=ctx, registry=registry) if memories else nullcontext()
     with scope, torch.no_grad():
         past = None
         sequence = tokens
         for step in range(max(max_new_tokens, 1) if top_k else max_new_tokens):
-            if use_kv_cache:
-                fresh = sequence if past is None else sequence[:, -1:]
-                ctx.offset = sequence.shape[1] - fresh.shape[1]
+            fresh = sequence
+            if use_kv_cache and past is not None:
+                fresh = sequence[:, -1:]
+            ctx.offset = sequence.shape[1] - fresh.shape[1]
+            if plain is not None:
+                logits, past = plain.forward(fresh, past, use_cache=use_kv_cache)
+            elif use_kv_cache:
                 logits, past = bridge(
                     fresh, return_type="logits_and_cache", past_key_values=past, use_cache=True
                 )
             else:
-                ctx.offset = 0
                 logits = bridge(sequence, return_type="logits")
             last = logits[0, -1]
             if step == 0 and top_k:
@@ -140,4 +159,6 @@ def generate(
         prompt_tokens=tokens[0].tolist(),
         new_tokens=new_tokens,
         top_next=top,
+        backend="hf" if plain is not None else "bridge",
+        backend_note=note,
     )

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from meminject.engine import bridge_fwd_hooks
 from meminject.errors import BadInputError
 from meminject.schema import SITE_HOOKS
 
@@ -131,7 +132,8 @@ class _Objective:
             out[:, position] = out[:, position] + delta.to(activation.dtype)
             return out
 
-        logits = self.model.bridge.run_with_hooks(self.tokens, fwd_hooks=[(self.hook_name, add)])
+        hooks: Any = bridge_fwd_hooks(self.model, [(self.hook_name, add)])
+        logits = self.model.bridge.run_with_hooks(self.tokens, fwd_hooks=hooks)
         return logits[0, self.rows].float()
 
     def loss_and_grad(self, delta: Tensor) -> tuple[float, Tensor]:

@@ -42,6 +42,9 @@ class LoadedModel:
     source: str
     encodings: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
     _fingerprint: str | None = field(default=None, repr=False)
+    #: The plain-model fast path (:class:`meminject.fastpath.PlainModel`), loaded on first
+    #: use, or the reason it is unavailable; see ``generate(backend=...)``.
+    plain: Any = field(default=None, repr=False)
 
     def fingerprint(self) -> str:
         """A hash of the weights as loaded (coordinates included), so a key/delta memory

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from meminject.engine import compile_memories, inject
+from meminject.errors import BadInputError
 from meminject.generation import generate
 from meminject.memfile import load_memory_set
 from tests.conftest import write
@@ -133,7 +134,9 @@ def test_add_at_layer_sites_matches_manual_hook(gpt2, tmp_path, site):
     path = one_memory(tmp_path, text="Paris", layer=1, tau=2.0, site=site, encoding="embed")
     hook = {
         "resid_pre": "blocks.1.hook_resid_pre",
-        "resid_mid": "blocks.1.hook_resid_mid",
+        # resid_mid = resid_pre + attn_out: adding to it is adding to the attention output
+        # (the bridge's own hook_resid_mid is the LayerNorm's input, see the test below).
+        "resid_mid": "blocks.1.hook_attn_out",
         "resid_post": "blocks.1.hook_resid_post",
         "mlp_out": "blocks.1.hook_mlp_out",
     }[site]
@@ -144,6 +147,46 @@ def test_add_at_layer_sites_matches_manual_hook(gpt2, tmp_path, site):
     with torch.no_grad():
         manual = gpt2.bridge.run_with_hooks(tokens, fwd_hooks=[(hook, lambda a, hook: a + 2.0 * v)])
     torch.testing.assert_close(injected, manual, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_resid_mid_memory_changes_the_residual_stream_itself(model_dirs, tmp_path, arch):
+    """DESIGN §4: a ← a + τ·v at resid_mid. TransformerBridge's hook_resid_mid is the
+    second LayerNorm's input, so a change made there reaches the MLP but not the stream;
+    the engine lowers it so that the stream after the block carries τ·v as well:
+    resid_post − mlp_out (= resid_mid) moves by exactly τ·v."""
+    from meminject.models import load_model
+
+    model = load_model(model_dirs[arch])
+    path = one_memory(tmp_path, text="Paris", layer=1, tau=2.0, site="resid_mid", encoding="embed")
+    v = encoded(model, path)
+    tokens = model.to_tokens(PROMPT)
+    names = ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_mid"]
+    with torch.no_grad():
+        _, before = model.bridge.run_with_cache(tokens, names_filter=names)
+        with inject(model, path):
+            _, after = model.bridge.run_with_cache(tokens, names_filter=names)
+
+    def mid(cache):
+        return cache["blocks.1.hook_resid_post"] - cache["blocks.1.hook_mlp_out"]
+
+    torch.testing.assert_close(
+        mid(after) - mid(before), (2.0 * v).expand_as(mid(after)), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(after["blocks.1.hook_resid_mid"], mid(after), atol=1e-5, rtol=0)
+    assert (after["blocks.1.hook_mlp_out"] - before["blocks.1.hook_mlp_out"]).abs().max() > 1e-3
+
+
+def test_resid_mid_is_refused_on_a_parallel_block_model(model_dirs, tmp_path):
+    from meminject.models import load_model
+
+    model = load_model(model_dirs["neox"])
+    path = one_memory(tmp_path, text="Paris", layer=1, tau=2.0, site="resid_mid")
+    with (
+        pytest.raises(BadInputError, match="in parallel, so it has no resid_mid"),
+        inject(model, path),
+    ):
+        pass
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])

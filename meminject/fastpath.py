@@ -1,0 +1,385 @@
+"""Generation on the plain Hugging Face model, hooked only at the sites memories use.
+
+Why: every forward through ``TransformerBridge`` passes its per-component wrappers
+and hook points, about a fifth of the time of a GPT-2-small step on CPU, even when
+no hook is set. Generation needs none of that: it only needs the memories' hook
+bodies to see, at their sites, the activation the bridge would have shown them.
+
+The plain model holds the checkpoint's own (raw) weights, loaded a second time
+from the same source with the same (eager) attention. Its activations relate to
+the bridge's by a map per site, which is *measured, not assumed*: on a probe
+sequence both models run, and the site is used only if one of these maps
+reproduces the bridge's activation within tolerance:
+
+* ``identity``: the same numbers (raw coordinates, ``mlp_post``, RMSNorm models);
+* ``centre``: the bridge's value is the raw one minus its mean over ``d_model``
+  (processed coordinates of a LayerNorm model centre every residual writer);
+* ``offset``: the bridge's value is the raw one minus a constant (``attn_z`` with
+  value biases folded into the output bias).
+
+A body returns the new activation in bridge coordinates; the plain model gets
+``raw + (new - old)``. The difference is exactly what the bridge would have added,
+and what a map drops (a mean over ``d_model``, a constant value bias) reaches the
+rest of the model either unchanged or through a LayerNorm that removes it.
+Anything unverified (another site, a plugin's hook point, a parallel-attention
+block's ``resid_mid``) makes ``generate`` fall back to the bridge.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from meminject.errors import BadInputError
+
+if TYPE_CHECKING:
+    from jaxtyping import Float
+    from torch import Tensor
+
+    from meminject.extension import InjectionContext
+    from meminject.models import LoadedModel
+
+#: Hook points the plain model can serve, by the part of the name after ``blocks.{l}.``.
+_HOOK = re.compile(
+    r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_attn_out"
+    r"|hook_mlp_out|attn\.hook_z|mlp\.hook_post)$"
+)
+_RESIDUAL_WRITERS = {"hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out"}
+_RESIDUAL_WRITERS |= {"hook_mlp_out"}
+
+#: A body in bridge coordinates, as the engine chains them for one hook point.
+Body = Callable[["Tensor"], "Tensor"]
+
+
+class FastPathUnavailable(BadInputError):
+    """The plain model cannot stand in for the bridge here; the reason says why."""
+
+
+@dataclass(frozen=True)
+class SiteMap:
+    """How the plain model's activation at a site becomes the bridge's."""
+
+    kind: str  # "identity", "centre" or "offset"
+    offset: Tensor | None = None  # subtracted, for kind "offset"
+    error: float = 0.0  # the largest difference measured on the probe
+
+    def to_bridge(self, raw: Tensor) -> Tensor:
+        if self.kind == "centre":
+            return raw - raw.mean(dim=-1, keepdim=True)
+        if self.kind == "offset":
+            assert self.offset is not None
+            return raw - self.offset
+        return raw
+
+
+def _apply(site_map: SiteMap, body: Body, raw: Tensor) -> Tensor:
+    if site_map.kind == "identity":
+        return body(raw)
+    old = site_map.to_bridge(raw)
+    new = body(old.clone())  # a body that edits in place must not erase the difference
+    return raw + (new - old)
+
+
+@dataclass(frozen=True)
+class _BlockModules:
+    block: Any
+    attn: Any
+    attn_out_proj: Any
+    mlp: Any
+    mlp_out_proj: Any
+
+
+def _first(output: Any) -> Any:
+    return output[0] if isinstance(output, tuple) else output
+
+
+def _replace_first(output: Any, value: Tensor) -> Any:
+    return (value, *output[1:]) if isinstance(output, tuple) else value
+
+
+class PlainModel:
+    """A plain Hugging Face model standing in for a loaded bridge during generation."""
+
+    def __init__(self, loaded: LoadedModel, hf_model: Any):
+        self.loaded = loaded
+        self.hf = hf_model
+        self.parallel = bool(getattr(loaded.cfg, "parallel_attn_mlp", False))
+        self._blocks = self._find_blocks()
+        self._maps: dict[str, SiteMap | str] = {}  # hook name → map, or why it failed
+        self.logits_error: float | None = None  # measured on the probe
+
+    @classmethod
+    def load(cls, loaded: LoadedModel) -> PlainModel:
+        """Load the checkpoint behind ``loaded`` again as a plain model (cached on it)."""
+        cached = loaded.plain
+        if isinstance(cached, PlainModel):
+            return cached
+        if isinstance(cached, str):
+            raise FastPathUnavailable(cached)
+        try:
+            plain = cls(loaded, _load_hf(loaded))
+            plain._check_logits()
+        except FastPathUnavailable as exc:
+            loaded.plain = str(exc)
+            raise
+        loaded.plain = plain
+        return plain
+
+    def _find_blocks(self) -> list[_BlockModules]:
+        mapping = getattr(self.loaded.bridge.adapter, "component_mapping", None) or {}
+        try:
+            blocks_spec = mapping["blocks"]
+            subs = blocks_spec.submodules
+            attn_spec, mlp_spec = subs["attn"], subs["mlp"]
+            blocks = self.hf.get_submodule(blocks_spec.name)
+            found = []
+            for block in blocks:
+                attn = block.get_submodule(attn_spec.name)
+                mlp = block.get_submodule(mlp_spec.name)
+                found.append(
+                    _BlockModules(
+                        block=block,
+                        attn=attn,
+                        attn_out_proj=attn.get_submodule(attn_spec.submodules["o"].name),
+                        mlp=mlp,
+                        mlp_out_proj=mlp.get_submodule(mlp_spec.submodules["out"].name),
+                    )
+                )
+        except (KeyError, AttributeError, TypeError) as exc:
+            raise FastPathUnavailable(
+                f"the plain model's blocks could not be matched to the bridge's ({exc!r})"
+            ) from exc
+        if len(found) != self.loaded.dims.n_layers:
+            raise FastPathUnavailable("the plain model has a different number of blocks")
+        return found
+
+    # -- hooks ---------------------------------------------------------------------
+
+    @contextmanager
+    def hooks(
+        self, bodies: dict[str, Body], maps: dict[str, SiteMap] | None = None
+    ) -> Iterator[None]:
+        """Install ``bodies`` (bridge hook name → body) on the plain model for the block."""
+        handles: list[Any] = []
+        try:
+            for name, body in bodies.items():
+                site_map = maps[name] if maps is not None else self.site_map(name)
+                handles.extend(self._install(name, body, site_map))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _install(self, name: str, body: Body, site_map: SiteMap) -> list[Any]:
+        match = _HOOK.match(name)
+        if match is None:
+            raise FastPathUnavailable(f"hook point '{name}' has no plain-model equivalent")
+        layer, kind = int(match.group(1)), match.group(2)
+        mods = self._blocks[layer]
+
+        def on_output(module: Any, args: Any, output: Any) -> Any:
+            return _replace_first(output, _apply(site_map, body, _first(output)))
+
+        def on_input(module: Any, args: Any, kwargs: Any) -> Any:
+            if args:
+                return (_apply(site_map, body, args[0]), *args[1:]), kwargs
+            kwargs = dict(kwargs)
+            kwargs["hidden_states"] = _apply(site_map, body, kwargs["hidden_states"])
+            return args, kwargs
+
+        if kind == "hook_resid_pre":
+            return [mods.block.register_forward_pre_hook(on_input, with_kwargs=True)]
+        if kind == "hook_resid_post":
+            return [mods.block.register_forward_hook(on_output)]
+        if kind == "hook_attn_out":
+            return [mods.attn.register_forward_hook(on_output)]
+        if kind == "hook_mlp_out":
+            return [mods.mlp.register_forward_hook(on_output)]
+        if kind == "mlp.hook_post":
+            return [mods.mlp_out_proj.register_forward_pre_hook(on_input, with_kwargs=True)]
+        if kind == "attn.hook_z":
+            return [self._install_z(mods, body, site_map)]
+        return self._install_resid_mid(mods, body, site_map)
+
+    def _install_z(self, mods: _BlockModules, body: Body, site_map: SiteMap) -> Any:
+        n_heads = self.loaded.dims.n_heads
+
+        def per_head(flat: Float[Tensor, "batch pos heads_x_d_head"]) -> Tensor:
+            heads = flat.reshape(*flat.shape[:2], n_heads, -1)
+            return _apply(site_map, body, heads).reshape(flat.shape)
+
+        def on_input(module: Any, args: Any, kwargs: Any) -> Any:
+            return (per_head(args[0]), *args[1:]), kwargs
+
+        return mods.attn_out_proj.register_forward_pre_hook(on_input, with_kwargs=True)
+
+    def _install_resid_mid(self, mods: _BlockModules, body: Body, site_map: SiteMap) -> list[Any]:
+        """resid_mid = resid_pre + attn_out in a sequential block, so a change to it is a
+        change to the attention output; the block's input is kept to read it."""
+        if self.parallel:
+            raise FastPathUnavailable("a parallel-attention block has no resid_mid to hook")
+        seen: list[Tensor] = []
+
+        def keep_input(module: Any, args: Any, kwargs: Any) -> None:
+            seen[:] = [args[0] if args else kwargs["hidden_states"]]
+
+        def on_attn(module: Any, args: Any, output: Any) -> Any:
+            attn_out = _first(output)
+            mid = seen[0] + attn_out
+            return _replace_first(output, attn_out + (_apply(site_map, body, mid) - mid))
+
+        return [
+            mods.block.register_forward_pre_hook(keep_input, with_kwargs=True),
+            mods.attn.register_forward_hook(on_attn),
+        ]
+
+    # -- verification ----------------------------------------------------------------
+
+    def _probe(self) -> Tensor:
+        import torch
+
+        dims = self.loaded.dims
+        n = min(12, dims.n_ctx)
+        ids = (torch.arange(n) * 7919 + 13) % dims.d_vocab
+        return ids.unsqueeze(0).to(self.loaded.device)
+
+    def _tolerance(self, reference: Tensor) -> float:
+        import torch
+
+        rel = 1e-4 if self.loaded.dtype == torch.float32 else 2e-2
+        return rel * (1.0 + float(reference.abs().max()))
+
+    def _check_logits(self) -> None:
+        import torch
+
+        probe = self._probe()
+        with torch.no_grad():
+            ours = torch.log_softmax(self.hf(probe, use_cache=False).logits.float(), -1)
+            theirs = torch.log_softmax(self.loaded.bridge(probe, return_type="logits").float(), -1)
+        error = float((ours - theirs).abs().max())
+        if error > self._tolerance(theirs.exp()) * 10:
+            raise FastPathUnavailable(
+                f"the plain model's next-token log-probabilities differ from the bridge's "
+                f"by {error:.2e} on a probe"
+            )
+        self.logits_error = error
+
+    def site_map(self, name: str) -> SiteMap:
+        """The verified map for one hook point, measured on the probe the first time."""
+        known = self._maps.get(name)
+        if known is None:
+            known = self._measure(name)
+            self._maps[name] = known
+        if isinstance(known, str):
+            raise FastPathUnavailable(known)
+        return known
+
+    def _measure(self, name: str) -> SiteMap | str:
+        import torch
+
+        match = _HOOK.match(name)
+        if match is None:
+            return f"hook point '{name}' has no plain-model equivalent"
+        if match.group(2) == "hook_resid_mid" and self.parallel:
+            return "a parallel-attention block has no resid_mid to hook"
+        probe = self._probe()
+        captured: list[Tensor] = []
+
+        def record(activation: Tensor) -> Tensor:
+            captured.append(activation.detach().float())
+            return activation
+
+        with torch.no_grad():
+            _, cache = self.loaded.bridge.run_with_cache(probe, names_filter=[name])
+            with self.hooks({name: record}, maps={name: SiteMap("identity")}):
+                self.hf(probe, use_cache=False)
+        if name not in cache or not captured:
+            return f"hook point '{name}' did not fire on the probe"
+        reference, raw = cache[name].float(), captured[0]
+        if reference.shape != raw.shape:
+            return f"hook point '{name}' has shape {tuple(raw.shape)} in the plain model"
+        candidates = [SiteMap("identity")]
+        if match.group(2) in _RESIDUAL_WRITERS:
+            candidates.append(SiteMap("centre"))
+        if match.group(2) == "attn.hook_z":
+            offset = (raw - reference).mean(dim=(0, 1)).to(self.loaded.dtype)
+            candidates.append(SiteMap("offset", offset))
+        tolerance = self._tolerance(reference)
+        best = min(
+            (
+                SiteMap(c.kind, c.offset, float((c.to_bridge(raw) - reference).abs().max()))
+                for c in candidates
+            ),
+            key=lambda c: c.error,
+        )
+        if best.error > tolerance:
+            return (
+                f"the plain model's activation at '{name}' does not match the bridge's "
+                f"(best map '{best.kind}' is off by {best.error:.2e})"
+            )
+        return best
+
+    # -- running ---------------------------------------------------------------------
+
+    def forward(
+        self, tokens: Tensor, past: Any = None, use_cache: bool = True
+    ) -> tuple[Float[Tensor, "batch pos d_vocab"], Any]:
+        out = self.hf(tokens, past_key_values=past, use_cache=use_cache)
+        return out.logits, out.past_key_values if use_cache else None
+
+
+def _load_hf(loaded: LoadedModel) -> Any:
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    source = loaded.source
+    if not source or not Path(source).is_dir():
+        raise FastPathUnavailable(
+            f"model '{loaded.name}' was not loaded from a local directory, so there is no "
+            "plain checkpoint to run"
+        )
+    try:
+        hf: Any = AutoModelForCausalLM.from_pretrained(
+            source, dtype=loaded.dtype, attn_implementation="eager"
+        )
+    except (OSError, ValueError) as exc:
+        raise FastPathUnavailable(f"could not load {source} as a plain model: {exc}") from exc
+    return hf.to(loaded.device).eval()
+
+
+def plain_bodies(grouped: dict[str, list[Any]], ctx: InjectionContext) -> dict[str, Body]:
+    """Each hook point's chain of compiled bodies, as one function of the activation."""
+    from meminject.engine import chain_parts
+
+    return {name: chain_parts(name, parts, ctx) for name, parts in grouped.items()}
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise BadInputError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+
+
+#: ``auto`` uses the plain model when every site verifies, else the bridge.
+BACKENDS = ("auto", "hf", "bridge")
+
+
+def select(
+    loaded: LoadedModel, hook_names: list[str], backend: str
+) -> tuple[PlainModel | None, str | None]:
+    """The plain model to generate with, or None and why the bridge is used instead."""
+    check_backend(backend)
+    if backend == "bridge":
+        return None, "asked for"
+    try:
+        plain = PlainModel.load(loaded)
+        for name in hook_names:
+            plain.site_map(name)
+    except FastPathUnavailable as exc:
+        if backend == "hf":
+            raise FastPathUnavailable(f"the hf backend cannot run this: {exc}") from exc
+        return None, str(exc)
+    return plain, None
