@@ -20,6 +20,7 @@ import click
 from meminject.cli_analysis import inspect, sweep
 from meminject.cli_options import model_options
 from meminject.errors import EXIT_RUNTIME, BadInputError, MeminjectError
+from meminject.fastpath import BACKENDS
 
 _DEBUG_ENV = "MEMINJECT_DEBUG"
 
@@ -130,7 +131,7 @@ def _load(
 @click.option("--no-kv-cache", is_flag=True, help="Recompute the whole sequence each step.")
 @click.option(
     "--backend",
-    type=click.Choice(["auto", "hf", "bridge"]),
+    type=click.Choice(BACKENDS),
     default="auto",
     show_default=True,
     help="hf: the plain Hugging Face model, hooked only at the memories' sites (faster; a "

@@ -47,8 +47,12 @@ _HOOK = re.compile(
     r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_attn_out"
     r"|hook_mlp_out|attn\.hook_z|mlp\.hook_post)$"
 )
-_RESIDUAL_WRITERS = {"hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out"}
-_RESIDUAL_WRITERS |= {"hook_mlp_out"}
+#: Sites whose processed value is centred over d_model in a LayerNorm model.
+_RESIDUAL_WRITERS = frozenset(
+    {"hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"}
+)
+#: ``auto`` uses the plain model when every site verifies, else the bridge.
+BACKENDS = ("auto", "hf", "bridge")
 
 #: A body in bridge coordinates, as the engine chains them for one hook point.
 Body = Callable[["Tensor"], "Tensor"]
@@ -361,10 +365,6 @@ def plain_bodies(grouped: dict[str, list[Any]], ctx: InjectionContext) -> dict[s
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise BadInputError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
-
-
-#: ``auto`` uses the plain model when every site verifies, else the bridge.
-BACKENDS = ("auto", "hf", "bridge")
 
 
 def select(
