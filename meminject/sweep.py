@@ -702,6 +702,13 @@ def run_sweep(
                 f"layer {layer} is out of range; the model has {dims.n_layers} layers "
                 f"(0-{dims.n_layers - 1})"
             )
+    if config.heads is not None and model.post_sublayer_norms:
+        raise BadInputError(
+            f"--heads is not supported on model '{model.name}': its blocks normalise the "
+            "attention output before adding it to the residual stream, so one head's "
+            "addition is not an attention-output addition and the sweep's shared cells "
+            "would compute something else (per-head memories in files still work)"
+        )
     for head in config.heads or ():
         if not 0 <= head < dims.n_heads:
             raise BadInputError(
