@@ -104,7 +104,7 @@ def _outside_option(f: Any) -> Any:
     type=click.FloatRange(0),
     help="0 is greedy decoding.",
 )
-@click.option("--seed", default=None, type=int, help="Seed for sampling.")
+@click.option("--seed", default=None, type=click.IntRange(0, 2**64 - 1), help="Seed for sampling.")
 @click.option(
     "--top-k",
     default=5,
@@ -176,7 +176,7 @@ def generate(
             "baseline": baseline.to_dict() if baseline else None,
             "injected": injected.to_dict() if injected else None,
         }
-        click.echo(json.dumps(payload, indent=2, ensure_ascii=False))
+        click.echo(json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False))
         return
     _print_generation(prompt, names, baseline, injected, top_k)
 
@@ -237,54 +237,61 @@ def _escape(text: str) -> str:
     type=int,
     help="Prompt position of the key (negative counts from the end).",
 )
+# Numbers are checked by meminject.learn (finite and above 0), not by click.FloatRange,
+# which lets inf and nan through, so that a bad value is one "Error:" line like any other.
 @click.option(
     "--alpha",
     default=None,
-    type=click.FloatRange(0, min_open=True),
-    help="Step size; default: the smallest that makes the target top-1.",
+    type=float,
+    help="Step size (finite, > 0); default: the smallest that makes the target top-1.",
 )
 @click.option(
     "--steps",
     default=1,
     show_default=True,
     type=click.IntRange(1),
-    help="Gradient steps of size alpha.",
+    help="Gradient steps of size alpha. Left at 1 and with no --alpha, 2 and then 3 steps "
+    "are tried when no step size works with one.",
 )
 @click.option("--teacher-force", is_flag=True, help="Fit all target tokens, not only the first.")
 @click.option(
     "--positive",
     "positive_file",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     default=None,
     help="Prompts (one per line) that must produce the target.",
 )
 @click.option(
     "--negative",
     "negative_file",
-    type=click.Path(dir_okay=False),
+    type=click.Path(),
     default=None,
     help="Prompts (one per line) that must not produce the target.",
 )
-@click.option("--hardness", default=3.0, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option(
+    "--hardness", default=3.0, show_default=True, type=float, help="Gate hardness (finite, > 0)."
+)
 @click.option(
     "--boundary",
     default=None,
-    type=click.FloatRange(0, min_open=True),
-    help="Use this boundary instead of searching (default 0.25 without examples).",
+    type=float,
+    help="Use this boundary (finite, > 0) instead of searching (default 0.25 without examples).",
 )
 @click.option("--grid", default=None, help="Boundaries to search, e.g. 0.05-2:0.05.")
 @click.option("--name", default=None, help="Memory name (default: from the target).")
 @click.option(
     "--out",
     required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     help="TOML file to write (tensors go beside it).",
 )
 @click.option("--append", is_flag=True, help="Add the memory to an existing file.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @click.option("--model", "model_name", default="toyworld", show_default=True)
-@model_options
+@model_options(memory_files=False)
+@click.pass_context
 def learn(
+    ctx: click.Context,
     prompt: str,
     target: str,
     layer: int,
@@ -308,16 +315,36 @@ def learn(
     coordinates: str | None,
     prepend_bos: bool | None,
 ) -> None:
-    """Learn a gated local memory that makes PROMPT continue with --target."""
+    """Learn a gated local memory that makes PROMPT continue with --target.
+
+    Every argument is checked before the model loads, and nothing is written unless
+    the whole memory (tensors and TOML) is good: a failure leaves the files as they were.
+    """
+    from click.core import ParameterSource
+
     from meminject import learn as learning
     from meminject.specs import parse_float_spec
 
-    if out.exists() and not (append or force):
-        raise BadInputError(f"{out} exists; pass --force to overwrite it or --append to add")
-    positives = learning.read_prompts(positive_file) if positive_file else []
-    negatives = learning.read_prompts(negative_file) if negative_file else []
-    boundaries = parse_float_spec(grid, "grid") if grid else learning.DEFAULT_GRID
+    # 1. Everything that needs no model, before the model loads.
+    name = learning.check_name(name, "--name") if name is not None else learning.slug(target)
+    if alpha is not None:
+        alpha = learning.check_positive(alpha, "--alpha")
+    hardness = learning.check_positive(hardness, "--hardness")
+    if boundary is not None:
+        boundary = learning.check_positive(boundary, "--boundary")
+    boundaries = learning.check_grid(
+        parse_float_spec(grid, "grid") if grid is not None else learning.DEFAULT_GRID
+    )
+    learning.check_output(out, name=name, append=append, force=force)
+    positives = learning.read_prompt_lines(positive_file) if positive_file is not None else []
+    negatives = learning.read_prompt_lines(negative_file) if negative_file is not None else []
+    # 2. What needs the model (its context, its fingerprint), before learning.
     model = load_cli_model(model_name, None, device, dtype, coordinates, prepend_bos)
+    fed_back = len(learning.target_tokens(model, target)) - 1 if teacher_force else 0
+    learning.check_fits(model, prompt, fed_back, where="PROMPT")
+    learning.check_prompts_fit(model, [*positives, *negatives])
+    learning.check_output(out, name=name, append=append, force=force, model=model)
+    auto_steps = alpha is None and ctx.get_parameter_source("steps") == ParameterSource.DEFAULT
     learned = learning.learn(
         model,
         prompt,
@@ -327,16 +354,24 @@ def learn(
         position=position,
         alpha=alpha,
         steps=steps,
+        max_steps=max(steps, learning.AUTO_MAX_STEPS) if auto_steps else None,
         teacher_force=teacher_force,
     )
+    used = learned.steps
+    note = f"; {steps} step{'s' * (steps > 1)} did not reach top-1" if used != steps else ""
     click.echo(
-        f"alpha = {learned.alpha:.6g} ({steps} step{'s' * (steps > 1)}); p(target) "
+        f"alpha = {learned.alpha:.6g} ({used} step{'s' * (used > 1)}{note}); p(target) "
         f"{learned.prob_before:.4f} -> {learned.prob_after:.4f} at the key's position"
     )
     choice = None
     if boundary is None and (positives or negatives):
         choice = learning.search_boundary(
-            model, learned, positives, negatives, hardness=hardness, grid=boundaries
+            model,
+            learned,
+            [p.text for p in positives],
+            [p.text for p in negatives],
+            hardness=hardness,
+            grid=boundaries,
         )
         _print_boundary_table(choice)
         boundary = choice.boundary
@@ -346,7 +381,7 @@ def learn(
         out,
         learned,
         model,
-        name=name or learning.slug(target),
+        name=name,
         boundary=boundary,
         hardness=hardness,
         append=append,
@@ -384,18 +419,27 @@ def _print_boundary_table(choice: Any) -> None:
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path())
+# Plain strings, not click.Path: click stats a Path argument itself and lets a NUL byte's
+# ValueError escape; the loader reports every bad name as a one-line error instead.
+@click.argument("paths", nargs=-1, required=True, type=str, metavar="PATHS...")
 @click.option(
     "--model",
     "model_name",
     default=None,
     help="Also check ranges and widths against this model (loads it).",
 )
+@click.option(
+    "--all-problems",
+    is_flag=True,
+    help="List every schema problem of every file, one line each, instead of the first "
+    "(checks against --model still stop at the first).",
+)
 @model_options
 @_outside_option
 def validate(
     paths: Sequence[str],
     model_name: str | None,
+    all_problems: bool,
     device: str | None,
     dtype: str | None,
     coordinates: str | None,
@@ -403,8 +447,15 @@ def validate(
     allow_outside_paths: bool,
 ) -> None:
     """Check memory files and directories (schema only unless --model is given)."""
-    from meminject.memfile import load_memory_set
+    from meminject.errors import EXIT_BAD_INPUT
+    from meminject.memfile import load_memory_set, memory_set_problems
 
+    if all_problems:
+        problems = memory_set_problems(paths)
+        if problems:
+            for problem in problems:
+                click.echo(f"Error: {problem}", err=True)
+            click.get_current_context().exit(EXIT_BAD_INPUT)
     memory_set = load_memory_set(paths)
     checked = "schema"
     if model_name is not None:
@@ -548,11 +599,24 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         get_registry().add_commands(cli)
     except MeminjectError as exc:
-        if "--debug" in (argv if argv is not None else sys.argv):
+        if "--debug" in options:
             raise
         click.echo(f"Error: {exc}", err=True)
         sys.exit(exc.exit_code)
-    cli.main(args=list(argv) if argv is not None else None, prog_name="meminject")
+    cli.main(args=_global_flags_first(args), prog_name="meminject")
+
+
+#: Flags of the group that users also put after the command name.
+_GLOBAL_FLAGS = ("--debug", "--no-plugins")
+
+
+def _global_flags_first(args: list[str]) -> list[str]:
+    """``meminject generate … --debug`` means ``meminject --debug generate …``: move the
+    group's flags in front (before ``--`` only, where they cannot be a prompt)."""
+    cut = args.index("--") if "--" in args else len(args)
+    head, tail = args[:cut], args[cut:]
+    moved = [a for a in head if a in _GLOBAL_FLAGS]
+    return [*dict.fromkeys(moved), *(a for a in head if a not in _GLOBAL_FLAGS), *tail]
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -21,7 +21,7 @@ from meminject.cli_options import load_cli_model, model_options
 
 
 def _model_options(f: Any) -> Any:
-    f = model_options(f)
+    f = model_options(f, memory_files=False)
     return click.option(
         "--model",
         "model_name",
@@ -353,7 +353,7 @@ def inspect(
     if plot is not None:
         plot_ranks(report, plot, force=force)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False, allow_nan=False))
         return
     _print_lens(report, plot)
 

@@ -7,31 +7,62 @@ from typing import Any
 import click
 
 
-def model_options(f: Any) -> Any:
-    """--device, --dtype, --coordinates and --prepend-bos, as every model-loading command
-    takes them."""
-    f = click.option(
-        "--prepend-bos/--no-prepend-bos",
-        "prepend_bos",
-        default=None,
-        help="Put the BOS token before prompts (default: the memory files' [model], else "
-        "the model source's convention; TransformerLens's 'prepend' for other models).",
-    )(f)
-    f = click.option(
-        "--coordinates",
-        type=click.Choice(["processed", "raw"]),
-        default=None,
-        help="Weight coordinates: processed (the paper's HookedTransformer: LayerNorm folded, "
-        "weights centred) or raw (default: the memory files' [model], else processed).",
-    )(f)
-    f = click.option(
-        "--dtype",
-        type=click.Choice(["float32", "float16", "bfloat16"]),
-        default=None,
-        help="Model dtype (default float32).",
-    )(f)
-    f = click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: auto).")(f)
-    return f
+def _to_meta(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    # Options every model-loading command shares but whose bodies never read: kept in
+    # the context for load_cli_model, so commands need no parameter for them.
+    ctx.meta[f"meminject_{param.name}"] = value
+
+
+def model_options(f: Any = None, *, memory_files: bool = True) -> Any:
+    """--device, --dtype, --coordinates, --prepend-bos, --threads and
+    --allow-pickle-weights, as every model-loading command takes them. ``memory_files``:
+    whether the command reads memory files, whose ``[model]`` table gives defaults."""
+    files = "the memory files' [model], else " if memory_files else ""
+
+    def decorate(f: Any) -> Any:
+        f = click.option(
+            "--allow-pickle-weights",
+            "allow_pickle_weights",
+            is_flag=True,
+            expose_value=False,
+            callback=_to_meta,
+            help="Load a model directory whose weights are pickles (pytorch_model.bin); "
+            "refused by default, since unpickling can run code.",
+        )(f)
+        f = click.option(
+            "--threads",
+            "threads",
+            type=click.IntRange(1, 1024),
+            default=None,
+            expose_value=False,
+            callback=_to_meta,
+            help="CPU threads for torch (default: torch's, one per core). On a shared "
+            "machine fewer threads are often much faster.",
+        )(f)
+        f = click.option(
+            "--prepend-bos/--no-prepend-bos",
+            "prepend_bos",
+            default=None,
+            help=f"Put the BOS token before prompts (default: {files}the model source's "
+            "convention; TransformerLens's 'prepend' for other models).",
+        )(f)
+        f = click.option(
+            "--coordinates",
+            type=click.Choice(["processed", "raw"]),
+            default=None,
+            help="Weight coordinates: processed (the paper's HookedTransformer: LayerNorm "
+            f"folded, weights centred) or raw (default: {files}processed).",
+        )(f)
+        f = click.option(
+            "--dtype",
+            type=click.Choice(["float32", "float16", "bfloat16"]),
+            default=None,
+            help="Model dtype (default float32).",
+        )(f)
+        f = click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: auto).")(f)
+        return f
+
+    return decorate(f) if f is not None else decorate
 
 
 def load_cli_model(
@@ -51,4 +82,17 @@ def load_cli_model(
     coords = coordinates or (info.coordinates if info and info.coordinates else "processed")
     if prepend_bos is None and info is not None:
         prepend_bos = info.prepend_bos
-    return load_model(name, device=device, dtype=dtype, coordinates=coords, prepend_bos=prepend_bos)
+    meta = click.get_current_context().meta
+    threads = meta.get("meminject_threads")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    return load_model(
+        name,
+        device=device,
+        dtype=dtype,
+        coordinates=coords,
+        prepend_bos=prepend_bos,
+        allow_pickle_weights=bool(meta.get("meminject_allow_pickle_weights", False)),
+    )

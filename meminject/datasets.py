@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,17 +96,30 @@ def load_csv(
     if path is None:
         raise BadInputError("the csv dataset needs a path: meminject sweep FILE.csv …")
     path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{path}: no such dataset file")
-    if path.stat().st_size > MAX_CSV_BYTES:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: no such dataset file") from None
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{path}: cannot read the dataset: {_reason(exc)}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise BadInputError(f"{path}: not a regular file, so not a dataset file")
+    if info.st_size > MAX_CSV_BYTES:
         raise BadInputError(f"{path}: larger than {MAX_CSV_BYTES >> 20} MiB; refusing to read it")
     if limit is not None and limit < 0:
         raise BadInputError("limit must be >= 0")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # utf-8-sig: spreadsheet exports add a BOM
+        with path.open("rb") as handle:  # no more than the limit, whatever stat said
+            raw = handle.read(MAX_CSV_BYTES + 1)
+    except (OSError, ValueError) as exc:
+        raise BadInputError(f"{path}: cannot read the dataset: {_reason(exc)}") from None
+    if len(raw) > MAX_CSV_BYTES:
+        raise BadInputError(f"{path}: larger than {MAX_CSV_BYTES >> 20} MiB; refusing to read it")
+    try:
+        text = raw.decode("utf-8-sig")  # utf-8-sig: spreadsheet exports add a BOM
     except UnicodeDecodeError as exc:
         raise BadInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    reader = csv.reader(io.StringIO(text, newline=""))
+    reader = _Records(path, text)
     try:
         header = [h.strip() for h in next(reader)]
     except StopIteration:
@@ -150,6 +164,47 @@ def load_csv(
             )
         )
     return rows
+
+
+class _Records:
+    """``csv.reader`` rows whose errors name the file, the line and the row.
+
+    Fields are limited to ``csv.field_size_limit()`` characters, 131072 by default. The
+    limit is left as it is (it is process-wide): a prompt, memory or answer that long is
+    far beyond any model's context, so a longer field is refused, as one error naming
+    the file and row, not the csv module's bare ``field larger than field limit``."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path = path
+        self._reader = csv.reader(io.StringIO(text, newline=""))
+        self.rows = 0  # records returned so far, the header included
+
+    @property
+    def line_num(self) -> int:
+        return self._reader.line_num
+
+    def __iter__(self) -> _Records:
+        return self
+
+    def __next__(self) -> list[str]:
+        try:
+            record = next(self._reader)
+        except csv.Error as exc:
+            row = "the header" if self.rows == 0 else f"data row {self.rows}"
+            limit = csv.field_size_limit()
+            if "field larger than field limit" in str(exc):
+                reason = f"a field is longer than {limit} characters, the most a field may hold"
+            else:
+                reason = f"malformed CSV ({exc})"
+            raise BadInputError(f"{self.path}:{self._reader.line_num}: {row}: {reason}") from None
+        self.rows += 1
+        return record
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        return exc.strerror or type(exc).__name__
+    return str(exc)
 
 
 def load_toyworld(path: str | Path | None = None, **options: Any) -> list[PromptRow]:

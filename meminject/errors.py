@@ -4,10 +4,17 @@ Every error a user can cause is a :class:`MeminjectError`; the CLI prints its
 one-line message and exits with its ``exit_code`` instead of a traceback. Keeping
 the location (file, memory, field, line) as data rather than baked into prose lets
 tests assert on it and lets the CLI format it the same way everywhere.
+
+Whatever a file name, a key or a value holds, an error's text is one line: every
+control character (C0, DEL, C1, the Unicode line and paragraph separators, the
+bidirectional overrides) is written as an escape (``\\n``, ``\\x1b``, ``\\u2028``), so
+an error can neither span lines nor forge another line or recolour the terminal. Values
+echoed back are bounded (:func:`echo`, :func:`shorten`), and so is the whole line.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +22,61 @@ EXIT_OK = 0
 EXIT_RUNTIME = 1
 EXIT_BAD_INPUT = 2
 
+#: Longest value (or name) echoed back in an error, in characters.
+MAX_ECHO = 200
+#: Longest file name shown in an error location, in characters.
+MAX_ECHO_FILE = 1000
+#: Longest error line, in characters; longer ones are cut in the middle.
+MAX_LINE = 4000
+
+# C0 and C1 controls, DEL, NEL, line/paragraph separators, bidi embeddings, overrides and
+# isolates (U+202A–U+202E, U+2066–U+2069), the zero-width/bidi marks U+200B–U+200F, and
+# the BOM: anything that can end a line, move the cursor or reorder what is shown.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069\ufeff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _NAMED:
+        return _NAMED[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def one_line(text: str) -> str:
+    """``text`` with every control or line-breaking character escaped, and bounded."""
+    text = _UNSAFE.sub(_escape, text)
+    if len(text) > MAX_LINE:
+        keep = (MAX_LINE - 40) // 2  # room for the marker: the result fits, so this is stable
+        text = f"{text[:keep]}…[{len(text) - 2 * keep} characters cut]…{text[-keep:]}"
+    return text
+
+
+def shorten(text: str, limit: int = MAX_ECHO) -> str:
+    """``text`` cut to ``limit`` characters, with an ellipsis and the original length."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
+
+
+def echo(value: object, limit: int = MAX_ECHO) -> str:
+    """``repr(value)`` for an error message, at most about ``limit`` characters."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}… ({len(value)} characters)"
+    text = repr(value)
+    if len(text) > limit:
+        return f"{text[:limit]}… ({len(text)} characters)"
+    return text
+
 
 class MeminjectError(Exception):
-    """Base class; ``exit_code`` is what the CLI exits with."""
+    """Base class; ``exit_code`` is what the CLI exits with. Its text is always one line."""
 
     exit_code = EXIT_RUNTIME
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class BadInputError(MeminjectError):
@@ -40,11 +97,12 @@ class Location:
     def render(self) -> str:
         parts: list[str] = []
         if self.file is not None:
-            parts.append(f"{self.file}:{self.line}" if self.line else str(self.file))
+            file = shorten(str(self.file), MAX_ECHO_FILE)
+            parts.append(f"{file}:{self.line}" if self.line else file)
         if self.memory is not None:
-            parts.append(f"memory {self.memory}")
+            parts.append(f"memory {shorten(self.memory)}")
         if self.field is not None:
-            parts.append(f"field '{self.field}'")
+            parts.append(f"field '{shorten(self.field)}'")
         return ": ".join(parts)
 
 
@@ -57,7 +115,7 @@ class MemoryFileError(BadInputError):
         where = self.location.render()
         text = f"{where}: {message}" if where else message
         # One line, whatever a file name or a value smuggles in.
-        super().__init__(text.replace("\r", "\\r").replace("\n", "\\n"))
+        super().__init__(one_line(text))
 
 
 class ModelLoadError(BadInputError):

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meminject.engine import MemoriesArg, as_compiled, group_by_hook, inject
-from meminject.errors import BadInputError
+from meminject.errors import BadInputError, InjectionError
 from meminject.extension import InjectionContext
 
 if TYPE_CHECKING:
@@ -67,8 +67,44 @@ def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator |
 
     if temperature <= 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    # Shift by the maximum before dividing: with a tiny temperature the quotient of the
+    # raw logits overflows to inf and the softmax to NaN; shifted, the best token is 0
+    # and every other one tends to −inf, which is the greedy limit it should be.
+    shifted = logits.double() - logits.double().max()
+    probs = torch.softmax(shifted / temperature, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator).item())
+
+
+MAX_SEED = 2**64 - 1
+
+
+def check_options(
+    model: LoadedModel,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    seed: int | None,
+    top_k: int,
+) -> None:
+    """Refuse what would otherwise fail deep inside torch or the tokenizer."""
+    import math
+
+    if max_new_tokens < 0:
+        raise BadInputError("max_new_tokens must be >= 0")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise BadInputError(f"temperature must be a finite number >= 0, not {temperature}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise BadInputError(f"seed must be between 0 and 2**64 - 1, not {seed}")
+    vocab = model.dims.d_vocab
+    if not 0 <= top_k <= vocab:
+        raise BadInputError(f"top_k must be between 0 and the vocabulary size {vocab}, not {top_k}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadInputError(
+            f"the prompt is not valid UTF-8 (byte {exc.object[exc.start]!r} at character "
+            f"{exc.start})"
+        ) from exc
 
 
 def generate(
@@ -99,10 +135,7 @@ def generate(
     from meminject import fastpath
 
     fastpath.check_backend(backend)
-    if max_new_tokens < 0:
-        raise BadInputError("max_new_tokens must be >= 0")
-    if temperature < 0:
-        raise BadInputError("temperature must be >= 0")
+    check_options(model, prompt, max_new_tokens, temperature, seed, top_k)
     tokens = model.to_tokens(prompt)
     prompt_len = tokens.shape[1]
     ctx = InjectionContext(prompt_len=prompt_len)
@@ -138,6 +171,11 @@ def generate(
             else:
                 logits = bridge(sequence, return_type="logits")
             last = logits[0, -1]
+            if not bool(torch.isfinite(last).all()):
+                raise InjectionError(
+                    f"the model's next-token scores became non-finite at step {step + 1}; "
+                    "a memory's vector is probably too large for the model's dtype"
+                )
             if step == 0 and top_k:
                 top = top_tokens(model, last, top_k)
             if step >= max_new_tokens:

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meminject.engine import bridge_fwd_hooks
-from meminject.errors import BadInputError
-from meminject.schema import SITE_HOOKS
+from meminject.errors import BadInputError, Location, MeminjectError, MemoryFileError, echo
+from meminject.memfile import FS_ERRORS, fs_reason
+from meminject.schema import NAME_PATTERN, SITE_HOOKS, MemoryBase
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -34,6 +38,126 @@ if TYPE_CHECKING:
 LEARN_SITES = ("attn_z", "attn_out", "mlp_post", "mlp_out", "resid_pre", "resid_mid", "resid_post")
 DEFAULT_GRID = tuple(round(0.05 * i, 4) for i in range(1, 41))  # 0.05 … 2.0
 DEFAULT_HARDNESS = 3.0
+#: With the default ``--steps`` (1), the α search also tries 2 and then 3 steps before it
+#: gives up (one step is often not enough; several smaller steps follow the loss further).
+AUTO_MAX_STEPS = 3
+#: Largest ``--positive``/``--negative`` file read, in bytes (as for memory files).
+MAX_PROMPT_FILE_BYTES = 1 << 20
+#: The longest memory name the schema accepts.
+NAME_MAX_LENGTH = next(
+    int(m.max_length)
+    for m in MemoryBase.model_fields["name"].metadata
+    if getattr(m, "max_length", None) is not None
+)
+
+
+# --- checks that need no model -----------------------------------------------------------
+
+
+def check_name(name: str, what: str = "the memory name") -> str:
+    """``name`` if the schema accepts it as a memory name (it also names the tensor file, so
+    this is what keeps that file inside the output folder), else a BadInputError."""
+    if (
+        not isinstance(name, str)
+        or len(name) > NAME_MAX_LENGTH
+        or re.fullmatch(NAME_PATTERN, name) is None
+    ):
+        raise BadInputError(
+            f"{what} {echo(name)} is not a valid memory name: use letters, digits, '.', '_' and "
+            f"'-', starting with a letter or digit, at most {NAME_MAX_LENGTH} characters"
+        )
+    return name
+
+
+def check_positive(value: float, what: str) -> float:
+    """``value`` as a float if it is a finite number above 0, else a BadInputError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadInputError(f"{what} must be a number, got {echo(value)}")
+    if not math.isfinite(value) or not value > 0:
+        raise BadInputError(f"{what} must be a finite number above 0, got {value!r}")
+    return float(value)
+
+
+def check_output(
+    out: Path | str,
+    *,
+    name: str,
+    append: bool = False,
+    force: bool = False,
+    model: LoadedModel | None = None,
+) -> Path:
+    """Everything about the output that can be checked before anything is learned or
+    written: a ``.toml`` path, a regular file or none, a folder that can be written in,
+    ``--force``/``--append`` rules and, for ``--append``, an existing file that is valid,
+    does not hold ``name`` yet and can take one more ``[[memory]]`` table (with ``model``:
+    one made for the same model)."""
+    out = Path(out)
+    if out.suffix != ".toml":
+        raise BadInputError(f"{out}: the output must be a .toml file")
+    if append and force:
+        raise BadInputError("pass --append or --force, not both")
+    try:
+        info: os.stat_result | None = out.stat()
+    except FileNotFoundError:
+        info = None
+    except FS_ERRORS as exc:
+        raise BadInputError(f"{out}: cannot write the output here: {fs_reason(exc)}") from None
+    if info is None:
+        folder = _nearest_existing(out.parent)
+        if not folder.is_dir():
+            raise BadInputError(f"{out}: {folder} is not a directory")
+    else:
+        if not stat.S_ISREG(info.st_mode):
+            raise BadInputError(f"{out}: not a regular file ({_kind(info.st_mode)})")
+        if not (append or force):
+            raise BadInputError(f"{out} exists; pass --force to overwrite it or --append to add")
+        folder = out.parent
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise BadInputError(f"{out}: cannot create files in {folder} (permission denied)")
+    if info is not None and append:
+        _check_appendable(out, name, model)
+    return out
+
+
+def _check_appendable(out: Path, name: str, model: LoadedModel | None) -> None:
+    from meminject.memfile import read_memory_file, tomllib
+
+    old = read_memory_file(out)  # errors name the file, line, memory and field
+    if name in {e.name for e in old.entries}:
+        raise BadInputError(f"{out} already has a memory named '{name}'")
+    source = old.entries[0].source if old.entries else out.read_text(encoding="utf-8")
+    if "memory" in tomllib.loads(source) and not _HEADER.search(source):
+        raise BadInputError(
+            f"{out}: its memories are an inline array (memory = [...]), which a [[memory]] "
+            "table cannot extend; rewrite them as [[memory]] tables or write to another file"
+        )
+    if model is not None and old.model is not None:
+        fingerprint = old.model.fingerprint
+        if fingerprint is not None and fingerprint != model.fingerprint():
+            raise BadInputError(
+                f"{out} holds memories for another model (fingerprint {fingerprint})"
+            )
+
+
+_HEADER = re.compile(r"^[ \t]*\[\[[ \t]*memory[ \t]*\]\]", re.MULTILINE)
+
+
+def _nearest_existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a file"
 
 
 @dataclass(frozen=True)
@@ -79,6 +203,27 @@ def target_tokens(model: LoadedModel, target: str) -> list[int]:
     return ids
 
 
+def check_fits(model: LoadedModel, prompt: str, extra: int = 0, where: str = "") -> int:
+    """The prompt's length in tokens (BOS included) if it, plus ``extra`` target tokens fed
+    back by teacher forcing, fits the model's context; else a BadInputError (``where``
+    says which file and line the prompt came from)."""
+    n_ctx = model.dims.n_ctx
+    length = len(model.tokenize(prompt))
+    prefix = f"{where}: " if where else ""
+    if length > n_ctx:
+        raise BadInputError(
+            f"{prefix}the prompt is {length} tokens, longer than the model's context of "
+            f"{n_ctx} tokens"
+        )
+    if length + extra > n_ctx:
+        raise BadInputError(
+            f"{prefix}the prompt ({length} tokens) and the {extra} target tokens that "
+            f"--teacher-force feeds back are {length + extra} tokens, longer than the model's "
+            f"context of {n_ctx} tokens"
+        )
+    return length
+
+
 class _Objective:
     """Cross-entropy of the target as a function of the delta added at one activation."""
 
@@ -101,6 +246,8 @@ class _Objective:
                 f"layer {layer} is out of range; the model has {model.dims.n_layers} layers"
             )
         self.model = model
+        used = target_ids if teacher_force else target_ids[:1]
+        check_fits(model, prompt, len(used) - 1)
         prompt_tokens = model.to_tokens(prompt)
         prompt_len = prompt_tokens.shape[1]
         absolute = position + prompt_len if position < 0 else position
@@ -108,14 +255,12 @@ class _Objective:
             raise BadInputError(f"position {position} is outside the prompt of {prompt_len} tokens")
         self.position = absolute
         self.prompt_len = prompt_len
-        used = target_ids if teacher_force else target_ids[:1]
         extra = torch.tensor([used[:-1]], dtype=torch.long, device=model.device)
         self.tokens = torch.cat([prompt_tokens, extra], dim=1)
-        if self.tokens.shape[1] > model.dims.n_ctx:
-            raise BadInputError("the prompt and target are longer than the model's context")
         self.targets = torch.tensor(used, dtype=torch.long, device=model.device)
         self.rows = torch.arange(prompt_len - 1, prompt_len - 1 + len(used), device=model.device)
         self.hook_name = SITE_HOOKS[site].format(layer=layer)
+        self.where = f"site '{site}' of layer {layer}"
         self.shape = model.site_shape(site)
         self.key: Tensor | None = None
 
@@ -179,22 +324,43 @@ def learn(
     position: int = -1,
     alpha: float | None = None,
     steps: int = 1,
+    max_steps: int | None = None,
     teacher_force: bool = False,
     max_doublings: int = 40,
     bisections: int = 10,
 ) -> LearnedMemory:
-    """Learn the key and delta that make ``prompt`` continue with ``target``."""
-    if steps < 1:
-        raise BadInputError("steps must be at least 1")
-    if alpha is not None and not alpha > 0:
-        raise BadInputError("alpha must be positive")
+    """Learn the key and delta that make ``prompt`` continue with ``target``.
+
+    Without ``alpha``, the smallest α that makes the target top-1 in ``steps`` steps is
+    searched; if none exists and ``max_steps`` is larger, ``steps + 1`` … ``max_steps``
+    steps are tried in turn (``LearnedMemory.steps`` says how many were used). The key and
+    the delta are checked to be finite, also in the model's dtype."""
+    steps = _check_steps(steps, "steps")
+    last = steps if max_steps is None else _check_steps(max_steps, "max_steps")
+    if last < steps:
+        raise BadInputError(f"max_steps ({last}) must be at least steps ({steps})")
+    if alpha is not None:
+        alpha = check_positive(alpha, "alpha")
     ids = target_tokens(model, target)
     objective = _Objective(model, prompt, ids, layer, site, position, teacher_force)
     prob_before = objective.first_prob(None)
+    hint = "use a smaller --alpha"
     if alpha is None:
-        alpha = _smallest_alpha(objective, steps, max_doublings, bisections)
-    delta = _descend(objective, alpha, steps)
+        alpha, steps = _search_alpha(objective, steps, last, max_doublings, bisections)
+        hint = "try another --layer or --site"
+    found = _descend(objective, alpha, steps)
     assert objective.key is not None
+    key = objective.key.float().cpu()
+    delta = found.float().cpu()
+    check_finite(
+        key,
+        f"key (the activation at {objective.where})",
+        model.dtype,
+        "the model's activations overflow there; try --dtype float32 or another --layer",
+    )
+    check_finite(
+        delta, f"delta (alpha = {alpha:.6g}, {steps} step{'s' * (steps > 1)})", model.dtype, hint
+    )
     return LearnedMemory(
         prompt=prompt,
         target=target,
@@ -202,13 +368,58 @@ def learn(
         layer=layer,
         site=site,
         position=objective.position,
-        key=objective.key.float().cpu(),
-        delta=delta.cpu(),
+        key=key,
+        delta=delta,
         alpha=alpha,
         steps=steps,
         teacher_force=teacher_force,
         prob_before=prob_before,
-        prob_after=objective.first_prob(delta),
+        prob_after=objective.first_prob(found),
+    )
+
+
+def _check_steps(steps: int, what: str) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise BadInputError(f"{what} must be a whole number of at least 1, got {echo(steps)}")
+    return steps
+
+
+def check_finite(tensor: Tensor, what: str, dtype: Any = None, hint: str = "") -> None:
+    """A BadInputError unless every entry of ``tensor`` is finite, as it is and cast to
+    ``dtype`` (the dtype the memory is added in at inference)."""
+    import torch
+
+    tail = f"; {hint}" if hint else ""
+    if not bool(torch.isfinite(tensor).all()):
+        raise BadInputError(f"the learned {what} is not finite (inf or nan){tail}")
+    if dtype is not None and not bool(torch.isfinite(tensor.to(dtype)).all()):
+        largest = float(tensor.abs().max())
+        name = str(dtype).removeprefix("torch.")
+        raise BadInputError(
+            f"the learned {what} overflows {name} (largest entry {largest:.3g}){tail}"
+        )
+
+
+class _NoStepSize(Exception):
+    def __init__(self, high: float) -> None:
+        self.high = high
+
+
+def _search_alpha(
+    objective: _Objective, first: int, last: int, max_doublings: int, bisections: int
+) -> tuple[float, int]:
+    """The smallest α for the fewest steps from ``first`` to ``last`` that reaches top-1."""
+    high = 0.0
+    for steps in range(first, last + 1):
+        try:
+            return _smallest_alpha(objective, steps, max_doublings, bisections), steps
+        except _NoStepSize as exc:
+            high = max(high, exc.high)
+    tried = f"{first} step{'s' * (first > 1)}" if first == last else f"{first} to {last} steps"
+    raise BadInputError(
+        f"no step size up to {high:.3g} makes the target top-1 with {tried} at "
+        f"{objective.where}; try more --steps (e.g. --steps {2 * last}), another --layer or "
+        "another --site"
     )
 
 
@@ -216,13 +427,25 @@ def _smallest_alpha(
     objective: _Objective, steps: int, max_doublings: int, bisections: int
 ) -> float:
     """Smallest α (to bisection precision) whose descent makes the target top-1."""
+    import torch
+
     loss, grad = objective.loss_and_grad(_zero(objective))
     norm_sq = float((grad.float() ** 2).sum())
+    if not (math.isfinite(loss) and math.isfinite(norm_sq)):
+        raise BadInputError(
+            f"the loss or its gradient at {objective.where} is not finite; the model's "
+            "activations overflow here (try --dtype float32 or another --layer)"
+        )
     if norm_sq == 0.0:
-        raise BadInputError("the loss does not depend on this activation (zero gradient)")
+        raise BadInputError(
+            f"the loss does not depend on the activation at {objective.where} (zero "
+            "gradient); try another --layer, --site or --position"
+        )
 
     def works(alpha: float) -> bool:
-        return objective.is_top1(_descend(objective, alpha, steps))
+        delta = _descend(objective, alpha, steps)
+        # A step so large that the delta overflows never counts as reaching top-1.
+        return bool(torch.isfinite(delta).all()) and objective.is_top1(delta)
 
     # Start where a linearised loss would reach zero (α = loss/‖g‖²), then walk by
     # factors of two until the answer flips, then bisect the bracket.
@@ -241,9 +464,7 @@ def _smallest_alpha(
                 break
             low, high = high, high * 2
         else:
-            raise BadInputError(
-                f"no step size up to {high:.3g} makes the target top-1 at this site and layer"
-            )
+            raise _NoStepSize(high)
     for _ in range(bisections):
         middle = (low + high) / 2
         if works(middle):
@@ -279,19 +500,83 @@ class BoundaryChoice:
     n_negatives: int = 0
 
 
-def read_prompts(path: Path | str) -> list[str]:
-    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+@dataclass(frozen=True)
+class PromptLine:
+    """One prompt of a ``--positive``/``--negative`` file and where it was written."""
+
+    text: str
+    path: Path
+    line: int  # 1-based
+
+    @property
+    def where(self) -> str:
+        return f"{self.path}:{self.line}"
+
+
+def read_prompt_lines(path: Path | str) -> list[PromptLine]:
+    """One prompt per line (lines end at ``\\n``); blank lines and lines starting with '#'
+    are skipped. Only a regular file of at most :data:`MAX_PROMPT_FILE_BYTES` is read: a
+    FIFO, a device or a directory is refused before it is opened (reading a FIFO would
+    block), and checked again on the open file, so a swap in between is caught too."""
     path = Path(path)
+    raw = _read_regular(path, MAX_PROMPT_FILE_BYTES, "prompt files")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise BadInputError(f"{path}: cannot read: {exc}") from None
-    prompts = [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    prompts = [
+        PromptLine(line.strip(), path, number)
+        for number, line in enumerate(text.split("\n"), start=1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     if not prompts:
         raise BadInputError(f"{path}: holds no prompts")
     return prompts
+
+
+def read_prompts(path: Path | str) -> list[str]:
+    """The prompts of :func:`read_prompt_lines`, as strings."""
+    return [p.text for p in read_prompt_lines(path)]
+
+
+def _read_regular(path: Path, limit: int, what: str) -> bytes:
+    try:
+        info = path.stat()
+    except FS_ERRORS as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise BadInputError(f"{path}: no such file") from None
+        raise BadInputError(f"{path}: cannot read: {fs_reason(exc)}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise BadInputError(f"{path}: not a regular file ({_kind(info.st_mode)})")
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FS_ERRORS as exc:
+        raise BadInputError(f"{path}: cannot read: {fs_reason(exc)}") from None
+    try:
+        opened = os.fstat(fd)
+        if not stat.S_ISREG(opened.st_mode):
+            raise BadInputError(f"{path}: not a regular file ({_kind(opened.st_mode)})")
+        if opened.st_size > limit:
+            raise BadInputError(
+                f"{path}: file is {opened.st_size} bytes, over the {limit}-byte limit for {what}"
+            )
+        with os.fdopen(os.dup(fd), "rb") as handle:  # no more than the limit, whatever stat said
+            raw = handle.read(limit + 1)
+    except OSError as exc:
+        raise BadInputError(f"{path}: cannot read: {fs_reason(exc)}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > limit:
+        raise BadInputError(f"{path}: file is over the {limit}-byte limit for {what}")
+    return raw
+
+
+def check_prompts_fit(model: LoadedModel, prompts: Sequence[PromptLine]) -> None:
+    """A BadInputError naming the file and line of the first prompt longer than the model's
+    context (the boundary search runs each prompt whole)."""
+    for prompt in prompts:
+        check_fits(model, prompt.text, where=prompt.where)
 
 
 def gated_top1(
@@ -325,6 +610,12 @@ def gated_top1(
     # Right padding is exact for a causal model with absolute positions: real tokens
     # never attend to the pads after them, so one batch replaces one forward per prompt.
     rows = [model.tokenize(p) for p in prompts]
+    n_ctx = model.dims.n_ctx
+    for i, row in enumerate(rows):
+        if not 0 < len(row) <= n_ctx:
+            raise BadInputError(
+                f"prompt #{i + 1} is {len(row)} tokens; the model reads 1 to {n_ctx} tokens"
+            )
     lengths = torch.tensor([len(r) for r in rows], device=device)
     pad = int(model.tokenizer.eos_token_id or 0)
     batch = torch.full((len(rows), int(lengths.max())), pad, dtype=torch.long, device=device)
@@ -350,9 +641,11 @@ def search_boundary(
     centre of the widest run of best boundaries."""
     if not positives and not negatives:
         raise BadInputError("boundary search needs positive or negative prompts")
-    grid = sorted(set(grid))
-    if not grid or grid[0] <= 0:
-        raise BadInputError("boundaries must be positive")
+    grid = check_grid(grid)
+    hardness = check_positive(hardness, "hardness")
+    for kind, prompts in (("positive", positives), ("negative", negatives)):
+        for i, prompt in enumerate(prompts):
+            check_fits(model, prompt, where=f"{kind} prompt #{i + 1}")
     target = learned.target_ids[0]
     table = []
     for b in grid:
@@ -362,6 +655,15 @@ def search_boundary(
         table.append(BoundaryRow(b, pos_ok, neg_ok, (pos_ok + neg_ok) / len(top)))
     centre, best = choose_boundary(table)
     return BoundaryChoice(centre, best, table, len(positives), len(negatives))
+
+
+def check_grid(grid: Sequence[float]) -> list[float]:
+    """The grid sorted and without repeats, if it is not empty and every boundary is a
+    finite number above 0."""
+    values = sorted({check_positive(b, "every boundary of the grid") for b in grid})
+    if not values:
+        raise BadInputError("the boundary grid is empty")
+    return values
 
 
 def choose_boundary(table: Sequence[BoundaryRow]) -> tuple[float, float]:
@@ -416,44 +718,45 @@ def write_learned(
 ) -> tuple[Path, Path]:
     """Write the tensors, then the TOML, each atomically; returns both paths.
 
+    Everything is checked before the first byte is written: the name, boundary and
+    hardness, the output (:func:`check_output`), the tensors (finite, also in the model's
+    dtype) and the new TOML text itself, validated in a private temporary folder. If a
+    write still fails, what was written is removed again (the tensor file, folders made
+    for the output), so a failure leaves the file system as it was.
+
     The tensor file's name carries a hash of its contents, so it never overwrites a
     file that an existing TOML points at: a crash between the two writes leaves the old
     pair intact plus an unreferenced tensor file, never a mismatched pair.
     """
     from safetensors.torch import save
 
-    from meminject.atomic import write_bytes_atomic, write_text_atomic
-    from meminject.memfile import load_memory_set, read_memory_file
-
-    out = Path(out)
-    if out.suffix != ".toml":
-        raise BadInputError(f"{out}: the output must be a .toml file")
+    check_name(name)
+    boundary = check_positive(boundary, "boundary")
+    hardness = check_positive(hardness, "hardness")
+    out = check_output(out, name=name, append=append, force=force, model=model)
     exists = out.exists()
-    if exists and not append and not force:
-        raise BadInputError(f"{out} exists; pass --force to overwrite it or --append to add")
+    # The tensors as saved: float32, contiguous, on the CPU; checked after the cast.
+    key = learned.key.detach().float().cpu().contiguous()
+    delta = learned.delta.detach().float().cpu().contiguous()
+    check_finite(key, "key", model.dtype)
+    check_finite(delta, "delta", model.dtype, "use a smaller --alpha")
     table = model.model_table()
     previous_tensors: list[Path] = []
     old_text = ""
+    old_has_model = False
     if exists and append:
-        old = read_memory_file(out)
-        if name in {e.name for e in old.entries}:
-            raise BadInputError(f"{out} already has a memory named '{name}'")
-        if old.model is not None and old.model.fingerprint not in (None, table["fingerprint"]):
-            raise BadInputError(
-                f"{out} holds memories for another model (fingerprint {old.model.fingerprint})"
-            )
+        from meminject.memfile import read_memory_file
+
+        old_has_model = read_memory_file(out).model is not None
         old_text = out.read_text(encoding="utf-8").rstrip() + "\n"
     elif exists:
         previous_tensors = _tensor_files(out)
 
-    data = save(
-        {"key": learned.key.contiguous(), "delta": learned.delta.contiguous()},
-        metadata=learned.provenance(),
-    )
+    data = save({"key": key, "delta": delta}, metadata=learned.provenance())
     # Named by what it holds (safetensors' header order is not stable, so not by its bytes).
     content = hashlib.sha256()
-    for tensor in (learned.key, learned.delta):
-        content.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    for tensor in (key, delta):
+        content.update(tensor.numpy().tobytes())
     content.update(json.dumps(learned.provenance(), sort_keys=True).encode())
     digest = content.hexdigest()[:10]
     tensor_path = out.parent / f"{name}.{digest}.safetensors"
@@ -467,7 +770,7 @@ def write_learned(
             "[model]",
         ]
         _table(lines, table)
-    elif read_memory_file(out).model is None:
+    elif not old_has_model:
         lines += ["", "[model]"]
         _table(lines, table)
     lines += ["", f"# prompt: {json.dumps(learned.prompt, ensure_ascii=False)}"]
@@ -489,24 +792,81 @@ def write_learned(
             "site": learned.site,
             "layer": learned.layer,
             "tensors": tensor_path.name,
-            "boundary": float(boundary),
-            "hardness": float(hardness),
+            "boundary": boundary,
+            "hardness": hardness,
         },
     )
     text = old_text + "\n".join(lines) + "\n"
-
-    write_bytes_atomic(tensor_path, data, overwrite=True)
-    staged = out.parent / f".{out.name}.check.toml"
-    try:
-        staged.write_text(text, encoding="utf-8")
-        load_memory_set([staged])  # the new file must validate before it replaces the old
-    finally:
-        staged.unlink(missing_ok=True)
-    write_text_atomic(out, text, overwrite=True)
+    _check_text(out, text, name)  # the new file must validate before anything is written
+    _write_pair(out, text, tensor_path, data)
     for stale in previous_tensors:
         if stale.resolve() != tensor_path.resolve():
             stale.unlink(missing_ok=True)
     return out, tensor_path
+
+
+def _check_text(out: Path, text: str, name: str) -> None:
+    """Validate the TOML text that would replace ``out``, in a private temporary folder
+    (never beside ``out``); a problem is reported against ``out``, the real file."""
+    import tempfile
+
+    from meminject.memfile import load_memory_set
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="meminject-learn-") as folder:
+            staged = Path(folder) / out.name
+            staged.write_text(text, encoding="utf-8")
+            try:
+                load_memory_set([staged])
+            except MemoryFileError as exc:
+                where = Location(None, None, exc.location.memory, exc.location.field).render()
+                detail = exc.message.replace(str(staged), str(out))
+                raise BadInputError(
+                    f"{out}: writing memory '{name}' would make an invalid file "
+                    f"({where + ': ' if where else ''}{detail}); nothing was written"
+                ) from None
+    except OSError as exc:
+        raise MeminjectError(f"cannot check the new {out} in a temporary folder: {exc}") from None
+
+
+def _write_pair(out: Path, text: str, tensor_path: Path, data: bytes) -> None:
+    """Tensors, then the TOML, each atomically; on any failure what this call created (the
+    tensor file, missing folders) is removed and a replaced tensor file restored."""
+    from meminject.atomic import write_bytes_atomic, write_text_atomic
+
+    missing = []
+    folder = out.parent
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    existed = os.path.lexists(tensor_path)
+    if existed and not tensor_path.is_file():
+        raise BadInputError(f"{tensor_path}: in the way of the tensor file (not a regular file)")
+    previous: bytes | None = None  # the bytes of a same-named tensor file, once replaced
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        old = tensor_path.read_bytes() if existed else None
+        if old != data:
+            write_bytes_atomic(tensor_path, data, overwrite=True)
+            previous = old
+        write_text_atomic(out, text, overwrite=True)
+    except BaseException as exc:
+        try:
+            if not existed:
+                tensor_path.unlink(missing_ok=True)
+            elif previous is not None:
+                write_bytes_atomic(tensor_path, previous, overwrite=True)
+        except OSError:
+            pass
+        for made in missing:  # deepest first
+            try:
+                made.rmdir()
+            except OSError:
+                break
+        if isinstance(exc, OSError):
+            reason = fs_reason(exc)
+            raise BadInputError(f"{out}: cannot write: {reason}; nothing was written") from None
+        raise
 
 
 def _tensor_files(toml_path: Path) -> list[Path]:

@@ -9,7 +9,11 @@ fine: the line is a convenience, the file/memory/field triple is the contract.
 from __future__ import annotations
 
 import difflib
+import errno
+import functools
+import os
 import re
+import stat
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -18,7 +22,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from meminject.errors import Location, MemoryFileError
+from meminject.errors import Location, MemoryFileError, echo, shorten
 from meminject.schema import FORMAT_VERSION, NAME_PATTERN, FieldValueError, MemoryBase, ModelInfo
 
 if sys.version_info >= (3, 11):
@@ -30,9 +34,132 @@ else:  # pragma: no cover
 #: or an attack, and reading it would only waste memory.
 MAX_FILE_BYTES = 1 << 20
 
+#: Deepest nesting of arrays and inline tables (of arrays and objects in JSON) read. The
+#: parsers recurse once per level; a real file nests three or four levels.
+MAX_NESTING = 64
+#: Most parts of one dotted key (``a.b.c`` has three); tomllib's time grows with their square.
+MAX_KEY_PARTS = 64
+#: Most problems listed for one file by :func:`memory_set_problems`.
+MAX_PROBLEMS_PER_FILE = 1000
+#: Longest key whose line is looked up (a longer one is reported at its memory's header).
+MAX_LOOKUP_KEY = 1000
+
 _HEADER = re.compile(r"^\s*\[\[\s*memory\s*\]\]\s*(#.*)?$")
 _TABLE = re.compile(r"^\s*\[")
 _TOML_LINE = re.compile(r"\(at line (\d+), column \d+\)")
+
+
+_TOML_SPECIAL = re.compile(r"[\"'#\[\]{}.=,\n]")
+_JSON_SPECIAL = re.compile(r'["\[\]{}]')
+_BASIC_END = re.compile(r'\\.|["\n]')  # an escape, or what ends a one-line "string"
+_ML_BASIC_END = re.compile(r'\\.|"""', re.DOTALL)
+_LITERAL_END = re.compile(r"['\n]")
+
+
+def _string_end(text: str, start: int, quote: str, *, toml: bool) -> int:
+    """Index just past the string whose opening ``quote`` ends at ``start`` (the text's
+    end if it is never closed; a one-line string also ends before a newline)."""
+    n = len(text)
+    if toml and text.startswith(quote * 2, start):  # a multi-line string
+        if quote == '"':
+            pos = start + 2
+            while (match := _ML_BASIC_END.search(text, pos)) is not None:
+                pos = match.end()
+                if match.group() == '"""':
+                    break
+            else:
+                return n
+        else:
+            close = text.find("'''", start + 2)
+            if close < 0:
+                return n
+            pos = close + 3
+        extra = 0  # up to two quotes may end the content right before the delimiter
+        while extra < 2 and text.startswith(quote, pos):
+            pos, extra = pos + 1, extra + 1
+        return pos
+    if quote == "'":
+        match = _LITERAL_END.search(text, start)
+        return n if match is None else (match.end() if match.group() == "'" else match.start())
+    pos = start
+    while (match := _BASIC_END.search(text, pos)) is not None:
+        if match.group() == '"':
+            return match.end()
+        if match.group() == "\n":
+            return match.start()
+        pos = match.end()
+    return n
+
+
+def structure_problem(text: str, *, toml: bool = True) -> tuple[str, int] | None:
+    """What makes ``text`` too deep to hand to a parser, and at which 1-based line: arrays
+    and inline tables (JSON arrays and objects) nested deeper than :data:`MAX_NESTING`, or
+    a dotted key of more than :data:`MAX_KEY_PARTS` parts. ``None`` when it is fine.
+
+    tomllib and json recurse once per level (a few thousand levels raise RecursionError)
+    and tomllib takes time quadratic in a dotted key's parts, so this linear scan runs
+    first. Strings and comments are skipped; nothing else of the syntax is checked."""
+    brackets = text.count("[") + text.count("{")
+    if brackets <= MAX_NESTING and (not toml or text.count(".") < MAX_KEY_PARTS):
+        return None
+    special = _TOML_SPECIAL if toml else _JSON_SPECIAL
+    depth = 0
+    parts = 1
+    pos = 0
+    while (match := special.search(text, pos)) is not None:
+        char = match.group()
+        pos = match.end()
+        if char in "[{":
+            depth += 1
+            parts = 1
+            if depth > MAX_NESTING:
+                what = "arrays and objects" if not toml else "arrays and inline tables"
+                return (
+                    f"{what} nest deeper than {MAX_NESTING} levels",
+                    text.count("\n", 0, match.start()) + 1,
+                )
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+            parts = 1
+        elif char in "\"'":
+            pos = _string_end(text, pos, char, toml=toml)
+        elif char == "#":
+            end = text.find("\n", pos)
+            pos = len(text) if end < 0 else end
+        elif char == ".":
+            parts += 1
+            if parts > MAX_KEY_PARTS:
+                return (
+                    f"a dotted key has more than {MAX_KEY_PARTS} parts",
+                    text.count("\n", 0, match.start()) + 1,
+                )
+        else:  # "=", "," or a newline: a new key or value starts
+            parts = 1
+    return None
+
+
+#: What a file-system call raises for a bad name: OSError (a loop, a name too long,
+#: permission denied), ValueError (a NUL byte), RuntimeError (pathlib's "Symlink loop").
+FS_ERRORS = (OSError, ValueError, RuntimeError)
+
+
+def fs_reason(exc: BaseException) -> str:
+    """Why a file-system call failed, in a few words; re-raises what is not about a name."""
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop"
+        if exc.errno == errno.ENAMETOOLONG:
+            return "name is too long for the file system"
+        return exc.strerror or type(exc).__name__
+    if isinstance(exc, ValueError):
+        if "null" in str(exc):
+            return "name contains a NUL byte"
+        return "name cannot be used on this file system"
+    if isinstance(exc, RuntimeError) and str(exc).startswith("Symlink loop"):
+        return "symbolic link loop"
+    raise exc
 
 
 @dataclass(frozen=True)
@@ -98,7 +225,7 @@ class MemorySet:
                 a, b = getattr(first, key), getattr(other, key)
                 if a is not None and b is not None and a != b:
                     raise MemoryFileError(
-                        f"[model] {key} = {b!r} disagrees with {a!r} in {first_path}",
+                        f"[model] {key} = {echo(b)} disagrees with {echo(a)} in {first_path}",
                         Location(
                             path,
                             field_line(_read_text(path), None, key, table="model"),
@@ -114,15 +241,22 @@ class MemorySet:
         return ModelInfo(**merged)
 
 
+@functools.lru_cache(maxsize=8)
+def _layout(source: str) -> tuple[list[str], list[int]]:
+    """A source's lines and the indices of its ``[[memory]]`` headers, computed once per
+    source: a file with thousands of problems must not be rescanned for each."""
+    lines = source.splitlines()
+    return lines, [i for i, line in enumerate(lines) if _HEADER.match(line)]
+
+
 def field_line(
     source: str, memory_index: int | None, key: str | None, table: str | None = None
 ) -> int | None:
     """1-based line of ``key`` inside the ``memory_index``-th ``[[memory]]`` block (or of
     the block's header when the key is not written there), or of ``key`` in ``[table]``."""
-    lines = source.splitlines()
+    lines, headers = _layout(source)
     start = end = None
     if memory_index is not None:
-        headers = [i for i, line in enumerate(lines) if _HEADER.match(line)]
         if not headers:  # an inline array: point at "memory = [...]"
             inline = re.compile(r"^\s*memory\s*=")
             return next((i + 1 for i, line in enumerate(lines) if inline.match(line)), None)
@@ -144,7 +278,7 @@ def field_line(
         ),
         len(lines),
     )
-    if key is not None:
+    if key is not None and len(key) <= MAX_LOOKUP_KEY:
         key_re = re.compile(rf"^\s*(\"?){re.escape(key)}\1\s*=")
         for i in range(start + 1, end):
             if key_re.match(lines[i]):
@@ -188,20 +322,21 @@ def _describe(err: dict[str, Any], registry: Any) -> str:
         known = _known_keys(registry)
         if key in known:
             return f"key '{key}' repeats a field already given under another name"
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6) if len(key) < 100 else []
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"unknown key '{key}'{hint}"
+        return f"unknown key '{shorten(key)}'{hint}"
     if kind == "missing":
         return "required field is missing"
     if kind in ("model_type", "dict_type", "model_attributes_type"):
-        return f"must be a table, got {err['input']!r}"
+        return f"must be a table, got {echo(err['input'])}"
     if kind == "unknown_strategy":
-        return f"unknown strategy {err['input'].get('strategy')!r}; registered: " + ", ".join(
+        return f"unknown strategy {echo(err['input'].get('strategy'))}; registered: " + ", ".join(
             registry.strategies
         )
     if kind == "literal_error" and loc == ("version",):
         return (
-            f"unsupported version {err['input']!r}; this meminject reads version {FORMAT_VERSION}"
+            f"unsupported version {echo(err['input'])}; this meminject reads version "
+            f"{FORMAT_VERSION}"
         )
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
@@ -210,7 +345,7 @@ def _describe(err: dict[str, Any], registry: Any) -> str:
         and "input" in err
         and not isinstance(err["input"], (dict, list))
     ):
-        msg = f"{msg}, got {err['input']!r}"
+        msg = f"{msg}, got {echo(err['input'])}"
     return msg
 
 
@@ -251,33 +386,45 @@ def _location_of(
     return Location(path, line, memory_label, field)
 
 
-def read_memory_file(path: Path | str, registry: Any | None = None) -> LoadedFile:
-    """Read and validate one memory file."""
-    from meminject.plugins import get_registry
-
-    registry = registry or get_registry()
-    path = Path(path)
+def _read_source(path: Path) -> str:
+    """A memory file's text, or the one error that stops it from being parsed at all."""
     try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise MemoryFileError("no such file", Location(path)) from None
-    except OSError as exc:
-        raise MemoryFileError(f"cannot read: {exc.strerror}", Location(path)) from None
-    if not path.is_file():
+        info = path.stat()
+    except FS_ERRORS as exc:
+        reason = fs_reason(exc)
+        if isinstance(exc, FileNotFoundError):
+            raise MemoryFileError(reason, Location(path)) from None
+        raise MemoryFileError(f"cannot read: {reason}", Location(path)) from None
+    if not stat.S_ISREG(info.st_mode):
         raise MemoryFileError("not a regular file", Location(path))
-    if size > MAX_FILE_BYTES:
+    if info.st_size > MAX_FILE_BYTES:
         raise MemoryFileError(
-            f"file is {size} bytes, over the {MAX_FILE_BYTES}-byte limit for memory files",
+            f"file is {info.st_size} bytes, over the {MAX_FILE_BYTES}-byte limit for memory files",
             Location(path),
         )
     try:
-        source = path.read_bytes().decode("utf-8")
+        with path.open("rb") as handle:  # read no more than the limit, whatever stat said
+            raw = handle.read(MAX_FILE_BYTES + 1)
+    except FS_ERRORS as exc:
+        raise MemoryFileError(f"cannot read: {fs_reason(exc)}", Location(path)) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise MemoryFileError(
+            f"file is over the {MAX_FILE_BYTES}-byte limit for memory files", Location(path)
+        )
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise MemoryFileError(
             f"not UTF-8 text ({exc.reason} at byte {exc.start})", Location(path)
         ) from None
-    except OSError as exc:
-        raise MemoryFileError(f"cannot read: {exc.strerror}", Location(path)) from None
+
+
+def _parse(path: Path) -> tuple[str, dict[str, Any]]:
+    """Text and TOML data of a memory file, or the one error that stops it."""
+    source = _read_source(path)
+    problem = structure_problem(source)
+    if problem is not None:
+        raise MemoryFileError(f"invalid TOML: {problem[0]}", Location(path, problem[1]))
     try:
         data = tomllib.loads(source)
     except tomllib.TOMLDecodeError as exc:
@@ -286,34 +433,145 @@ def read_memory_file(path: Path | str, registry: Any | None = None) -> LoadedFil
         line = int(match.group(1)) if match else None
         reason = _TOML_LINE.sub("", text).strip()
         raise MemoryFileError(f"invalid TOML: {reason}", Location(path, line)) from None
+    return source, data
+
+
+def _validate(
+    path: Path, registry: Any, limit: int | None = None
+) -> tuple[LoadedFile | None, list[MemoryFileError], int]:
+    """A file's validated contents, or its problems: at most ``limit`` of them as errors
+    (all when ``None``), and how many there are. Unknown keys come first: a typo shows up
+    twice, as an unknown key and a missing field, and the unknown key is the cause.
+    Problems that stop parsing are raised."""
+    source, data = _parse(path)
     try:
         validated: Any = registry.file_model.model_validate(data)
     except ValidationError as exc:
-        # A typo shows up twice (an unknown key and a missing field); the unknown key is
-        # the cause, so it is reported first.
         errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        first = errors[0]
-        message = _describe(dict(first), registry)
-        if len(errors) > 1:
-            message += f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})"
-        location = _location_of(dict(first), path, data, source, registry)
-        raise MemoryFileError(message, location) from None
+        shown = errors if limit is None else errors[:limit]
+        problems = [
+            MemoryFileError(
+                _describe(dict(e), registry), _location_of(dict(e), path, data, source, registry)
+            )
+            for e in shown
+        ]
+        return None, problems, len(errors)
     entries = tuple(
         MemoryEntry(memory, path, i, source, validated.model)
         for i, memory in enumerate(validated.memory)
     )
-    _check_unique(entries)
-    return LoadedFile(path, validated.model, entries)
+    duplicates = _duplicates(entries, limit=limit)
+    return LoadedFile(path, validated.model, entries), duplicates, len(duplicates)
+
+
+def read_memory_file(path: Path | str, registry: Any | None = None) -> LoadedFile:
+    """Read and validate one memory file; the first problem is raised, with a count of the
+    others (:func:`memory_set_problems` lists them all)."""
+    from meminject.plugins import get_registry
+
+    loaded, problems, count = _validate(Path(path), registry or get_registry(), limit=1)
+    if problems:
+        first, more = problems[0], count - 1
+        if more and loaded is None:
+            raise MemoryFileError(
+                f"{first.message} (and {more} more problem{'s' * (more > 1)})", first.location
+            )
+        raise first
+    assert loaded is not None
+    return loaded
+
+
+def _duplicates(
+    entries: Iterable[MemoryEntry], *, across_files: bool = False, limit: int | None = None
+) -> list[MemoryFileError]:
+    """A problem for each memory whose name an earlier one already has (with
+    ``across_files``, only where the earlier one is in another file), at most ``limit``."""
+    owner: dict[str, MemoryEntry] = {}
+    problems: list[MemoryFileError] = []
+    for entry in entries:
+        if limit is not None and len(problems) >= limit:
+            break
+        if entry.name in owner:
+            first = owner[entry.name]
+            if across_files and first.file == entry.file:
+                continue
+            where = f"memory #{first.index + 1} of {first.file}"
+            problems.append(entry.error(f"duplicate memory name, already used by {where}", "name"))
+        else:
+            owner[entry.name] = entry
+    return problems
 
 
 def _check_unique(entries: Iterable[MemoryEntry]) -> None:
-    owner: dict[str, MemoryEntry] = {}
-    for entry in entries:
-        if entry.name in owner:
-            first = owner[entry.name]
-            where = f"memory #{first.index + 1} of {first.file}"
-            raise entry.error(f"duplicate memory name, already used by {where}", "name")
-        owner[entry.name] = entry
+    problems = _duplicates(entries, limit=1)
+    if problems:
+        raise problems[0]
+
+
+def _expand_one(raw: Path | str) -> list[Path]:
+    """One command-line path: a file as given, a directory as its memory files."""
+    if isinstance(raw, str) and raw == "":
+        raise MemoryFileError(
+            "empty path (an unset shell variable?); name a memory file or directory"
+        )
+    path = Path(raw)
+    try:
+        info = path.stat()
+    except FS_ERRORS as exc:
+        reason = fs_reason(exc)
+        if isinstance(exc, FileNotFoundError):
+            return [path]  # read_memory_file says "no such file"
+        raise MemoryFileError(f"cannot read: {reason}", Location(path)) from None
+    if not stat.S_ISDIR(info.st_mode):
+        return [path]
+    found = _toml_files(path)
+    if not found:
+        raise MemoryFileError("directory holds no .toml memory files", Location(path))
+    return found
+
+
+def _toml_files(root: Path) -> list[Path]:
+    """Every ``*.toml`` file under ``root``, sorted, hidden files and folders left out.
+
+    Symbolic links to folders are not followed (as ``Path.rglob``). Nothing is skipped in
+    silence: a folder that cannot be listed, a broken symbolic link or a link loop is an
+    error, since it may hold memories the set would otherwise lack."""
+    found: list[Path] = []
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except FS_ERRORS as exc:
+            raise MemoryFileError(
+                f"cannot read directory: {fs_reason(exc)}", Location(folder)
+            ) from None
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            path = folder / entry.name
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(path)
+                    continue
+                if entry.is_symlink():
+                    os.stat(path)  # a broken link or a loop raises
+            except FS_ERRORS as exc:
+                reason = fs_reason(exc)
+                if isinstance(exc, FileNotFoundError):
+                    reason = "broken symbolic link (its target does not exist)"
+                raise MemoryFileError(f"cannot read: {reason}", Location(path)) from None
+            if entry.name.endswith(".toml"):
+                found.append(path)
+    return sorted(found)
+
+
+def _identity(path: Path) -> Path:
+    try:
+        return Path(os.path.realpath(path))
+    except FS_ERRORS:
+        return path
 
 
 def expand_paths(paths: Sequence[Path | str]) -> list[Path]:
@@ -321,19 +579,8 @@ def expand_paths(paths: Sequence[Path | str]) -> list[Path]:
     out: list[Path] = []
     seen: set[Path] = set()
     for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            candidates = sorted(
-                p
-                for p in path.rglob("*.toml")
-                if not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
-            if not candidates:
-                raise MemoryFileError("directory holds no .toml memory files", Location(path))
-        else:
-            candidates = [path]
-        for candidate in candidates:
-            key = candidate.resolve()
+        for candidate in _expand_one(raw):
+            key = _identity(candidate)
             if key not in seen:
                 seen.add(key)
                 out.append(candidate)
@@ -347,6 +594,53 @@ def load_memory_set(paths: Sequence[Path | str], registry: Any | None = None) ->
     memory_set = MemorySet(tuple(files))
     memory_set.model_info()  # files must agree on [model]
     return memory_set
+
+
+def memory_set_problems(
+    paths: Sequence[Path | str], registry: Any | None = None
+) -> list[MemoryFileError]:
+    """Every problem :func:`load_memory_set` would stop at, not only the first: in the
+    order of ``paths``, a path that cannot be expanded, a file that cannot be parsed, each
+    validation error and repeated name of each file; then names repeated across files and
+    ``[model]`` disagreements."""
+    from meminject.plugins import get_registry
+
+    registry = registry or get_registry()
+    problems: list[MemoryFileError] = []
+    loaded: list[LoadedFile] = []
+    seen: set[Path] = set()
+    for raw in paths:
+        try:
+            candidates = _expand_one(raw)
+        except MemoryFileError as exc:
+            problems.append(exc)
+            continue
+        for candidate in candidates:
+            key = _identity(candidate)
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                result, found, count = _validate(candidate, registry, MAX_PROBLEMS_PER_FILE)
+            except MemoryFileError as exc:
+                problems.append(exc)
+                continue
+            problems += found
+            if count > len(found):
+                problems.append(
+                    MemoryFileError(
+                        f"(and {count - len(found)} more problems, not listed)",
+                        Location(candidate),
+                    )
+                )
+            if result is not None:
+                loaded.append(result)
+    problems += _duplicates((entry for f in loaded for entry in f.entries), across_files=True)
+    try:
+        MemorySet(tuple(loaded)).model_info()
+    except MemoryFileError as exc:
+        problems.append(exc)
+    return problems
 
 
 @dataclass(frozen=True)

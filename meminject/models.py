@@ -191,8 +191,23 @@ def resolve_device(device: str | None) -> str:
 
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise BadInputError(
+            f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or auto"
+        ) from exc
+    if parsed.type == "cuda" and not torch.cuda.is_available():
         raise BadInputError(f"device '{device}' was asked for, but CUDA is not available")
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise BadInputError(
+            f"device '{device}' was asked for, but only {torch.cuda.device_count()} "
+            "CUDA devices exist"
+        )
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise BadInputError(f"device '{device}' was asked for, but MPS is not available")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise BadInputError(f"device '{device}' is not supported; use cpu, cuda, cuda:N or mps")
     return device
 
 
@@ -222,6 +237,7 @@ def load_model(
     dtype: str | None = None,
     coordinates: str = "processed",
     prepend_bos: bool | None = None,
+    allow_pickle_weights: bool = False,
     registry: Any | None = None,
 ) -> LoadedModel:
     """Load a registered model (``toyworld``, ``smollm2-135m``), a local Hugging Face
@@ -231,6 +247,8 @@ def load_model(
 
     ``prepend_bos``: None takes the registered source's convention, else for a GGUF
     file its tokenizer's, else TransformerLens's default (prepend, as the paper did).
+    ``allow_pickle_weights``: a directory whose weights are only pickles
+    (``pytorch_model.bin``) is refused unless this is set (meminject reads no pickle).
     """
     from meminject.plugins import get_registry
 
@@ -259,9 +277,12 @@ def load_model(
                 raise ModelLoadError(
                     f"{target} is not a Hugging Face model directory (no config.json)"
                 )
+            check_weights_format(path, allow_pickle_weights)
             source = str(path)
         elif path.is_absolute() or str(target).startswith((".", "~")) or path.exists():
             raise ModelLoadError(f"no model directory at {target}")
+        elif name not in registry.models:
+            _check_hub_name(name, registry)
 
     _quiet_libraries()
     device_name = resolve_device(device)
@@ -292,6 +313,58 @@ def load_model(
         prepend_bos=prepend_bos,
         origin=origin,
     )
+
+
+#: Weight files that are Python pickles (torch.save); safetensors are not.
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_weights_format(path: Path, allow_pickle_weights: bool) -> None:
+    """Refuse a model directory whose weights are pickles: loading one runs
+    ``torch.load``, which meminject promises never to do unless asked."""
+    if allow_pickle_weights or any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in path.glob(pattern))
+    if pickles:
+        raise ModelLoadError(
+            f"{path / pickles[0]} is a pickle (torch.save) file and {path} has no safetensors "
+            "weights; meminject loads no pickle unless you pass --allow-pickle-weights"
+        )
+
+
+def _check_hub_name(name: str, registry: Any) -> None:
+    """A name that is neither registered nor a path goes to the hub: first catch typos of
+    registered names, and fail fast, with the way to work offline, when the hub cannot be
+    reached (the hub client otherwise retries for half a minute)."""
+    import difflib
+
+    close = difflib.get_close_matches(name, list(registry.models), n=1, cutoff=0.7)
+    if close:
+        raise ModelLoadError(
+            f"no model named {name!r}; did you mean {close[0]!r}? (see meminject models)"
+        )
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return  # the hub client answers at once from its cache, or fails at once
+    if not _hub_reachable():
+        raise ModelLoadError(
+            f"could not download {name!r}: the Hugging Face hub is unreachable. Pass a local "
+            "model directory or GGUF file, use a registered model (meminject models), or set "
+            "HF_HUB_OFFLINE=1 to use models already in the Hugging Face cache"
+        )
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _tokenizer_adds_bos(tokenizer: Any) -> bool:

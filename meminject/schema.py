@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import (
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -24,6 +25,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from meminject.errors import shorten
 
 FORMAT_VERSION = 1
 
@@ -218,6 +221,18 @@ class GatedMemory(MemoryBase):
         return _finite(value)
 
 
+def _exact_version(value: Any) -> Any:
+    """``version`` is the integer itself: ``true`` and ``1.0`` equal 1 in Python (bool is an
+    int; a Literal compares by equality) but are not what the format says."""
+    if isinstance(value, bool):
+        raise ValueError(
+            f"version must be the integer {FORMAT_VERSION}, not a boolean ({str(value).lower()})"
+        )
+    if isinstance(value, float):
+        raise ValueError(f"version must be the integer {FORMAT_VERSION}, not a float ({value!r})")
+    return value
+
+
 def _memory_union(
     strategies: dict[str, type[MemoryBase]], encoder_params: dict[str, type[BaseModel] | None]
 ) -> Any:
@@ -283,7 +298,8 @@ def _with_encoders(
             where = ".".join(str(p) for p in ("params", *first["loc"]))
             message = str(first["msg"])
             if first["type"] == "extra_forbidden":
-                message = f"unknown key '{first['loc'][-1]}' for encoder '{self.encoding}'"
+                key = shorten(str(first["loc"][-1]))
+                message = f"unknown key '{key}' for encoder '{self.encoding}'"
             elif first["type"] == "missing":
                 message = "required field is missing"
             raise FieldValueError(where, message) from None
@@ -307,7 +323,10 @@ def build_file_model(
     file_model: type[StrictModel] = create_model(
         "MemoryFile",
         __base__=StrictModel,
-        version=(Literal[1], Field(..., description="File format version; this reader reads 1.")),
+        version=(
+            Annotated[Literal[1], BeforeValidator(_exact_version)],
+            Field(..., description="File format version; this reader reads 1."),
+        ),
         model=(ModelInfo | None, Field(None, description="What the memories were made for.")),
         memory=(list[union], Field(..., min_length=1, description="The memories.")),  # type: ignore[valid-type]
     )

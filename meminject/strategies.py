@@ -47,6 +47,14 @@ class AddStrategy(Strategy):
                     "encoding",
                 )
             delta = (memory.tau * vector).to(device=model.device, dtype=model.dtype)
+            if not bool(delta.isfinite().all()):
+                raise ctx.error(
+                    memory,
+                    f"τ·v is not finite in {str(model.dtype).removeprefix('torch.')} "
+                    f"(τ = {memory.tau:g}, largest |v| = {float(vector.abs().max()):g}); "
+                    "use a smaller tau",
+                    "tau",
+                )
             # One head's result enters the residual stream only through the sum over
             # heads, so adding v to head h's result is exactly adding v to the layer's
             # attention output. Lowering it there spares the per-head result tensor
@@ -123,6 +131,7 @@ class GatedStrategy(Strategy):
                 "tensors",
                 ("key", "delta"),
                 allow_outside=ctx.allow_outside_paths,
+                also_finite_in=(model.dtype,),
             )
             shape = model.site_shape(memory.site)
             for name, tensor in tensors.items():

@@ -849,6 +849,12 @@ def _with_previous(previous: pd.DataFrame | None, records: pd.DataFrame) -> pd.D
     return merged
 
 
+def _listed(values: set[Any]) -> str:
+    """Numbers in numeric order (τ 2 before 10), anything else by its text."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return str(sorted(values) if numbers else sorted(values, key=str))
+
+
 def _finished_records(done: pd.DataFrame, config: SweepConfig) -> pd.DataFrame:
     """The rows of an earlier run that are complete, after checking it used these settings."""
     expected: dict[str, set[Any]] = {
@@ -864,8 +870,8 @@ def _finished_records(done: pd.DataFrame, config: SweepConfig) -> pd.DataFrame:
         if done.empty or found != values:
             raise BadInputError(
                 f"the partial results were made with other settings ({column}: "
-                f"{sorted(found, key=str)} instead of {sorted(values, key=str)}); "
-                "start again without --resume"
+                f"{_listed(found)} instead of {_listed(values)}); pass --force instead of "
+                "--resume to discard them and start again"
             )
     heads = len(config.heads) if config.heads is not None else 1
     per_row = (

@@ -49,11 +49,22 @@ def gpt2_raw(gpt2_dir: Path):
     return load_model(gpt2_dir, coordinates="raw")
 
 
+@pytest.fixture(scope="session")
+def toyworld():
+    """The embedded model, loaded once (its weights ship in the package)."""
+    from meminject import toyworld as package
+    from meminject.models import load_model
+
+    if not (Path(package.WEIGHTS_DIR) / "model.safetensors").is_file():
+        pytest.skip("toyworld weights are not built")
+    return load_model("toyworld")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_encodings(request: pytest.FixtureRequest):
     """Session models are shared; their encoding caches must not leak between tests."""
     yield
-    for name in ("gpt2", "gpt2_raw"):
+    for name in ("gpt2", "gpt2_raw", "toyworld"):
         if name in request.fixturenames:
             request.getfixturevalue(name).encodings.clear()
 

@@ -262,6 +262,9 @@ def _command_section(name: str, command: Any, parent: Any) -> list[str]:
         out.append("**Options**\n")
         out += [f"- `{names}` — {docstring_markdown(desc) or '–'}" for names, desc in options]
         out.append("")
+    if isinstance(command, click.Group):  # e.g. `meminject models pull`
+        for sub in command.list_commands(ctx):
+            out += _command_section(f"{name} {sub}", command.get_command(ctx, sub), ctx)
     return out
 
 
@@ -277,7 +280,7 @@ def cli_reference() -> str:
         GENERATED_NOTE.format(source="the click commands in `meminject/cli.py`"),
         f"```\n{cli.get_usage(root)}\n```\n",
         _help_text(cli.help) + "\n",
-        "**Global options** (before the command name)\n",
+        "**Global options** (before or after the command name)\n",
     ]
     records = [p.get_help_record(root) for p in cli.get_params(root)]
     out += [f"- `{names}` — {desc}" for names, desc in (r for r in records if r)]

@@ -19,16 +19,6 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def toyworld():
-    from meminject import toyworld as package
-    from meminject.models import load_model
-
-    if not (Path(package.WEIGHTS_DIR) / "model.safetensors").is_file():
-        pytest.skip("toyworld weights are not built")
-    return load_model("toyworld")
-
-
-@pytest.fixture(scope="module")
 def world() -> dict:
     from meminject import toyworld as package
 

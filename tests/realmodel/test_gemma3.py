@@ -188,3 +188,28 @@ def test_inspect_projects_layers_and_refuses_heads(gemma3) -> None:
     assert all(len(p.top) == 3 for p in report.projections)
     with pytest.raises(BadInputError, match="--heads is not supported on model 'gemma3-270m'"):
         project_attention(gemma3, EIFFEL, layers=[2], heads=True)
+
+
+def test_validate_checks_widths_against_gemma(gemma3, tmp_path) -> None:
+    """`validate --model` on Gemma: a per-head memory compiles; a key of SmolLM2's width
+    (576) is refused against Gemma's 640, naming the memory and field."""
+    import torch
+    from safetensors.torch import save_file
+
+    from meminject.engine import compile_memories
+    from meminject.errors import MemoryFileError
+    from meminject.memfile import load_memory_set
+
+    good = _file(
+        tmp_path, '[[memory]]\nname = "h"\ntext = "Paris"\nlayer = 5\nhead = 3\ntau = 0.5\n'
+    )
+    assert len(compile_memories(gemma3, load_memory_set([good]))) == 1
+    save_file({"key": torch.ones(576), "delta": torch.ones(576)}, str(tmp_path / "g.safetensors"))
+    bad = write(
+        tmp_path / "bad.toml",
+        'version = 1\n[[memory]]\nname = "narrow"\nstrategy = "gated"\nsite = "resid_post"\n'
+        'layer = 2\ntensors = "g.safetensors"\nboundary = 0.1\nhardness = 3.0\n',
+    )
+    with pytest.raises(MemoryFileError) as info:
+        compile_memories(gemma3, load_memory_set([bad]))
+    assert "memory 'narrow'" in str(info.value) and "(640,)" in str(info.value)

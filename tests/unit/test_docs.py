@@ -282,3 +282,15 @@ def test_nav_names_only_existing_pages() -> None:
     generated = set(docs_hook_module().GENERATED_PAGES)
     for target in re.findall(r":\s+(\S+\.md)\s*$", config, re.MULTILINE):
         assert (DOCS / target).is_file() or target in generated, target
+
+
+@pytest.mark.integration
+def test_readme_python_example_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's Python block, run as written from the repository root."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    (code,) = re.findall(r"## Python\n\n```python\n(.*?)\n```", readme, re.DOTALL)
+    monkeypatch.chdir(ROOT)
+    output: list[str] = []
+    monkeypatch.setattr("builtins.print", lambda *a, **k: output.append(" ".join(map(str, a))))
+    exec(compile(code, "README.md", "exec"), {"__name__": "_readme_example"})
+    assert output == [" Kachakea. →  Soveisica.", " Soveisica"]
