@@ -34,28 +34,51 @@ def _load(source: model_sources.GgufSource, **kwargs: Any) -> Any:
     return load_model(source.name, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> Iterator[Any]:
-    model = _load(model_sources.SMOLLM2)
+def _held(source: model_sources.GgufSource, **kwargs: Any) -> Iterator[Any]:
+    model = _load(source, **kwargs)
     yield model
     del model
     gc.collect()
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Iterator[Any]:
+    yield from _held(model_sources.SMOLLM2)
 
 
 @pytest.fixture(scope="module")
 def smollm2_raw() -> Iterator[Any]:
-    model = _load(model_sources.SMOLLM2, coordinates="raw")
-    yield model
-    del model
-    gc.collect()
+    yield from _held(model_sources.SMOLLM2, coordinates="raw")
 
 
 @pytest.fixture(scope="module")
 def gemma3() -> Iterator[Any]:
-    model = _load(model_sources.GEMMA3)
-    yield model
-    del model
-    gc.collect()
+    yield from _held(model_sources.GEMMA3)
+
+
+def worst_log_error_against_reference(model: Any, rows: list[Any], records: Any) -> float:
+    """The largest |Δ log p| between the sweep's records and the plain reference loop,
+    before and after injection, over every record (controls included)."""
+    import math
+
+    from meminject.sweep import reference_cell
+
+    worst = 0.0
+    for rec in records.itertuples(index=False):
+        before, after = reference_cell(
+            model,
+            rows[rec.row_id],
+            layer=int(rec.layer),
+            tau=float(rec.tau),
+            encoding=str(rec.encoding),
+            memory_text=rec.memory,
+        )
+        worst = max(
+            worst,
+            abs(math.log(rec.p_after) - math.log(after)),
+            abs(math.log(rec.p_before) - math.log(before)),
+        )
+    return worst
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ plain-model hooks depend on them.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import pytest
 from meminject.errors import BadInputError
 from meminject.generation import generate
 from tests.conftest import write
+from tests.realmodel.conftest import worst_log_error_against_reference
 
 pytestmark = pytest.mark.realmodel
 
@@ -77,9 +77,7 @@ def test_per_head_memory_equals_editing_that_head(gemma3, tmp_path) -> None:
     with torch.no_grad():
         with inject(gemma3, path):
             via_memory = gemma3.bridge(tokens)
-        from meminject.memfile import load_memory_set
-
-        vector = next(iter(gemma3.encodings.values()))
+        (vector,) = gemma3.encodings.values()  # the memory's v, encoded once by inject
         vector = 0.5 * vector
 
         def edit(result, hook):
@@ -95,7 +93,6 @@ def test_per_head_memory_equals_editing_that_head(gemma3, tmp_path) -> None:
         finally:
             gemma3.bridge.set_use_attn_result(False)
         plain = gemma3.bridge(tokens)
-    assert load_memory_set  # imported for the encoding cache's side
     torch.testing.assert_close(via_memory, by_hand, rtol=1e-4, atol=1e-3)
     assert (via_memory - plain).abs().max() > 1e-2
 
@@ -134,7 +131,7 @@ def test_bridge_and_hf_with_and_without_cache_give_identical_tokens(
 
 def test_sweep_refuses_heads_and_matches_the_reference_without(gemma3) -> None:
     from meminject.datasets import PromptRow
-    from meminject.sweep import SweepConfig, reference_cell, run_sweep
+    from meminject.sweep import SweepConfig, run_sweep
 
     rows = [
         PromptRow(EIFFEL, "Paris", "Paris", None, 0),
@@ -143,16 +140,7 @@ def test_sweep_refuses_heads_and_matches_the_reference_without(gemma3) -> None:
     with pytest.raises(BadInputError, match="--heads is not supported on model 'gemma3-270m'"):
         run_sweep(gemma3, rows, SweepConfig(layers=(4,), taus=(1.0,), heads=(0,)))
     records = run_sweep(gemma3, rows, SweepConfig(layers=(4, 12), taus=(0.2,))).records
-    worst = 0.0
-    for rec in records.itertuples(index=False):
-        _, after = reference_cell(
-            gemma3,
-            rows[rec.row_id],
-            layer=int(rec.layer),
-            tau=float(rec.tau),
-            memory_text=rec.memory,
-        )
-        worst = max(worst, abs(math.log(rec.p_after) - math.log(after)))
+    worst = worst_log_error_against_reference(gemma3, rows, records)
     assert worst < 1e-3
     assert records["pct_change"].abs().max() > 1.0
 

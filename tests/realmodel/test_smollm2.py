@@ -6,7 +6,6 @@ say what they were, so a regression shows as a number, not only as a failure.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from meminject import gguf_cache, model_sources
 from meminject.generation import generate
 from tests.conftest import write
+from tests.realmodel.conftest import worst_log_error_against_reference
 
 pytestmark = pytest.mark.realmodel
 
@@ -167,7 +167,7 @@ def test_learned_memory_flips_kath_to_top1_with_bos(smollm2, tmp_path) -> None:
 
 def test_sweep_fast_path_equals_the_reference_loop(smollm2) -> None:
     from meminject.datasets import PromptRow
-    from meminject.sweep import SweepConfig, reference_cell, run_sweep
+    from meminject.sweep import SweepConfig, run_sweep
 
     rows = [
         PromptRow(
@@ -181,21 +181,7 @@ def test_sweep_fast_path_equals_the_reference_loop(smollm2) -> None:
     ]
     config = SweepConfig(layers=(6, 24), taus=(2.0,), encodings=("unembed", "layer"), controls=1)
     records = run_sweep(smollm2, rows, config).records
-    worst = 0.0
-    for rec in records.itertuples(index=False):
-        before, after = reference_cell(
-            smollm2,
-            rows[rec.row_id],
-            layer=int(rec.layer),
-            tau=float(rec.tau),
-            encoding=str(rec.encoding),
-            memory_text=rec.memory,
-        )
-        worst = max(
-            worst,
-            abs(math.log(rec.p_after) - math.log(after)),
-            abs(math.log(rec.p_before) - math.log(before)),
-        )
+    worst = worst_log_error_against_reference(smollm2, rows, records)
     assert worst < 1e-4
     assert records["pct_change"].abs().max() > 1.0
 
