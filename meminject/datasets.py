@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import csv
 import io
-import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meminject.errors import BadInputError
+from meminject.fsread import ReadRefused, read_regular
 from meminject.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -96,25 +96,12 @@ def load_csv(
     if path is None:
         raise BadInputError("the csv dataset needs a path: meminject sweep FILE.csv …")
     path = Path(path)
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: no such dataset file") from None
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"{path}: cannot read the dataset: {_reason(exc)}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise BadInputError(f"{path}: not a regular file, so not a dataset file")
-    if info.st_size > MAX_CSV_BYTES:
-        raise BadInputError(f"{path}: larger than {MAX_CSV_BYTES >> 20} MiB; refusing to read it")
     if limit is not None and limit < 0:
         raise BadInputError("limit must be >= 0")
     try:
-        with path.open("rb") as handle:  # no more than the limit, whatever stat said
-            raw = handle.read(MAX_CSV_BYTES + 1)
-    except (OSError, ValueError) as exc:
-        raise BadInputError(f"{path}: cannot read the dataset: {_reason(exc)}") from None
-    if len(raw) > MAX_CSV_BYTES:
-        raise BadInputError(f"{path}: larger than {MAX_CSV_BYTES >> 20} MiB; refusing to read it")
+        raw = read_regular(path, MAX_CSV_BYTES)
+    except ReadRefused as refused:
+        raise BadInputError(f"{path}: {_refusal(refused)}") from None
     try:
         text = raw.decode("utf-8-sig")  # utf-8-sig: spreadsheet exports add a BOM
     except UnicodeDecodeError as exc:
@@ -201,10 +188,14 @@ class _Records:
         return record
 
 
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        return exc.strerror or type(exc).__name__
-    return str(exc)
+def _refusal(refused: ReadRefused) -> str:
+    if refused.kind == "missing":
+        return "no such dataset file"
+    if refused.kind == "unreadable":
+        return f"cannot read the dataset: {refused.reason}"
+    if refused.kind == "not-regular":
+        return "not a regular file, so not a dataset file"
+    return f"larger than {MAX_CSV_BYTES >> 20} MiB; refusing to read it"
 
 
 def load_toyworld(path: str | Path | None = None, **options: Any) -> list[PromptRow]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from meminject.engine import bridge_fwd_hooks
 from meminject.errors import BadInputError, Location, MeminjectError, MemoryFileError, echo
-from meminject.memfile import FS_ERRORS, fs_reason
+from meminject.fsread import FS_ERRORS, ReadRefused, describe_mode, fs_reason, read_regular
 from meminject.schema import NAME_PATTERN, SITE_HOOKS, MemoryBase
 
 if TYPE_CHECKING:
@@ -108,7 +108,7 @@ def check_output(
             raise BadInputError(f"{out}: {folder} is not a directory")
     else:
         if not stat.S_ISREG(info.st_mode):
-            raise BadInputError(f"{out}: not a regular file ({_kind(info.st_mode)})")
+            raise BadInputError(f"{out}: not a regular file ({describe_mode(info.st_mode)})")
         if not (append or force):
             raise BadInputError(f"{out} exists; pass --force to overwrite it or --append to add")
         folder = out.parent
@@ -146,18 +146,6 @@ def _nearest_existing(folder: Path) -> Path:
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     return folder
-
-
-def _kind(mode: int) -> str:
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-        return "a device"
-    return "not a file"
 
 
 @dataclass(frozen=True)
@@ -541,35 +529,16 @@ def read_prompts(path: Path | str) -> list[str]:
 
 def _read_regular(path: Path, limit: int, what: str) -> bytes:
     try:
-        info = path.stat()
-    except FS_ERRORS as exc:
-        if isinstance(exc, FileNotFoundError):
+        return read_regular(path, limit)
+    except ReadRefused as refused:
+        if refused.kind == "missing":
             raise BadInputError(f"{path}: no such file") from None
-        raise BadInputError(f"{path}: cannot read: {fs_reason(exc)}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise BadInputError(f"{path}: not a regular file ({_kind(info.st_mode)})")
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
-    try:
-        fd = os.open(path, flags)
-    except FS_ERRORS as exc:
-        raise BadInputError(f"{path}: cannot read: {fs_reason(exc)}") from None
-    try:
-        opened = os.fstat(fd)
-        if not stat.S_ISREG(opened.st_mode):
-            raise BadInputError(f"{path}: not a regular file ({_kind(opened.st_mode)})")
-        if opened.st_size > limit:
-            raise BadInputError(
-                f"{path}: file is {opened.st_size} bytes, over the {limit}-byte limit for {what}"
-            )
-        with os.fdopen(os.dup(fd), "rb") as handle:  # no more than the limit, whatever stat said
-            raw = handle.read(limit + 1)
-    except OSError as exc:
-        raise BadInputError(f"{path}: cannot read: {fs_reason(exc)}") from None
-    finally:
-        os.close(fd)
-    if len(raw) > limit:
-        raise BadInputError(f"{path}: file is over the {limit}-byte limit for {what}")
-    return raw
+        if refused.kind == "unreadable":
+            raise BadInputError(f"{path}: cannot read: {refused.reason}") from None
+        if refused.kind == "not-regular":
+            raise BadInputError(f"{path}: not a regular file ({refused.reason})") from None
+        size = f"file is {refused.size} bytes, over" if refused.size is not None else "file is over"
+        raise BadInputError(f"{path}: {size} the {limit}-byte limit for {what}") from None
 
 
 def check_prompts_fit(model: LoadedModel, prompts: Sequence[PromptLine]) -> None:

@@ -9,7 +9,6 @@ fine: the line is a convenience, the file/memory/field triple is the contract.
 from __future__ import annotations
 
 import difflib
-import errno
 import functools
 import os
 import re
@@ -23,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from meminject.errors import Location, MemoryFileError, echo, shorten
+from meminject.fsread import FS_ERRORS, ReadRefused, fs_reason, read_regular
 from meminject.schema import FORMAT_VERSION, NAME_PATTERN, FieldValueError, MemoryBase, ModelInfo
 
 if sys.version_info >= (3, 11):
@@ -136,30 +136,6 @@ def structure_problem(text: str, *, toml: bool = True) -> tuple[str, int] | None
         else:  # "=", "," or a newline: a new key or value starts
             parts = 1
     return None
-
-
-#: What a file-system call raises for a bad name: OSError (a loop, a name too long,
-#: permission denied), ValueError (a NUL byte), RuntimeError (pathlib's "Symlink loop").
-FS_ERRORS = (OSError, ValueError, RuntimeError)
-
-
-def fs_reason(exc: BaseException) -> str:
-    """Why a file-system call failed, in a few words; re-raises what is not about a name."""
-    if isinstance(exc, FileNotFoundError):
-        return "no such file"
-    if isinstance(exc, OSError):
-        if exc.errno == errno.ELOOP:
-            return "symbolic link loop"
-        if exc.errno == errno.ENAMETOOLONG:
-            return "name is too long for the file system"
-        return exc.strerror or type(exc).__name__
-    if isinstance(exc, ValueError):
-        if "null" in str(exc):
-            return "name contains a NUL byte"
-        return "name cannot be used on this file system"
-    if isinstance(exc, RuntimeError) and str(exc).startswith("Symlink loop"):
-        return "symbolic link loop"
-    raise exc
 
 
 @dataclass(frozen=True)
@@ -386,31 +362,23 @@ def _location_of(
     return Location(path, line, memory_label, field)
 
 
+def _refusal(refused: ReadRefused) -> str:
+    if refused.kind == "missing":
+        return refused.reason
+    if refused.kind == "unreadable":
+        return f"cannot read: {refused.reason}"
+    if refused.kind == "not-regular":
+        return "not a regular file"
+    size = f"file is {refused.size} bytes, over" if refused.size is not None else "file is over"
+    return f"{size} the {MAX_FILE_BYTES}-byte limit for memory files"
+
+
 def _read_source(path: Path) -> str:
     """A memory file's text, or the one error that stops it from being parsed at all."""
     try:
-        info = path.stat()
-    except FS_ERRORS as exc:
-        reason = fs_reason(exc)
-        if isinstance(exc, FileNotFoundError):
-            raise MemoryFileError(reason, Location(path)) from None
-        raise MemoryFileError(f"cannot read: {reason}", Location(path)) from None
-    if not stat.S_ISREG(info.st_mode):
-        raise MemoryFileError("not a regular file", Location(path))
-    if info.st_size > MAX_FILE_BYTES:
-        raise MemoryFileError(
-            f"file is {info.st_size} bytes, over the {MAX_FILE_BYTES}-byte limit for memory files",
-            Location(path),
-        )
-    try:
-        with path.open("rb") as handle:  # read no more than the limit, whatever stat said
-            raw = handle.read(MAX_FILE_BYTES + 1)
-    except FS_ERRORS as exc:
-        raise MemoryFileError(f"cannot read: {fs_reason(exc)}", Location(path)) from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise MemoryFileError(
-            f"file is over the {MAX_FILE_BYTES}-byte limit for memory files", Location(path)
-        )
+        raw = read_regular(path, MAX_FILE_BYTES)
+    except ReadRefused as refused:
+        raise MemoryFileError(_refusal(refused), Location(path)) from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:

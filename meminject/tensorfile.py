@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meminject.errors import shorten
-from meminject.memfile import FS_ERRORS, MemoryEntry, fs_reason, structure_problem
+from meminject.fsread import FS_ERRORS, fs_reason
+from meminject.memfile import MemoryEntry, structure_problem
 
 if TYPE_CHECKING:
     import torch
