@@ -94,7 +94,7 @@ def content_hash(path: Path, root: Path | None = None) -> str:
 def cached_dir_for(path: Path, root: Path | None = None) -> Path:
     """Where the dequantized copy of ``path`` lives (it may not exist yet)."""
     root = root or cache_root()
-    return root / "gguf" / content_hash(path, root)[:32]
+    return root / "gguf" / content_hash(path, root)[:32]  # as dequantized_dir names it
 
 
 def is_converted(directory: Path) -> bool:
@@ -106,7 +106,8 @@ def dequantized_dir(path: str | os.PathLike[str], root: Path | None = None) -> P
     gguf_path = Path(path).expanduser()
     check_gguf_file(gguf_path)
     root = root or cache_root()
-    target = cached_dir_for(gguf_path, root)
+    sha256 = content_hash(gguf_path, root)
+    target = root / "gguf" / sha256[:32]
     if is_converted(target):
         return target
     architecture = _architecture(gguf_path)
@@ -120,7 +121,7 @@ def dequantized_dir(path: str | os.PathLike[str], root: Path | None = None) -> P
         _convert(gguf_path, work)
         marker = {
             "gguf": str(gguf_path.resolve()),
-            "sha256": content_hash(gguf_path, root),
+            "sha256": sha256,
             "architecture": architecture,
         }
         (work / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")

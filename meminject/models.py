@@ -266,6 +266,7 @@ def load_model(
     origin = None
     if isinstance(target, (str, os.PathLike)) and gguf_cache.is_gguf_path(target):
         origin = str(target)
+        # Checked here too so a bad path fails before _quiet_libraries imports transformers.
         gguf_cache.check_gguf_file(Path(target).expanduser())
         _quiet_libraries()
         target = gguf_cache.dequantized_dir(target)
