@@ -21,6 +21,7 @@ from meminject.cli_analysis import inspect, sweep
 from meminject.cli_options import load_cli_model, model_options
 from meminject.errors import EXIT_RUNTIME, BadInputError, MeminjectError
 from meminject.fastpath import BACKENDS
+from meminject.sites import LAYER_SITES
 
 _DEBUG_ENV = "MEMINJECT_DEBUG"
 
@@ -226,9 +227,7 @@ def _escape(text: str) -> str:
 @click.option(
     "--site",
     required=True,
-    type=click.Choice(
-        ["attn_z", "attn_out", "mlp_post", "mlp_out", "resid_pre", "resid_mid", "resid_post"]
-    ),
+    type=click.Choice(LAYER_SITES),
 )
 @click.option(
     "--position",
@@ -478,16 +477,29 @@ def plugins(as_json: bool) -> None:
     from meminject.plugins import get_registry
 
     registry = get_registry()
-    rows = [
-        {"name": p.name, "hooks": list(p.hooks), "version": p.version, "builtin": p.builtin}
+    rows: list[dict[str, Any]] = [
+        {
+            "name": p.name,
+            "hooks": list(p.hooks),
+            "version": p.version,
+            "builtin": p.builtin,
+            "loaded": True,
+            "warnings": list(p.warnings),
+        }
         for p in registry.plugins
     ]
+    rows += [{"name": name, "loaded": False} for name in registry.not_loaded]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for p in registry.plugins:
         tag = "built-in" if p.builtin else f"version {p.version}"
         click.echo(f"{p.name} ({tag}): {', '.join(p.hooks) or 'no hooks'}")
+        for note in p.warnings:
+            click.echo(f"    warning: {note}")
+    if registry.not_loaded:
+        left_out = ", ".join(registry.not_loaded)
+        click.echo(f"not loaded (MEMINJECT_LOAD_PLUGINS or --no-plugins): {left_out}")
 
 
 def _listing(kind: str, entries: dict[str, Any], describe: Any) -> None:
@@ -500,12 +512,41 @@ def _first_line(obj: Any) -> str:
     return doc.splitlines()[0] if doc else ""
 
 
+def _fields(model: Any) -> list[str]:
+    """A pydantic model's fields as ``name: type = default — description`` lines."""
+    lines = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        kind = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+        kind = kind.replace("typing.", "")
+        default = "required" if info.is_required() else f"= {info.default!r}"
+        text = f" — {info.description}" if info.description else ""
+        lines.append(f"{name}: {kind} {default}{text}")
+    return lines
+
+
 @cli.command()
 def encoders() -> None:
-    """List registered encoders."""
+    """List registered encoders and the parameters each takes ([memory.params])."""
     from meminject.plugins import get_registry
 
-    _listing("encoder", get_registry().encoders, lambda e: _first_line(e.encoder))
+    for name, entry in get_registry().encoders.items():
+        click.echo(f"{name}  [{entry.plugin}]  {_first_line(entry.encoder)}")
+        for line in _fields(entry.params_model) if entry.params_model is not None else ():
+            click.echo(f"    params.{line}")
+
+
+@cli.command()
+def datasets() -> None:
+    """List registered datasets for sweep: what each reads and the options it takes."""
+    from meminject.plugins import get_registry
+
+    for name, entry in get_registry().datasets.items():
+        click.echo(f"{name}  [{entry.plugin}]  {entry.description}")
+        if entry.suffixes:
+            click.echo(f"    reads files ending {', '.join(entry.suffixes)} (or {name}:PATH)")
+        for line in _fields(entry.options_model) if entry.options_model is not None else ():
+            click.echo(f"    -D {line}")
 
 
 @cli.command()
@@ -595,9 +636,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         os.environ[ENV_VAR] = ""
         reset_registry()
     try:
-        from meminject.plugins import get_registry
+        import warnings
 
-        get_registry().add_commands(cli)
+        from meminject.plugins import PluginWarning, get_registry
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PluginWarning)  # shown once, below, as one line
+            registry = get_registry()
+        for message in registry.warnings:
+            click.echo(f"Warning: {message}", err=True)
+        registry.add_commands(cli)
     except MeminjectError as exc:
         if "--debug" in options:
             raise

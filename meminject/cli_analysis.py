@@ -45,7 +45,8 @@ def _model_options(f: Any) -> Any:
     "encoding_spec",
     default="unembed",
     show_default=True,
-    help="Comma-separated registered encoders (unembed, embed, layer, plugins').",
+    help="Comma-separated registered encoders (unembed, embed, layer, plugins'), each "
+    "optionally with its parameters as a TOML inline table: 'pooled{reduce = \"max\"}'.",
 )
 @click.option(
     "--heads",
@@ -71,6 +72,15 @@ def _model_options(f: Any) -> Any:
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the controls.")
 @click.option("--limit", default=None, type=click.IntRange(0), help="Use the first N rows only.")
+@click.option(
+    "-D",
+    "--dataset-option",
+    "dataset_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An option of the dataset's loader (repeatable; VALUE is read as TOML, else as a "
+    "string); meminject datasets lists each loader's options.",
+)
 @click.option("--prompt-column", default=None, help="CSV column of the prompt.")
 @click.option("--memory-column", default=None, help="CSV column of the memory text.")
 @click.option("--answer-column", default=None, help="CSV column of the answer.")
@@ -122,6 +132,7 @@ def sweep(
     answer_metric: str,
     seed: int,
     limit: int | None,
+    dataset_options: tuple[str, ...],
     prompt_column: str | None,
     memory_column: str | None,
     answer_column: str | None,
@@ -137,16 +148,23 @@ def sweep(
     """Measure how much injecting each row's memory raises p(answer), per (layer, τ,
     encoding[, head]), against random-token controls (Sakarvadia et al. 2023).
 
-    DATASET is a registered dataset (toyworld) or a CSV in the paper's columns
-    (obscure_sentence, explicit_entity, answer).
+    DATASET is a registered dataset (toyworld), NAME:PATH for a registered loader
+    reading a file, a file whose suffix a loader claims, or a CSV in the paper's columns
+    (obscure_sentence, explicit_entity, answer); meminject datasets lists the loaders.
     """
-    from meminject.datasets import resolve_dataset
+    from meminject.datasets import parse_options, resolve_dataset
     from meminject.errors import BadInputError
     from meminject.plugins import get_registry
-    from meminject.specs import parse_float_spec, parse_int_spec, parse_name_list, parse_shard
+    from meminject.specs import (
+        parse_encoding_list,
+        parse_float_spec,
+        parse_int_spec,
+        parse_shard,
+    )
     from meminject.sweep import (
         SweepConfig,
         check_output_path,
+        encoding_label,
         partial_path,
         plot_heatmap,
         read_records,
@@ -157,13 +175,12 @@ def sweep(
     # Everything that can be checked without the model is checked before loading it.
     registry = get_registry()
     taus = parse_float_spec(tau_spec, "tau")
-    encodings = parse_name_list(encoding_spec, "encoding")
-    unknown = [e for e in encodings if e not in registry.encoders]
-    if unknown:
-        raise click.BadParameter(
-            f"unknown encoding '{unknown[0]}'; registered: {', '.join(sorted(registry.encoders))}",
-            param_hint="--encoding",
+    try:
+        encodings = list(
+            dict.fromkeys(encoding_label(e, registry) for e in parse_encoding_list(encoding_spec))
         )
+    except BadInputError as exc:
+        raise click.BadParameter(str(exc), param_hint="--encoding") from None
     shard_pair = parse_shard(shard)
     if resume and out is None:
         raise BadInputError("--resume needs --out (the partial results live beside it)")
@@ -181,6 +198,7 @@ def sweep(
     rows = resolve_dataset(
         dataset,
         registry,
+        options=parse_options(dataset_options),
         prompt_column=prompt_column,
         memory_column=memory_column,
         answer_column=answer_column,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from meminject.errors import BadInputError, InjectionError, MeminjectError, PluginError
 from meminject.extension import EncodeRequest, InjectionContext, SiteHook
-from meminject.memfile import MemoryEntry, MemorySet, check_against_model, load_memory_set
+from meminject.memfile import (
+    MemoryEntry,
+    MemorySet,
+    check_against_model,
+    load_memory_set,
+    memories_from_tables,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -28,18 +34,32 @@ if TYPE_CHECKING:
     from meminject.models import LoadedModel
     from meminject.plugins import Registry
 
-MemoriesLike: TypeAlias = MemorySet | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]
+#: A loaded set; a path or paths to files and directories; or ``[[memory]]`` tables as
+#: dicts (one, or a list), validated as a file's would be.
+MemoriesLike: TypeAlias = (
+    MemorySet
+    | str
+    | os.PathLike[str]
+    | Sequence[str | os.PathLike[str]]
+    | Mapping[str, Any]
+    | Sequence[Mapping[str, Any]]
+)
 
 _CACHE_EXCLUDE = {"name", "tau", "enabled", "positions", "strategy"}
 
 
 def as_memory_set(memories: MemoriesLike, registry: Registry | None = None) -> MemorySet:
-    """Accept a loaded set, or paths to files and directories."""
+    """Accept a loaded set, paths to files and directories, or memory tables (dicts)."""
     if isinstance(memories, MemorySet):
         return memories
     if isinstance(memories, (str, os.PathLike)):
         return load_memory_set([Path(memories)], registry)
-    return load_memory_set([Path(p) for p in memories], registry)
+    if isinstance(memories, Mapping):
+        return memories_from_tables(memories, registry=registry)
+    listed = list(memories)
+    if listed and all(isinstance(m, Mapping) for m in listed):
+        return memories_from_tables(listed, registry=registry)  # type: ignore[arg-type]
+    return load_memory_set([Path(p) for p in listed], registry)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -71,12 +91,17 @@ class _Compiler:
         return self.entry(memory).error(message, field)
 
     def encode(self, memory: Any) -> torch.Tensor:
-        key = (memory.encoding, memory.model_dump_json(exclude=_CACHE_EXCLUDE))
+        params = memory.encoder_params()
+        key = (
+            memory.encoding,
+            memory.model_dump_json(exclude=_CACHE_EXCLUDE),
+            params.model_dump_json() if params is not None else None,
+        )
         cached = self.model.encodings.get(key)
         if cached is not None:
             return cached
         entry = self.registry.encoders[memory.encoding]
-        request = EncodeRequest(self.model, memory, memory.encoder_params())
+        request = EncodeRequest(self.model, memory, params)
         try:
             vector = entry.encoder(request)
         except MeminjectError as exc:
@@ -85,8 +110,34 @@ class _Compiler:
             raise PluginError(
                 entry.plugin, f"encoder '{entry.name}' failed on memory '{memory.name}': {exc!r}"
             ) from exc
+        vector = checked_encoding(vector, self.model, entry, self.entry(memory).location().render())
         self.model.encodings[key] = vector
         return vector
+
+
+def checked_encoding(vector: Any, model: LoadedModel, entry: Any, where: str) -> torch.Tensor:
+    """``vector`` if it keeps the encoder contract (a finite floating tensor of shape
+    ``[d_model]``), else a :class:`PluginError` naming the encoder's plugin: a broken
+    encoder is its author's mistake, not the memory file's."""
+    import torch
+
+    d_model = model.dims.d_model
+    problem = None
+    if not isinstance(vector, torch.Tensor):
+        problem = f"returned a {type(vector).__name__}, not a torch.Tensor"
+    elif tuple(vector.shape) != (d_model,):
+        problem = f"returned shape {tuple(vector.shape)}"
+    elif not vector.is_floating_point():
+        problem = f"returned dtype {str(vector.dtype).removeprefix('torch.')}, not a float"
+    elif not bool(vector.isfinite().all()):
+        problem = "returned non-finite values"
+    if problem is not None:
+        raise PluginError(
+            entry.plugin,
+            f"encoder '{entry.name}' {problem} for {where}; an encoder must return a "
+            f"finite float tensor of shape ({d_model},), the model's d_model",
+        )
+    return vector
 
 
 def compile_memories(

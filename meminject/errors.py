@@ -130,5 +130,11 @@ class PluginError(MeminjectError):
         super().__init__(f"plugin '{plugin}': {message}")
 
 
+class PluginConfigError(PluginError):
+    """The user's plugin selection names a plugin that is not installed (bad input)."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
 class InjectionError(MeminjectError):
     """A hook failed while a memory set was active (the model's hooks are restored)."""

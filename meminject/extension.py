@@ -104,7 +104,9 @@ class CompileContext(Protocol):
     def model(self) -> LoadedModel: ...
 
     def encode(self, memory: Any) -> torch.Tensor:
-        """The memory's vector from its encoder, computed once per (memory, model)."""
+        """The memory's vector from its encoder, computed once per (memory, model) and
+        checked: a finite float tensor of shape ``[d_model]``, or a
+        :class:`~meminject.errors.PluginError` naming the encoder's plugin."""
         ...
 
     def error(self, memory: Any, message: str, field: str | None = None) -> Exception:
@@ -124,9 +126,11 @@ class CompileContext(Protocol):
 class Strategy:
     """Base class of injection strategies.
 
-    Subclasses set ``name`` and ``memory_model`` and implement ``compile``, which
-    receives every active memory of this strategy in a set at once (so a strategy
-    can batch memories that share a site) and returns the hooks to install.
+    Subclasses set ``memory_model`` and implement ``compile``, which receives every
+    active memory of this strategy in a set at once (so a strategy can batch memories
+    that share a site) and returns the hooks to install. The strategy's name is the one
+    its memory model's ``strategy: Literal[...]`` states; registration sets ``name`` from
+    it (a ``name`` given by hand must agree).
     """
 
     name: ClassVar[str]

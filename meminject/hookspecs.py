@@ -35,10 +35,12 @@ def register_encoders(register: Any) -> None:
 def register_strategies(register: Any) -> None:
     """Register injection strategies.
 
-    Call ``register(name, strategy_cls)``. ``strategy_cls`` subclasses
-    :class:`meminject.extension.Strategy`: its ``memory_model`` (a subclass of
-    :class:`meminject.schema.MemoryBase` with ``strategy: Literal[name]``) is the
-    memory's table in a file, and its ``compile`` turns memories into hooks.
+    Call ``register(strategy_cls)`` (or ``register(name, strategy_cls)``, checked to
+    agree). ``strategy_cls`` subclasses :class:`meminject.extension.Strategy`: its
+    ``memory_model`` (a subclass of :class:`meminject.schema.MemoryBase` with a field
+    ``strategy: Literal["<name>"]``) is the memory's table in a file and states the
+    strategy's one name; its ``compile`` turns memories into hooks (build them with
+    :func:`meminject.sites.site_hook`).
     """
 
 
@@ -65,9 +67,12 @@ def register_models(register: Any) -> None:
 def register_datasets(register: Any) -> None:
     """Register dataset loaders for ``meminject sweep``.
 
-    Call ``register(name, loader, description="")``. ``loader`` takes the dataset
-    argument the user gave (a path, or None for a built-in dataset) plus keyword
-    options, and returns the rows to evaluate (see :mod:`meminject.datasets`).
+    Call ``register(name, loader, description="", *, options_model=None, suffixes=())``.
+    ``loader(path, ...)`` gets the file the user named (``NAME:PATH``, or a file ending in
+    one of ``suffixes``), or None for ``sweep NAME``, and returns the rows to evaluate
+    (:class:`meminject.datasets.PromptRow`). With ``options_model`` (a pydantic model) the
+    user's ``-D KEY=VALUE`` options are validated by it and passed as ``options=``;
+    without one, the options given are passed as keyword arguments.
     """
 
 

@@ -28,14 +28,15 @@ from typing import TYPE_CHECKING, Any
 from meminject.engine import bridge_fwd_hooks
 from meminject.errors import BadInputError, Location, MeminjectError, MemoryFileError, echo
 from meminject.fsread import FS_ERRORS, ReadRefused, describe_mode, fs_reason, read_regular
-from meminject.schema import NAME_PATTERN, SITE_HOOKS, MemoryBase
+from meminject.schema import NAME_PATTERN, MemoryBase
+from meminject.sites import LAYER_SITES, hook_name, site_hook
 
 if TYPE_CHECKING:
     from torch import Tensor
 
     from meminject.models import LoadedModel
 
-LEARN_SITES = ("attn_z", "attn_out", "mlp_post", "mlp_out", "resid_pre", "resid_mid", "resid_post")
+LEARN_SITES = LAYER_SITES
 DEFAULT_GRID = tuple(round(0.05 * i, 4) for i in range(1, 41))  # 0.05 … 2.0
 DEFAULT_HARDNESS = 3.0
 #: With the default ``--steps`` (1), the α search also tries 2 and then 3 steps before it
@@ -247,7 +248,7 @@ class _Objective:
         self.tokens = torch.cat([prompt_tokens, extra], dim=1)
         self.targets = torch.tensor(used, dtype=torch.long, device=model.device)
         self.rows = torch.arange(prompt_len - 1, prompt_len - 1 + len(used), device=model.device)
-        self.hook_name = SITE_HOOKS[site].format(layer=layer)
+        self.hook_name = hook_name(site, layer)
         self.where = f"site '{site}' of layer {layer}"
         self.shape = model.site_shape(site)
         self.key: Tensor | None = None
@@ -560,7 +561,7 @@ def gated_top1(
     import torch
 
     from meminject.engine import CompiledHook, inject
-    from meminject.extension import InjectionContext, SiteHook
+    from meminject.extension import InjectionContext
     from meminject.strategies import gate_body
 
     device = model.device
@@ -572,7 +573,7 @@ def gated_top1(
         "all",
     )
     hook = CompiledHook(
-        SiteHook(SITE_HOOKS[learned.site].format(layer=learned.layer), body),
+        site_hook(learned.site, learned.layer, body),
         "gated",
         "meminject.learn",
     )

@@ -14,7 +14,7 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,7 @@ class MemoryEntry:
         return str(self.memory.name)
 
     def location(self, field: str | None = None) -> Location:
-        line = field_line(self.source, self.index, field.split(".")[0] if field else None)
+        line = field_line(self.source, self.index, field)
         return Location(self.file, line, f"'{self.name}'", field)
 
     def error(self, message: str, field: str | None = None) -> MemoryFileError:
@@ -255,15 +255,28 @@ def field_line(
         len(lines),
     )
     if key is not None and len(key) <= MAX_LOOKUP_KEY:
-        key_re = re.compile(rf"^\s*(\"?){re.escape(key)}\1\s*=")
+        first, _, rest = key.partition(".")
+        key_re = _key_line(first)
         for i in range(start + 1, end):
             if key_re.match(lines[i]):
-                return i + 1
-        sub = re.compile(rf"^\s*\[\s*memory\.{re.escape(key)}\s*\]")
+                return i + 1  # ``first = …``, an inline table when ``rest`` is given
+        sub = re.compile(rf"^\s*\[\s*memory\.{re.escape(first)}\s*\]")
         for i in range(start + 1, end):
             if sub.match(lines[i]):
+                if rest:  # the key inside ``[memory.first]``, up to the next table
+                    inner = _key_line(rest.split(".")[0])
+                    for j in range(i + 1, end):
+                        if _TABLE.match(lines[j]):
+                            break
+                        if inner.match(lines[j]):
+                            return j + 1
                 return i + 1
     return start + 1 if start >= 0 else None
+
+
+def _key_line(key: str) -> re.Pattern[str]:
+    """A line assigning ``key`` (bare or quoted)."""
+    return re.compile(rf"^\s*([\"']?){re.escape(key)}\1\s*=")
 
 
 def _read_text(path: Path) -> str:
@@ -289,6 +302,11 @@ def _known_keys(registry: Any) -> list[str]:
     return sorted(keys)
 
 
+def _plugins_off(registry: Any) -> str:
+    note = getattr(registry, "plugins_off_note", None)
+    return note() if note is not None else ""
+
+
 def _describe(err: dict[str, Any], registry: Any) -> str:
     kind = err["type"]
     msg = str(err["msg"])
@@ -306,8 +324,23 @@ def _describe(err: dict[str, Any], registry: Any) -> str:
     if kind in ("model_type", "dict_type", "model_attributes_type"):
         return f"must be a table, got {echo(err['input'])}"
     if kind == "unknown_strategy":
-        return f"unknown strategy {echo(err['input'].get('strategy'))}; registered: " + ", ".join(
-            registry.strategies
+        return (
+            f"unknown strategy {echo(err['input'].get('strategy'))}; registered: "
+            + ", ".join(registry.strategies)
+            + _plugins_off(registry)
+        )
+    if kind == "literal_error" and loc and loc[-1] == "encoding":
+        given = err["input"]
+        close = (
+            difflib.get_close_matches(given, list(registry.encoders), n=1)
+            if isinstance(given, str) and len(given) < 100
+            else []
+        )
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return (
+            f"unknown encoding {echo(given)}; {hint}registered: "
+            + ", ".join(registry.encoders)
+            + _plugins_off(registry)
         )
     if kind == "literal_error" and loc == ("version",):
         return (
@@ -349,7 +382,7 @@ def _location_of(
         if isinstance(ctx_error, FieldValueError):
             rest = [ctx_error.field]
         field = ".".join(str(p) for p in rest) or None
-        line = field_line(source, index, str(rest[0]) if rest else None)
+        line = field_line(source, index, field)
     elif loc and loc[0] == "model":
         field = ".".join(str(p) for p in loc) or None
         line = field_line(source, None, str(loc[1]) if len(loc) > 1 else None, table="model")
@@ -412,6 +445,12 @@ def _validate(
     twice, as an unknown key and a missing field, and the unknown key is the cause.
     Problems that stop parsing are raised."""
     source, data = _parse(path)
+    return _validate_data(path, source, data, registry, limit)
+
+
+def _validate_data(
+    path: Path, source: str, data: dict[str, Any], registry: Any, limit: int | None = None
+) -> tuple[LoadedFile | None, list[MemoryFileError], int]:
     try:
         validated: Any = registry.file_model.model_validate(data)
     except ValidationError as exc:
@@ -447,6 +486,48 @@ def read_memory_file(path: Path | str, registry: Any | None = None) -> LoadedFil
         raise first
     assert loaded is not None
     return loaded
+
+
+#: What memories built in Python (not read from a file) are located at in errors.
+PYTHON_SOURCE = "<python>"
+
+
+def memories_from_tables(
+    tables: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    *,
+    model: Mapping[str, Any] | None = None,
+    registry: Any | None = None,
+) -> MemorySet:
+    """A memory set from ``[[memory]]`` tables written as Python dicts, validated exactly
+    as a file's (strategy, encoder ``params``, every field), so a script or notebook
+    needs no file::
+
+        memories_from_tables({"name": "m", "text": "Paris", "encoding": "pooled",
+                              "params": {"reduce": "max"}, "layer": 1, "tau": 4.0})
+
+    ``model`` is the optional ``[model]`` table. Errors name ``<python>``, the memory and
+    the field. Relative tensor paths (gated memories) are relative to the working
+    directory."""
+    from meminject.plugins import get_registry
+
+    listed = [tables] if isinstance(tables, Mapping) else list(tables)
+    if not all(isinstance(t, Mapping) for t in listed):
+        raise MemoryFileError("each memory must be a table (a dict)", Location(PYTHON_SOURCE))
+    data: dict[str, Any] = {"version": FORMAT_VERSION, "memory": [dict(t) for t in listed]}
+    if model is not None:
+        data["model"] = dict(model)
+    path = Path(PYTHON_SOURCE)
+    loaded, problems, count = _validate_data(path, "", data, registry or get_registry(), 1)
+    if problems:
+        more = count - 1
+        first = problems[0]
+        if more:
+            raise MemoryFileError(
+                f"{first.message} (and {more} more problem{'s' * (more > 1)})", first.location
+            )
+        raise first
+    assert loaded is not None
+    return MemorySet((loaded,))
 
 
 def _duplicates(

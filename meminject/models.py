@@ -100,14 +100,9 @@ class LoadedModel:
 
     def site_shape(self, site: str) -> tuple[int, ...]:
         """Shape of one position's activation at a site (what keys and deltas must have)."""
-        dims = self.dims
-        if site == "attn_z":
-            return (dims.n_heads, int(self.bridge.cfg.d_head or dims.d_model // dims.n_heads))
-        if site == "mlp_post":
-            if not self.bridge.cfg.d_mlp:
-                raise BadInputError(f"model '{self.name}' does not report its MLP width (d_mlp)")
-            return (int(self.bridge.cfg.d_mlp),)
-        return (dims.d_model,)
+        from meminject.sites import site_shape
+
+        return site_shape(self, site)
 
     def model_table(self) -> dict[str, Any]:
         """The ``[model]`` table describing this model, fingerprint included."""

@@ -8,20 +8,22 @@ to the plugin's name; that is how a clash, or an exception, names its plugin.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from importlib import metadata
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 import pluggy
 from pydantic import BaseModel
 
 from meminject import hookspecs
-from meminject.errors import PluginError
+from meminject.errors import PluginConfigError, PluginError
 from meminject.extension import Strategy
 from meminject.schema import MemoryBase, StrictModel, build_file_model
 
@@ -34,6 +36,7 @@ BUILTIN_MODULES = (
     "meminject.datasets",
 )
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
+_SUFFIX = re.compile(r"\.[\w.\-]+")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,10 @@ class DatasetEntry:
     loader: Callable[..., Any]
     description: str
     plugin: str
+    #: The loader's own options (``-D KEY=VALUE``), a pydantic model; None: keyword options.
+    options_model: type[BaseModel] | None = None
+    #: File suffixes the loader reads (``.jsonl``): such files go to it, not to ``csv``.
+    suffixes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,8 @@ class PluginInfo:
     hooks: tuple[str, ...]
     version: str | None
     builtin: bool
+    #: What looks wrong with the plugin though it loaded (see :class:`PluginWarning`).
+    warnings: tuple[str, ...] = ()
 
 
 @dataclass
@@ -91,6 +100,25 @@ class Registry:
     strategies: dict[str, StrategyEntry] = field(default_factory=dict)
     models: dict[str, ModelEntry] = field(default_factory=dict)
     datasets: dict[str, DatasetEntry] = field(default_factory=dict)
+    #: Installed plugins left out by ``MEMINJECT_LOAD_PLUGINS`` (or ``--no-plugins``).
+    not_loaded: tuple[str, ...] = ()
+    #: Problems in plugins that did not stop loading (also issued as :class:`PluginWarning`).
+    warnings: list[str] = field(default_factory=list)
+
+    def plugins_off_note(self) -> str:
+        """Why a name a file uses may be missing: installed plugins that were not loaded.
+        Empty when every installed plugin is loaded."""
+        if not self.not_loaded:
+            return ""
+        value = os.environ.get(ENV_VAR)
+        if value is not None and not value.strip():
+            how = f"--no-plugins or {ENV_VAR}=''"
+        else:
+            how = f"{ENV_VAR}={value!r}" if value is not None else "the plugin selection"
+        return (
+            f" (plugins are off: {how} leaves out the installed "
+            f"plugin{'s' * (len(self.not_loaded) > 1)} {', '.join(self.not_loaded)})"
+        )
 
     @cached_property
     def file_model(self) -> type[StrictModel]:
@@ -117,6 +145,10 @@ def _kwargs(impl: Any, **available: Any) -> dict[str, Any]:
     return {name: available[name] for name in impl.argnames if name in available}
 
 
+class PluginWarning(UserWarning):
+    """A plugin loaded, but looks like it does not do what its author meant."""
+
+
 def _allowed_plugins() -> set[str] | None:
     value = os.environ.get(ENV_VAR)
     if value is None:
@@ -133,10 +165,17 @@ def build_registry(
 ) -> Registry:
     """Load built-ins, installed plugins (filtered by ``MEMINJECT_LOAD_PLUGINS``) and
     ``extra_plugins`` (name, module-or-object pairs, for tests), then collect registrations.
+
+    An extra plugin replaces an installed one of the same name or the same module, so a
+    plugin's own tests and notebooks work whether or not the package is installed.
     """
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     infos: list[PluginInfo] = []
+    found_warnings: list[str] = []
+    extras = list(extra_plugins)
+    extra_names = {name for name, _ in extras}
+    extra_ids = {id(plugin) for _, plugin in extras}
 
     def add(name: str, plugin: object, version: str | None, builtin: bool) -> None:
         try:
@@ -144,11 +183,20 @@ def build_registry(
         except (pluggy.PluginValidationError, ValueError) as exc:
             raise PluginError(name, f"invalid hook implementation: {exc}") from exc
         hooks = tuple(sorted(impl.name for impl in pm.get_hookcallers(plugin) or ()))
-        infos.append(PluginInfo(name, hooks, version, builtin))
+        undecorated = _undecorated_hooks(plugin) if not hooks else []
+        notes = tuple(
+            f"plugin '{name}' implements no hooks, but defines "
+            f"{', '.join(f'{n}()' for n in undecorated)} without @meminject.hookimpl "
+            "(decorate the function, or nothing is registered)"
+            for _ in undecorated[:1]
+        )
+        found_warnings.extend(notes)
+        infos.append(PluginInfo(name, hooks, version, builtin, notes))
 
     for module_name in BUILTIN_MODULES:
         add(module_name, importlib.import_module(module_name), None, True)
 
+    not_loaded: list[str] = []
     if load_entrypoints:
         allowed = _allowed_plugins()
         found = _entry_points()
@@ -158,31 +206,76 @@ def build_registry(
             }
             missing = sorted(allowed - known)
             if missing:
-                raise PluginError(
-                    missing[0], f"{ENV_VAR} names it, but no such plugin is installed"
+                close = difflib.get_close_matches(missing[0], sorted(known), n=1)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                installed = ", ".join(sorted(ep.name for ep in found)) or "none"
+                raise PluginConfigError(
+                    missing[0],
+                    f"{ENV_VAR} names it, but no such plugin is installed{hint} "
+                    f"(installed: {installed})",
                 )
         for ep in found:
             dist = ep.dist.name if ep.dist is not None else None
             if allowed is not None and ep.name not in allowed and dist not in allowed:
+                not_loaded.append(ep.name)
+                continue
+            if ep.name in extra_names:
                 continue
             try:
                 plugin = ep.load()
             except Exception as exc:
                 raise PluginError(ep.name, f"failed to import: {exc!r}") from exc
+            if id(plugin) in extra_ids:
+                continue
             add(ep.name, plugin, ep.dist.version if ep.dist is not None else None, False)
 
-    for name, plugin in extra_plugins:
+    for name, plugin in extras:
         add(name, plugin, None, False)
 
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
         plugin_name = pm.get_name(exc.plugin) or "?"
-        raise PluginError(plugin_name, f"implements an unknown hook: {exc}") from exc
+        raise PluginError(plugin_name, _unknown_hook_message(pm, exc)) from exc
 
-    registry = Registry(pm=pm, plugins=infos)
+    registry = Registry(pm=pm, plugins=infos, not_loaded=tuple(not_loaded), warnings=found_warnings)
     _collect(registry)
+    for message in found_warnings:
+        warnings.warn(message, PluginWarning, stacklevel=2)
     return registry
+
+
+def _hook_names() -> list[str]:
+    return sorted(n for n in dir(hookspecs) if hasattr(getattr(hookspecs, n), "meminject_spec"))
+
+
+def _undecorated_hooks(plugin: object) -> list[str]:
+    """Functions of ``plugin`` named like a hook (or nearly) that are not hook
+    implementations: the usual reason a plugin loads and registers nothing."""
+    names = _hook_names()
+    out = []
+    for attr in sorted(dir(plugin)):
+        if attr.startswith("_") or not callable(getattr(plugin, attr, None)):
+            continue
+        if (
+            attr in names
+            or attr.startswith("register_")
+            or difflib.get_close_matches(attr, names, n=1, cutoff=0.85)
+        ):
+            out.append(attr)
+    return out
+
+
+def _unknown_hook_message(pm: pluggy.PluginManager, exc: pluggy.PluginValidationError) -> str:
+    unknown = [
+        caller.name for caller in pm.get_hookcallers(exc.plugin) or () if not caller.has_spec()
+    ]
+    if not unknown:
+        return f"implements an unknown hook: {exc}"
+    name = unknown[0]
+    close = difflib.get_close_matches(name, _hook_names(), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"implements an unknown hook '{name}'{hint} (hooks: {', '.join(_hook_names())})"
 
 
 def _collect(registry: Registry) -> None:
@@ -223,16 +316,38 @@ def _collect(registry: Registry) -> None:
         return register
 
     def strategy_register(plugin: str) -> Callable[..., None]:
-        def register(name: str, strategy_cls: type[Strategy]) -> None:
+        def register(name: Any, strategy_cls: Any = None) -> None:
+            if strategy_cls is None:  # register(StrategyClass): the name is the file's
+                strategy_cls, name = name, _declared_strategy(name)
+                if name is None:
+                    raise PluginError(
+                        plugin,
+                        f"register({getattr(strategy_cls, '__name__', strategy_cls)!r}): its "
+                        "memory_model needs a field `strategy: Literal['<name>']`",
+                    )
             checked_name("strategy", name, plugin, registry.strategies)
             if not (isinstance(strategy_cls, type) and issubclass(strategy_cls, Strategy)):
                 raise PluginError(plugin, f"strategy '{name}' is not a meminject Strategy class")
             model = getattr(strategy_cls, "memory_model", None)
             if not (isinstance(model, type) and issubclass(model, MemoryBase)):
                 raise PluginError(plugin, f"strategy '{name}' has no memory_model (a MemoryBase)")
-            if "strategy" not in model.model_fields:
+            declared = _declared_strategy(strategy_cls)
+            if declared != name:
+                got = f"Literal[{declared!r}]" if declared else "no single-value Literal"
                 raise PluginError(
-                    plugin, f"strategy '{name}': memory_model has no 'strategy' field"
+                    plugin,
+                    f"strategy '{name}': its memory_model {model.__name__} declares strategy "
+                    f"{got}, so no memory file could select '{name}'; give the memory model "
+                    f"`strategy: Literal[{name!r}]`",
+                )
+            own_name = strategy_cls.__dict__.get("name")
+            if own_name is None:
+                strategy_cls.name = name  # one name: the file's, stated in the memory model
+            elif own_name != name:
+                raise PluginError(
+                    plugin,
+                    f"strategy '{name}': {strategy_cls.__name__}.name is {own_name!r}; drop "
+                    "it (the name comes from the memory model) or make them agree",
                 )
             registry.strategies[name] = StrategyEntry(name, strategy_cls, plugin)
 
@@ -258,11 +373,36 @@ def _collect(registry: Registry) -> None:
         return register
 
     def dataset_register(plugin: str) -> Callable[..., None]:
-        def register(name: str, loader: Callable[..., Any], description: str = "") -> None:
+        def register(
+            name: str,
+            loader: Callable[..., Any],
+            description: str = "",
+            *,
+            options_model: type[BaseModel] | None = None,
+            suffixes: Iterable[str] = (),
+        ) -> None:
             checked_name("dataset", name, plugin, registry.datasets)
             if not callable(loader):
                 raise PluginError(plugin, f"dataset '{name}': loader is not callable")
-            registry.datasets[name] = DatasetEntry(name, loader, description, plugin)
+            if options_model is not None and not (
+                isinstance(options_model, type) and issubclass(options_model, BaseModel)
+            ):
+                raise PluginError(
+                    plugin, f"dataset '{name}': options_model is not a pydantic model"
+                )
+            if isinstance(suffixes, str):
+                suffixes = (suffixes,)
+            claimed = tuple(suffixes)
+            bad = [
+                x for x in claimed if not (isinstance(x, str) and re.fullmatch(r"\.[\w.\-]+", x))
+            ]
+            if bad:
+                raise PluginError(
+                    plugin, f"dataset '{name}': suffix {bad[0]!r} is not like '.jsonl'"
+                )
+            registry.datasets[name] = DatasetEntry(
+                name, loader, description, plugin, options_model, claimed
+            )
 
         return register
 
@@ -270,6 +410,19 @@ def _collect(registry: Registry) -> None:
     each(pm.hook.register_strategies, strategy_register)
     each(pm.hook.register_models, model_register)
     each(pm.hook.register_datasets, dataset_register)
+
+
+def _declared_strategy(strategy_cls: Any) -> str | None:
+    """The one value of ``memory_model``'s ``strategy: Literal[...]`` field, or None."""
+    model = getattr(strategy_cls, "memory_model", None)
+    fields = getattr(model, "model_fields", {})
+    if "strategy" not in fields:
+        return None
+    annotation = fields["strategy"].annotation
+    if get_origin(annotation) is not Literal:
+        return None
+    values = get_args(annotation)
+    return values[0] if len(values) == 1 and isinstance(values[0], str) else None
 
 
 _registry: Registry | None = None

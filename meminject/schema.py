@@ -8,8 +8,9 @@ is registered. Nothing here imports torch, so ``meminject validate`` stays light
 
 from __future__ import annotations
 
+import difflib
 import math
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
     AliasChoices,
@@ -26,24 +27,15 @@ from pydantic import (
     model_validator,
 )
 
-from meminject.errors import shorten
+from meminject.errors import echo, shorten
+from meminject.sites import SITES
 
 FORMAT_VERSION = 1
 
-#: Site name → TransformerLens hook point (``{layer}`` is filled in).
-SITE_HOOKS: dict[str, str] = {
-    "attn_result": "blocks.{layer}.attn.hook_result",
-    "attn_out": "blocks.{layer}.hook_attn_out",
-    "attn_z": "blocks.{layer}.attn.hook_z",
-    "mlp_post": "blocks.{layer}.mlp.hook_post",
-    "mlp_out": "blocks.{layer}.hook_mlp_out",
-    "resid_pre": "blocks.{layer}.hook_resid_pre",
-    "resid_mid": "blocks.{layer}.hook_resid_mid",
-    "resid_post": "blocks.{layer}.hook_resid_post",
-}
-
-#: Sites whose activation has the model's width, so a text encoding fits them.
-D_MODEL_SITES = ("attn_result", "attn_out", "resid_pre", "resid_mid", "resid_post", "mlp_out")
+#: Site name → TransformerLens hook point, from :mod:`meminject.sites` (which owns them;
+#: kept here for plugins written against it). The Literals below must list the same
+#: sites; a test holds them to the table.
+SITE_HOOKS: dict[str, str] = {name: info.hook for name, info in SITES.items()}
 
 Site = Literal[
     "attn_result",
@@ -108,8 +100,6 @@ class ModelInfo(StrictModel):
 class MemoryBase(StrictModel):
     """Fields every memory has, whatever its strategy."""
 
-    strategy_name: ClassVar[str] = ""
-
     name: str = Field(
         ..., min_length=1, max_length=128, pattern=NAME_PATTERN, description="Unique in a set."
     )
@@ -144,13 +134,16 @@ def _finite(value: float) -> float:
 class AddMemory(MemoryBase):
     """A text memory added at a site, scaled by τ (the paper's injection)."""
 
-    strategy_name: ClassVar[str] = "add"
-
     _encoder_params: BaseModel | None = PrivateAttr(None)
 
     strategy: Literal["add"] = "add"
     text: str = Field(..., min_length=1, max_length=10_000, description="The memory's text.")
     encoding: str = Field("unembed", description="Encoder that turns the text into a vector.")
+    params: dict[str, Any] | None = Field(
+        None,
+        description="The encoder's own parameters ([memory.params]); in a memory set they are "
+        "validated by the encoder's params model, read back with encoder_params().",
+    )
     head: int | None = Field(
         None, ge=0, description="Attention head; omitted = the whole attention output."
     )
@@ -202,8 +195,6 @@ GatedSite = Literal[
 class GatedMemory(MemoryBase):
     """A gradient-derived local memory: ``a ← a + s·Δ`` with the similarity gate
     ``x = 1 − (a·k)/‖k‖²``, ``s = exp(−(x²/b²)^h)``; k and Δ live in a safetensors file."""
-
-    strategy_name: ClassVar[str] = "gated"
 
     strategy: Literal["gated"]
     site: GatedSite = Field(..., description="Where the delta is added (and the key was read).")
@@ -294,15 +285,11 @@ def _with_encoders(
         try:
             validated = params_model.model_validate(raw or {})
         except ValidationError as exc:
-            first = exc.errors()[0]
+            first = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
             where = ".".join(str(p) for p in ("params", *first["loc"]))
-            message = str(first["msg"])
-            if first["type"] == "extra_forbidden":
-                key = shorten(str(first["loc"][-1]))
-                message = f"unknown key '{key}' for encoder '{self.encoding}'"
-            elif first["type"] == "missing":
-                message = "required field is missing"
-            raise FieldValueError(where, message) from None
+            raise FieldValueError(
+                where, params_message(first, self.encoding, params_model)
+            ) from None
         object.__setattr__(self, "_encoder_params", validated)
         return self
 
@@ -311,6 +298,24 @@ def _with_encoders(
         model.__name__, __base__=model, __validators__=validators, **fields
     )
     return built
+
+
+def params_message(error: Any, encoding: str, params_model: type[BaseModel]) -> str:
+    """One ``[memory.params]`` problem as a sentence: the bad value shown, and a
+    "did you mean" for a misspelled parameter name."""
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        key = str(error["loc"][-1])
+        known = sorted(params_model.model_fields)
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6) if len(key) < 100 else []
+        hint = f"did you mean '{close[0]}'?" if close else f"it takes {', '.join(known) or 'none'}"
+        return f"unknown key '{shorten(key)}' for encoder '{encoding}'; {hint}"
+    if kind == "missing":
+        return f"required field is missing (encoder '{encoding}')"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if "input" in error and not isinstance(error["input"], (dict, list)):
+        message = f"{message}, got {echo(error['input'])}"
+    return message
 
 
 def build_file_model(

@@ -121,6 +121,31 @@ def parse_name_list(spec: str, what: str = "encoding") -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def parse_encoding_list(spec: str) -> list[str]:
+    """Comma-separated encoding labels, each once: ``unembed,pooled{reduce = "max",
+    source = "embed"}``. Commas inside an inline table's braces or quotes do not split."""
+    labels: list[str] = []
+    depth, quote, start = 0, "", 0
+    for i, char in enumerate(spec):
+        if quote:
+            if char == quote and spec[i - 1] != "\\":
+                quote = ""
+        elif char in "\"'":
+            quote = char
+        elif char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            labels.append(spec[start:i])
+            start = i + 1
+    labels.append(spec[start:])
+    names = [label.strip() for label in labels if label.strip()]
+    if not names:
+        raise BadInputError("empty encoding list")
+    return list(dict.fromkeys(names))
+
+
 def parse_shard(spec: str) -> tuple[int, int]:
     """``i/n`` → ``(i, n)`` with ``0 <= i < n``: this process takes rows ``i, i+n, i+2n …``.
 

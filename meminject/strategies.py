@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from meminject.extension import CompileContext, InjectionContext, SiteHook, Strategy
 from meminject.hookspecs import hookimpl
-from meminject.schema import SITE_HOOKS, AddMemory, GatedMemory
+from meminject.schema import AddMemory, GatedMemory
+from meminject.sites import hook_name
 
 if TYPE_CHECKING:
     from jaxtyping import Float
@@ -38,14 +39,7 @@ class AddStrategy(Strategy):
         by_hook: dict[str, dict[str, tuple[Any, Tensor]]] = defaultdict(dict)
         for memory in memories:
             site = memory.resolved_site
-            vector = ctx.encode(memory)
-            if vector.shape != (model.dims.d_model,):
-                raise ctx.error(
-                    memory,
-                    f"encoder '{memory.encoding}' gave a vector of shape {tuple(vector.shape)}, "
-                    f"but site '{site}' needs ({model.dims.d_model},)",
-                    "encoding",
-                )
+            vector = ctx.encode(memory)  # [d_model], checked against the encoder contract
             delta = (memory.tau * vector).to(device=model.device, dtype=model.dtype)
             if not bool(delta.isfinite().all()):
                 raise ctx.error(
@@ -66,10 +60,10 @@ class AddStrategy(Strategy):
                 site = "attn_out"
                 if model.post_sublayer_norms:
                     site = "attn_heads_sum"
-            hook_name = _hook_name(site, memory.layer)
-            by_hook[hook_name][_positions_key(memory.positions)] = (
+            point = _hook_name(site, memory.layer)
+            by_hook[point][_positions_key(memory.positions)] = (
                 memory.positions,
-                by_hook[hook_name].get(_positions_key(memory.positions), (None, 0))[1] + delta,
+                by_hook[point].get(_positions_key(memory.positions), (None, 0))[1] + delta,
             )
         return [SiteHook(name, _adder(list(groups.values()))) for name, groups in by_hook.items()]
 
@@ -77,7 +71,7 @@ class AddStrategy(Strategy):
 def _hook_name(site: str, layer: int) -> str:
     if site == "attn_heads_sum":
         return f"blocks.{layer}.attn.hook_out"
-    return SITE_HOOKS[site].format(layer=layer)
+    return hook_name(site, layer)
 
 
 def _positions_key(positions: Any) -> str:
@@ -146,20 +140,17 @@ class GatedStrategy(Strategy):
             if float(key.norm()) == 0.0:
                 raise ctx.error(memory, "the key is all zeros; the gate is undefined", "tensors")
             delta = tensors["delta"].flatten().to(torch.float32)
-            hook_name = SITE_HOOKS[memory.site].format(layer=memory.layer)
-            group = (hook_name, repr(memory.positions))
+            group = (hook_name(memory.site, memory.layer), repr(memory.positions))
             positions_of[group] = memory.positions
             banks[group].append((key, delta, memory.boundary, memory.hardness))
         hooks = []
-        for (hook_name, positions_key), bank in banks.items():
+        for (point, positions_key), bank in banks.items():
             keys = torch.stack([k for k, _, _, _ in bank]).to(model.device)
             deltas = torch.stack([d for _, d, _, _ in bank]).to(model.device)
             boundary = torch.tensor([b for _, _, b, _ in bank], device=model.device)
             hardness = torch.tensor([h for _, _, _, h in bank], device=model.device)
-            body = gate_body(
-                keys, deltas, boundary, hardness, positions_of[(hook_name, positions_key)]
-            )
-            hooks.append(SiteHook(hook_name, body))
+            body = gate_body(keys, deltas, boundary, hardness, positions_of[(point, positions_key)])
+            hooks.append(SiteHook(point, body))
         return hooks
 
 

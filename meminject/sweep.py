@@ -255,6 +255,85 @@ def control_texts(model: LoadedModel, row: PromptRow, n: int, seed: int) -> list
 # --------------------------------------------------------------------------- encoders
 
 
+def encoding_parts(label: str, registry: Registry | None = None) -> tuple[str, Any]:
+    """The encoder name and validated parameters an encoding label stands for.
+
+    A label is a registered encoder's name (``unembed``), optionally followed by its
+    ``[memory.params]`` as a TOML inline table: ``pooled{reduce = "max"}``. Parameters
+    not given take the encoder's defaults. Errors name the label and the parameter."""
+    from pydantic import ValidationError
+
+    from meminject.plugins import get_registry
+    from meminject.schema import params_message
+
+    registry = registry or get_registry()
+    name, brace, rest = label.partition("{")
+    name = name.strip()
+    if name not in registry.encoders:
+        known = ", ".join(sorted(registry.encoders))
+        raise BadInputError(
+            f"unknown encoding '{name}'; registered: {known}" + registry.plugins_off_note()
+        )
+    params_model = registry.encoders[name].params_model
+    given: dict[str, Any] = {}
+    if brace:
+        given = _inline_table(label, "{" + rest)
+    if params_model is None:
+        if given:
+            raise BadInputError(f"encoding '{label}': encoder '{name}' takes no parameters")
+        return name, None
+    try:
+        return name, params_model.model_validate(given)
+    except ValidationError as exc:
+        error = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        key = ".".join(str(p) for p in error["loc"])
+        message = params_message(error, name, params_model)
+        raise BadInputError(f"encoding '{label}': parameter '{key}': {message}") from None
+
+
+def _inline_table(label: str, table: str) -> dict[str, Any]:
+    import tomllib
+
+    try:
+        value = tomllib.loads(f"params = {table}")["params"]
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInputError(
+            f"encoding '{label}': the parameters must be a TOML inline table, such as "
+            f'pooled{{reduce = "max"}} ({exc})'
+        ) from None
+    if not isinstance(value, dict):
+        raise BadInputError(f"encoding '{label}': the parameters must be an inline table")
+    return value
+
+
+def encoding_label(label: str, registry: Registry | None = None) -> str:
+    """``label`` written one way: the name, then the given parameters sorted by key
+    (``pooled{reduce = "max", source = "embed"}``), so results and resumes match."""
+    name, _, rest = label.partition("{")
+    encoding_parts(label, registry)  # valid, or a clear error
+    if not rest:
+        return name.strip()
+    given = _inline_table(label, "{" + rest)
+    if not given:
+        return name.strip()
+    items = ", ".join(f"{key} = {_toml_value(given[key])}" for key in sorted(given))
+    return f"{name.strip()}{{{items}}}"
+
+
+def _toml_value(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in sorted(value.items())) + "}"
+    return json.dumps(str(value))
+
+
 def sweep_memory(
     text: str,
     *,
@@ -265,28 +344,24 @@ def sweep_memory(
     registry: Registry | None = None,
 ) -> AddMemory:
     """The :class:`AddMemory` a cell stands for (positions ``"all"``), with the encoder's
-    parameter defaults attached when the encoder takes parameters."""
-    from meminject.plugins import get_registry
-
-    registry = registry or get_registry()
-    if encoding not in registry.encoders:
-        known = ", ".join(sorted(registry.encoders))
-        raise BadInputError(f"unknown encoding '{encoding}'; registered: {known}")
+    parameters (from the encoding label, defaults for the rest) attached."""
+    name, params = encoding_parts(encoding, registry)
+    given = _inline_table(encoding, "{" + encoding.partition("{")[2]) if "{" in encoding else None
     memory = AddMemory.model_validate(
         {
             "name": "sweep",
             "text": text,
             "layer": layer,
             "tau": float(tau),
-            "encoding": encoding,
+            "encoding": name,
+            "params": given or None,
             "head": head,
             "positions": "all",
         }
     )
-    params_model = registry.encoders[encoding].params_model
-    if params_model is not None:
+    if params is not None:
         # Same mechanism the schema's validator uses to attach a file's params table.
-        object.__setattr__(memory, "_encoder_params", params_model.model_validate({}))
+        object.__setattr__(memory, "_encoder_params", params)
     return memory
 
 
@@ -294,12 +369,13 @@ def encode_text(
     model: LoadedModel, text: str, *, layer: int, encoding: str, registry: Registry | None = None
 ) -> Float[Tensor, " d_model"]:
     """``v`` for ``text`` from the registered encoder, exactly as the engine computes it."""
+    from meminject.engine import checked_encoding
     from meminject.extension import EncodeRequest
     from meminject.plugins import get_registry
 
     registry = registry or get_registry()
     memory = sweep_memory(text, layer=layer, tau=1.0, encoding=encoding, registry=registry)
-    entry = registry.encoders[encoding]
+    entry = registry.encoders[memory.encoding]
     try:
         vector = entry.encoder(EncodeRequest(model, memory, memory.encoder_params()))
     except MeminjectError:
@@ -308,11 +384,7 @@ def encode_text(
         raise PluginError(
             entry.plugin, f"encoder '{encoding}' failed on {text!r}: {exc!r}"
         ) from exc
-    if tuple(vector.shape) != (model.dims.d_model,):
-        raise PluginError(
-            entry.plugin,
-            f"encoder '{encoding}' gave shape {tuple(vector.shape)}, need ({model.dims.d_model},)",
-        )
+    vector = checked_encoding(vector, model, entry, f"the sweep's text {text!r}")
     return vector.detach().to(device=model.device, dtype=model.dtype)
 
 
@@ -716,9 +788,7 @@ def run_sweep(
                 f"(0-{dims.n_heads - 1})"
             )
     for encoding in config.encodings:
-        if encoding not in registry.encoders:
-            known = ", ".join(sorted(registry.encoders))
-            raise BadInputError(f"unknown encoding '{encoding}'; registered: {known}")
+        encoding_parts(encoding, registry)  # a known encoder with valid parameters
     hook_names = [f"blocks.{layer}.hook_attn_out" for layer in config.layers]
     missing = [name for name in hook_names if name not in model.bridge.hook_dict]
     if missing:
@@ -786,7 +856,7 @@ def run_sweep(
                 # [encoding][variant, batch, d_model], computed before the hook goes in.
                 vectors = []
                 for encoding in config.encodings:
-                    entry = registry.encoders[encoding]
+                    entry = registry.encoders[encoding_parts(encoding, registry)[0]]
                     if (entry.plugin, entry.name) in _LAYER_FREE and encoding in layer_free:
                         vectors.append(layer_free[encoding])
                         continue

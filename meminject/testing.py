@@ -125,9 +125,10 @@ def registered_plugins(*plugins: tuple[str, object], entry_points: bool = True) 
     """Make ``plugins`` (name, module-or-object pairs) part of the process-wide registry
     for the duration of the block; yields the registry.
 
-    ``entry_points=False`` leaves installed plugins out, so the block sees the built-ins
-    and ``plugins`` only. Plugin authors want that in their own tests: their package is
-    usually installed too, and registering it a second time would clash with itself.
+    A plugin given here replaces an installed one of the same entry-point name or
+    module, so a notebook or a test that registers a package's module works the same
+    before and after the package is installed. ``entry_points=False`` leaves every
+    installed plugin out, so the block sees the built-ins and ``plugins`` only.
     """
     from meminject import plugins as plugin_module
 

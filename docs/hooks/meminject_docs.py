@@ -11,7 +11,8 @@ the page keeps describing the old one. So nothing here is written down twice:
 - ``reference/cli.md`` walks the click group ``meminject.cli.cli`` and renders each
   command's usage, help and options as ``--help`` would show them;
 - in any page, ``<!-- api: dotted.name -->`` becomes the signature and docstring of a
-  Python object, and ``<!-- fields: module:Model -->`` a table of a pydantic model's
+  Python object, ``<!-- table: sites -->`` the sites table of ``meminject.sites``, and
+  ``<!-- fields: module:Model -->`` a table of a pydantic model's
   fields (used for the example plugins' parameter models).
 
 The functions are plain (no MkDocs types) so tests can call them without a build.
@@ -145,7 +146,7 @@ def _first_paragraph(obj: Any) -> str:
 
 def memory_file_reference() -> str:
     """The memory file reference page (markdown)."""
-    from meminject.schema import SITE_HOOKS, json_schema
+    from meminject.schema import json_schema
 
     registry = _registry()
     schema = json_schema(registry.file_model)
@@ -215,8 +216,24 @@ def memory_file_reference() -> str:
         "layer ℓ. Text memories need a site of the model's width; gated memories may also "
         "use `attn_z` (per head) and `mlp_post` (the MLP's hidden width).\n"
     )
-    out.append("| site | hook point |\n| --- | --- |")
-    out += [f"| `{site}` | `{hook}` |" for site, hook in SITE_HOOKS.items()]
+    out.append(sites_table())
+    return "\n".join(out) + "\n"
+
+
+def sites_table() -> str:
+    """The sites table of :mod:`meminject.sites`, as markdown (the memory file reference
+    and the hook reference both show it)."""
+    from meminject.sites import table_rows
+
+    out = ["| site | hook point | width | writes the residual stream | what |", "| --- " * 5 + "|"]
+    for row in table_rows():
+        width = {"d_model": "d_model", "d_mlp": "d_mlp", "heads": "n_heads × d_head"}[row["width"]]
+        if row["per_head"]:
+            width = "n_heads × d_model"
+        writes = "yes" if row["writes_residual"] else "no"
+        out.append(
+            f"| `{row['site']}` | `{row['hook']}` | {width} | {writes} | {row['description']} |"
+        )
     return "\n".join(out) + "\n"
 
 
@@ -400,7 +417,7 @@ def api_block(dotted: str) -> str:
     )
 
 
-_MARKER = re.compile(r"^<!-- (api|fields): (\S+) -->$", re.MULTILINE)
+_MARKER = re.compile(r"^<!-- (api|fields|table): (\S+) -->$", re.MULTILINE)
 
 
 def _plugin_paths() -> None:
@@ -415,6 +432,10 @@ def expand_markers(markdown: str) -> str:
         kind, target = match.groups()
         if kind == "api":
             return api_block(target)
+        if kind == "table":
+            if target != "sites":
+                raise ValueError(f"unknown table marker {target!r}")
+            return sites_table()
         _plugin_paths()
         return model_fields_table(_resolve(target))
 

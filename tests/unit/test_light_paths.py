@@ -39,6 +39,7 @@ def run_cli_and_list_heavy_modules(args: list[str]) -> tuple[int, list[str], str
         ["plugins"],
         ["encoders"],
         ["strategies"],
+        ["datasets"],
         ["models"],
         ["schema"],
         ["generate", "--help"],

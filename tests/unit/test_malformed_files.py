@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from meminject.cli import cli
 from meminject.errors import MemoryFileError
 from meminject.memfile import load_memory_set
+from meminject.plugins import get_registry
 
 OK = '[[memory]]\nname = "m"\ntext = "Paris"\nlayer = 1\ntau = 2.0\n'
 
@@ -159,8 +160,8 @@ CASES: list[tuple[str, str, str]] = [
     (
         "unknown-encoding",
         "version = 1\n" + OK + 'encoding = "unembedd"\n',
-        "{f}:7: memory 'm': field 'encoding': Input should be 'unembed', 'embed' or 'layer', "
-        "got 'unembedd'",
+        "{f}:7: memory 'm': field 'encoding': unknown encoding 'unembedd'; did you mean "
+        "'unembed'? registered: unembed, embed, layer{plugins_off}",
     ),
     (
         "params-for-paramless-encoder",
@@ -170,7 +171,7 @@ CASES: list[tuple[str, str, str]] = [
     (
         "unknown-strategy",
         "version = 1\n" + OK + 'strategy = "multiply"\n',
-        "{f}:2: memory 'm': unknown strategy 'multiply'; registered: add, gated",
+        "{f}:2: memory 'm': unknown strategy 'multiply'; registered: add, gated{plugins_off}",
     ),
     (
         "bad-position-word",
@@ -226,7 +227,9 @@ def malformed(tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Path, str
     name, text, expected = request.param
     path = tmp_path / f"{name}.toml"
     path.write_text(text, encoding="utf-8")
-    return path, expected.format(f=path)
+    # With plugins installed but switched off (the test default), the message says so.
+    off = get_registry().plugins_off_note()
+    return path, expected.format(f=path, plugins_off=off)
 
 
 def test_table_has_at_least_25_cases() -> None:

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from meminject import hookimpl
 from meminject.errors import BadInputError
-from meminject.schema import SITE_HOOKS
+from meminject.sites import hook_name as site_hook_name
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -81,7 +81,7 @@ def _read(request: EncodeRequest, text: str, params: ContrastParams) -> Tensor:
         raise BadInputError(
             f"the text is {len(ids)} tokens, longer than the model's context of {model.dims.n_ctx}"
         )
-    hook_name = SITE_HOOKS[params.activation].format(layer=request.layer)
+    hook_name = site_hook_name(params.activation, request.layer)
     if hook_name not in model.bridge.hook_dict:
         raise BadInputError(f"model '{model.name}' has no hook point '{hook_name}'")
     captured: dict[str, Tensor] = {}

@@ -19,7 +19,7 @@ from meminject.engine import compile_memories, inject
 from meminject.errors import MemoryFileError
 from meminject.extension import EncodeRequest
 from meminject.memfile import load_memory_set
-from meminject.schema import SITE_HOOKS
+from meminject.sites import hook_name
 
 PLUGIN = ("contrast", meminject_contrast)
 
@@ -116,7 +116,7 @@ def test_vector_is_the_difference_of_activations(
     params += f'position = "{position}"'
     memory = memory_of(meminject_memory_file(MEMORY.format(params=params)), registry)
     vector = encode_contrast(EncodeRequest(meminject_tiny_model, memory, memory.encoder_params()))
-    hook = SITE_HOOKS[activation].format(layer=1)
+    hook = hook_name(activation, 1)
     expected = reference_activation(meminject_tiny_model, "Love", hook, position)
     expected = expected - reference_activation(
         meminject_tiny_model, "I hate you because", hook, position

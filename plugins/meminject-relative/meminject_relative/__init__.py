@@ -27,13 +27,14 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import AliasChoices, Field
 
 from meminject import hookimpl
 from meminject.extension import CompileContext, InjectionContext, SiteHook, Strategy
-from meminject.schema import SITE_HOOKS, AddMemory
+from meminject.schema import AddMemory
+from meminject.sites import site_hook
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -45,8 +46,6 @@ __version__ = "0.1.0"
 
 class RelativeMemory(AddMemory):
     """A text memory whose size is a fraction τ of the activation's norm."""
-
-    strategy_name: ClassVar[str] = "relative"
 
     # Required (no default): a memory without ``strategy`` is an ``add`` memory.
     strategy: Literal["relative"]
@@ -65,8 +64,7 @@ Item = tuple["int | None", "Tensor", Any]  # head, τ·v/‖v‖ (float32), posi
 class RelativeStrategy(Strategy):
     """Add τ·‖a‖·v/‖v‖: the memory's length is a fraction τ of the activation's."""
 
-    name = "relative"
-    memory_model = RelativeMemory
+    memory_model = RelativeMemory  # its ``strategy`` Literal is the strategy's name
 
     def is_noop(self, memory: Any) -> bool:
         return not memory.enabled or memory.tau == 0
@@ -74,19 +72,12 @@ class RelativeStrategy(Strategy):
     def compile(self, memories: Sequence[Any], ctx: CompileContext) -> list[SiteHook]:
         import torch
 
-        model = ctx.model
-        by_hook: dict[str, list[Item]] = defaultdict(list)
+        by_site: dict[tuple[str, int], list[Item]] = defaultdict(list)
         for memory in memories:
-            site = memory.resolved_site
-            vector = ctx.encode(memory)  # computed once per (memory, model), cached
-            if vector.shape != (model.dims.d_model,):
-                raise ctx.error(
-                    memory,
-                    f"encoder '{memory.encoding}' gave a vector of shape "
-                    f"{tuple(vector.shape)}, but site '{site}' needs ({model.dims.d_model},)",
-                    "encoding",
-                )
-            direction = vector.to(device=model.device, dtype=torch.float32)
+            # [d_model], computed once per (memory, model); meminject has already checked
+            # the encoder's shape and values, and names the encoder's plugin if they are off.
+            vector = ctx.encode(memory)
+            direction = vector.to(device=ctx.model.device, dtype=torch.float32)
             norm = float(direction.norm())
             if not math.isfinite(norm) or norm == 0.0:
                 raise ctx.error(
@@ -95,13 +86,13 @@ class RelativeStrategy(Strategy):
                     "memory needs a direction",
                     "text",
                 )
-            hook_name = SITE_HOOKS[site].format(layer=memory.layer)
-            by_hook[hook_name].append(
+            by_site[(memory.resolved_site, memory.layer)].append(
                 (memory.head, memory.tau * direction / norm, memory.positions)
             )
+        # site_hook names the hook point and asks for per-head results when the site has
+        # a head axis (attn_result), so neither is written by hand.
         return [
-            SiteHook(name, relative_body(items), needs_attn_result=name.endswith("hook_result"))
-            for name, items in by_hook.items()
+            site_hook(site, layer, relative_body(items)) for (site, layer), items in by_site.items()
         ]
 
 
@@ -131,4 +122,4 @@ def relative_body(items: list[Item]) -> Any:
 
 @hookimpl
 def register_strategies(register: Any) -> None:
-    register("relative", RelativeStrategy)
+    register(RelativeStrategy)

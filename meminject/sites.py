@@ -1,0 +1,175 @@
+"""Sites: the named places in a block where memories act, as one table of data.
+
+A *site* is what a memory file names (``site = "mlp_out"``); a *hook point* is the
+TransformerLens name it resolves to at a layer (``blocks.3.hook_mlp_out``). Every other
+module, and every plugin, asks this one for names, hook points, widths and whether a
+site writes the residual stream, so the table is spelled out once (the way pyvene keeps
+its site → module tables as data).
+
+Nothing here imports torch: strategies are compiled from it, and memory files are
+validated against it without a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from meminject.extension import HookBody, SiteHook
+    from meminject.models import LoadedModel
+
+Width = Literal["d_model", "d_mlp", "heads"]
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    """One site: its hook point and the shape of one position's activation there."""
+
+    name: str
+    #: TransformerLens hook point, with ``{layer}`` to fill in.
+    hook: str
+    #: ``d_model``: the model's width; ``d_mlp``: the MLP's hidden width; ``heads``:
+    #: ``[n_heads, d_head]`` (``attn_z``) or, with a head axis, ``[n_heads, d_model]``.
+    width: Width
+    #: Whether the activation has a head axis the bridge must be asked to compute.
+    per_head: bool
+    #: Whether a change here is itself a change of the residual stream (rather than of
+    #: a quantity the stream is later computed from).
+    writes_residual: bool
+    description: str
+
+
+SITES: dict[str, SiteInfo] = {
+    s.name: s
+    for s in (
+        SiteInfo(
+            "attn_result",
+            "blocks.{layer}.attn.hook_result",
+            "d_model",
+            per_head=True,
+            writes_residual=False,
+            description="One head's output, before the heads are summed ([n_heads, d_model] "
+            "per position; a memory picks one head).",
+        ),
+        SiteInfo(
+            "attn_out",
+            "blocks.{layer}.hook_attn_out",
+            "d_model",
+            per_head=False,
+            writes_residual=True,
+            description="The attention layer's output, added to the residual stream.",
+        ),
+        SiteInfo(
+            "attn_z",
+            "blocks.{layer}.attn.hook_z",
+            "heads",
+            per_head=False,
+            writes_residual=False,
+            description="Each head's value-weighted mix, before the output projection "
+            "([n_heads, d_head] per position).",
+        ),
+        SiteInfo(
+            "mlp_post",
+            "blocks.{layer}.mlp.hook_post",
+            "d_mlp",
+            per_head=False,
+            writes_residual=False,
+            description="The MLP's hidden activation, after the nonlinearity ([d_mlp]).",
+        ),
+        SiteInfo(
+            "mlp_out",
+            "blocks.{layer}.hook_mlp_out",
+            "d_model",
+            per_head=False,
+            writes_residual=True,
+            description="The MLP's output, added to the residual stream.",
+        ),
+        SiteInfo(
+            "resid_pre",
+            "blocks.{layer}.hook_resid_pre",
+            "d_model",
+            per_head=False,
+            writes_residual=True,
+            description="The residual stream entering the block.",
+        ),
+        SiteInfo(
+            "resid_mid",
+            "blocks.{layer}.hook_resid_mid",
+            "d_model",
+            per_head=False,
+            writes_residual=True,
+            description="The residual stream between attention and MLP (sequential blocks).",
+        ),
+        SiteInfo(
+            "resid_post",
+            "blocks.{layer}.hook_resid_post",
+            "d_model",
+            per_head=False,
+            writes_residual=True,
+            description="The residual stream leaving the block.",
+        ),
+    )
+}
+
+#: Sites whose activation (per head, for ``attn_result``) has the model's width, so a
+#: text's encoding fits them.
+D_MODEL_SITES: tuple[str, ...] = tuple(s.name for s in SITES.values() if s.width == "d_model")
+
+#: Sites without a head axis: where gated (learned) memories live.
+LAYER_SITES: tuple[str, ...] = tuple(s.name for s in SITES.values() if not s.per_head)
+
+
+def site_info(site: str) -> SiteInfo:
+    """The table row of ``site``; a ValueError naming the known sites otherwise."""
+    try:
+        return SITES[site]
+    except KeyError:
+        raise ValueError(f"unknown site {site!r}; sites: {', '.join(SITES)}") from None
+
+
+def hook_name(site: str, layer: int) -> str:
+    """The TransformerLens hook point of ``site`` at ``layer``: ``blocks.3.hook_mlp_out``."""
+    return site_info(site).hook.format(layer=int(layer))
+
+
+def site_shape(model: LoadedModel, site: str) -> tuple[int, ...]:
+    """Shape of one position's activation at ``site`` in ``model`` (per head for a
+    per-head site): what a key, a delta or an encoding used there must have."""
+    info = site_info(site)
+    dims = model.dims
+    cfg = model.bridge.cfg
+    if info.width == "heads":
+        return (dims.n_heads, int(cfg.d_head or dims.d_model // dims.n_heads))
+    if info.width == "d_mlp":
+        if not cfg.d_mlp:
+            from meminject.errors import BadInputError
+
+            raise BadInputError(f"model '{model.name}' does not report its MLP width (d_mlp)")
+        return (int(cfg.d_mlp),)
+    return (dims.d_model,)
+
+
+def site_hook(site: str, layer: int, body: HookBody) -> SiteHook:
+    """A :class:`~meminject.extension.SiteHook` running ``body`` at ``site`` of ``layer``,
+    with the bridge asked for per-head results when the site needs them. The one way a
+    strategy should build its hooks: it cannot misspell a hook point or forget the flag."""
+    from meminject.extension import SiteHook
+
+    info = site_info(site)
+    return SiteHook(hook_name(site, layer), body, needs_attn_result=info.per_head)
+
+
+def table_rows() -> list[dict[str, Any]]:
+    """The table as plain rows, for docs and ``--json`` listings."""
+    return [
+        {
+            "site": s.name,
+            "hook": s.hook,
+            "width": s.width,
+            "per_head": s.per_head,
+            "writes_residual": s.writes_residual,
+            "description": s.description,
+        }
+        for s in SITES.values()
+    ]
