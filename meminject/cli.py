@@ -373,6 +373,7 @@ def learn(
             grid=boundaries,
         )
         _print_boundary_table(choice)
+        _print_failing(model, choice, positives, negatives)
         boundary = choice.boundary
     elif boundary is None:
         boundary = 0.25
@@ -390,6 +391,22 @@ def learn(
     click.echo(
         f"wrote {toml_path} and {tensor_path.name} (boundary {boundary:g}, hardness {hardness:g})"
     )
+
+
+def _print_failing(model: Any, choice: Any, positives: Any, negatives: Any) -> None:
+    """Which prompts the chosen boundary gets wrong, with their file and line."""
+    for kind, failing, prompts, wrong in (
+        ("positive", choice.failing_positives, positives, "does not give the target"),
+        ("negative", choice.failing_negatives, negatives, "gives the target"),
+    ):
+        for index, token in failing:
+            line = prompts[index]
+            click.echo(
+                f"  {kind} {line.where} {wrong} (top-1 {model.token_str(token)!r}): "
+                f"{line.text!r}"
+            )
+    if not choice.failing_positives and not choice.failing_negatives:
+        click.echo("  every positive and negative is right at the chosen boundary")
 
 
 def _print_boundary_table(choice: Any) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from meminject.cli_options import load_cli_model, model_options
+from meminject.sweep_stats import DEFAULT_RANK, RANK_STATS
 
 
 def _model_options(f: Any) -> Any:
@@ -100,11 +101,19 @@ def _model_options(f: Any) -> Any:
 )
 @click.option(
     "--plot-stat",
-    type=click.Choice(["mean_pct", "median_pct", "share_improved"]),
-    default="mean_pct",
+    type=click.Choice(list(RANK_STATS)),
+    default=None,
+    help="What the heatmap shows (default: the --rank-by statistic).",
+)
+@click.option(
+    "--rank-by",
+    type=click.Choice(list(RANK_STATS)),
+    default=DEFAULT_RANK,
     show_default=True,
-    help="What the heatmap shows: the paper's mean % increase, the median % change, or "
-    "the share of prompts improved.",
+    help="What orders the top table and picks the best cell: median_gain (the median "
+    "prompt's gain over both no memory and the controls, in nats), median_effect, "
+    "median_lift, shares, mean_dp, median_pct, or the paper's mean_pct. The best cell is "
+    "always one whose median prompt improved.",
 )
 @click.option("--force", is_flag=True, help="Overwrite --out and --plot files.")
 @click.option(
@@ -139,7 +148,8 @@ def sweep(
     explicit_column: str | None,
     out: Path | None,
     plot: Path | None,
-    plot_stat: str,
+    plot_stat: str | None,
+    rank_by: str,
     force: bool,
     resume: bool,
     top: int,
@@ -240,8 +250,8 @@ def sweep(
     summary = result.summary
     if plot is not None and not summary.empty:
         title = f"{model.name} · {dataset} · {answer_metric} · {result.stats['rows']} prompts"
-        plot_heatmap(summary, plot, stat=plot_stat, title=title, force=force)
-    _print_summary(result, top, out, plot)
+        plot_heatmap(summary, plot, stat=plot_stat or rank_by, title=title, force=force)
+    _print_summary(result, top, out, plot, rank_by)
 
 
 def _fmt_pct(value: Any) -> str:
@@ -250,12 +260,32 @@ def _fmt_pct(value: Any) -> str:
     return f"{value:+.0f}%" if abs(value) >= 100 else f"{value:+.1f}%"
 
 
-def _print_summary(result: Any, top: int, out: Path | None, plot: Path | None) -> None:
+def _fmt_nats(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:+.3f}"
+
+
+def _fmt_ci(low: Any, high: Any) -> str:
+    if _is_na(low) or _is_na(high):
+        return ""
+    return f"[{low:+.3f}, {high:+.3f}]"
+
+
+def _fmt_share(value: Any) -> str:
+    return "–" if _is_na(value) else f"{value:.0%}"
+
+
+def _print_summary(
+    result: Any, top: int, out: Path | None, plot: Path | None, rank_by: str = DEFAULT_RANK
+) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from meminject.sweep_stats import ranked
+
     # Not a terminal (a pipe, a log file): use a width the table fits in.
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 130)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
     stats = result.stats
     summary = result.summary
     console.print(
@@ -267,17 +297,28 @@ def _print_summary(result: Any, top: int, out: Path | None, plot: Path | None) -
         console.print("no rows in this shard")
         return
     has_controls = bool(summary["control_n"].max() > 0)
-    table = Table(title=f"top {min(top, len(summary))} cells by mean % increase")
+    if not has_controls:
+        console.print(
+            "no control was run (--controls 0): effects are against no injection only, not "
+            "against a random memory of the same size; pass --controls 3 or more"
+        )
+    table = Table(title=f"top {min(top, len(summary))} cells by {rank_by}")
     for column in ("layer", "head", "τ", "enc", "p before", "p after"):
         table.add_column(column, justify="right")
-    table.add_column("mean %", justify="right", style="bold")
+    table.add_column("median gain [95% CI]", justify="right", style="bold")
+    if has_controls:
+        table.add_column("vs controls", justify="right")
+        table.add_column("beats ctrl", justify="right")
     table.add_column("median %", justify="right")
     table.add_column("improved", justify="right")
+    table.add_column("mean % (paper)", justify="right")
     if has_controls:
-        table.add_column("ctrl mean %", justify="right")
         table.add_column("ctrl improved", justify="right")
-    ranked = summary.sort_values("mean_pct", ascending=False, na_position="last").head(top)
-    for cell in ranked.itertuples(index=False):
+    disagree = False
+    for cell in ranked(summary, rank_by).head(top).itertuples(index=False):
+        mark = ""
+        if cell.mean_pct_disagrees:
+            mark, disagree = " †", True
         cells = [
             str(cell.layer),
             "all" if _is_na(cell.head) else str(cell.head),
@@ -285,29 +326,55 @@ def _print_summary(result: Any, top: int, out: Path | None, plot: Path | None) -
             str(cell.encoding),
             f"{cell.p_before:.4f}",
             f"{cell.p_after:.4f}",
-            _fmt_pct(cell.mean_pct),
-            _fmt_pct(cell.median_pct),
-            f"{cell.share_improved:.0%}",
+            f"{_fmt_nats(cell.median_gain)} {_fmt_ci(cell.gain_ci_low, cell.gain_ci_high)}",
         ]
         if has_controls:
-            cells += [_fmt_pct(cell.control_mean_pct), f"{cell.control_share_improved:.0%}"]
+            cells += [_fmt_nats(cell.median_effect), _fmt_share(cell.share_beats_controls)]
+        cells += [
+            _fmt_pct(cell.median_pct),
+            _fmt_share(cell.share_improved),
+            _fmt_pct(cell.mean_pct) + mark,
+        ]
+        if has_controls:
+            cells.append(_fmt_share(cell.control_share_improved))
         table.add_row(*cells)
     if top:
         console.print(table)
-    best = result.best()
-    if best is not None:
+        console.print(
+            "gain: per prompt, the smaller of log p(answer) with the memory − without it and "
+            "− with a random control memory (nats; > 0: the memory helps beyond both)"
+        )
+        if disagree:
+            console.print(
+                "† the mean % and the median % disagree in sign: the mean is carried by a "
+                "few prompts whose base probability is tiny"
+            )
+    best = result.best(rank_by)
+    if best is None:
+        first = ranked(summary, rank_by).iloc[0]
+        console.print(
+            "no cell helps: in none did the median prompt's p(answer) rise"
+            + (" and beat its controls" if has_controls else "")
+            + f" (highest median gain {_fmt_nats(first['median_gain'])} at layer "
+            f"{first['layer']}, τ = {first['tau']:g}, {first['encoding']})"
+        )
+    else:
         head = best["head"]
         where = f"layer {best['layer']}" + ("" if _is_na(head) else f" head {head}")
+        ci = _fmt_ci(best["gain_ci_low"], best["gain_ci_high"])
+        sure = "" if best["gain_ci_low"] > 0 else " (its interval includes 0: not significant)"
         line = (
-            f"best cell: {where}, τ = {best['tau']:g}, encoding {best['encoding']}: "
-            f"mean increase {_fmt_pct(best['mean_pct'])}, median {_fmt_pct(best['median_pct'])}, "
+            f"best cell by {rank_by}: {where}, τ = {best['tau']:g}, encoding "
+            f"{best['encoding']}: median gain {_fmt_nats(best['median_gain'])} nats {ci}{sure}; "
+            f"median change {_fmt_pct(best['median_pct'])}, "
             f"{best['share_improved']:.0%} of prompts improved"
         )
         if has_controls:
             line += (
-                f"; controls {_fmt_pct(best['control_mean_pct'])}, "
-                f"{best['control_share_improved']:.0%} improved"
+                f", {best['share_beats_controls']:.0%} beat their controls "
+                f"(controls: {best['control_share_improved']:.0%} improved)"
             )
+        line += f"; the paper's mean % increase {_fmt_pct(best['mean_pct'])}"
         console.print(line)
     for label, path in (("records", out), ("heatmap", plot)):
         if path is not None:

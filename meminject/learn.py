@@ -487,6 +487,10 @@ class BoundaryChoice:
     table: list[BoundaryRow] = field(default_factory=list)
     n_positives: int = 0
     n_negatives: int = 0
+    #: At the chosen boundary: (index, top-1 token id) of each positive whose top-1 is not
+    #: the target, and of each negative whose top-1 is — the prompts to look at.
+    failing_positives: tuple[tuple[int, int], ...] = ()
+    failing_negatives: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -624,7 +628,12 @@ def search_boundary(
         neg_ok = sum(t != target for t in top[len(positives) :])
         table.append(BoundaryRow(b, pos_ok, neg_ok, (pos_ok + neg_ok) / len(top)))
     centre, best = choose_boundary(table)
-    return BoundaryChoice(centre, best, table, len(positives), len(negatives))
+    top = gated_top1(model, learned, [*positives, *negatives], centre, hardness)
+    failing_pos = tuple((i, t) for i, t in enumerate(top[: len(positives)]) if t != target)
+    failing_neg = tuple((i, t) for i, t in enumerate(top[len(positives) :]) if t == target)
+    return BoundaryChoice(
+        centre, best, table, len(positives), len(negatives), failing_pos, failing_neg
+    )
 
 
 def check_grid(grid: Sequence[float]) -> list[float]:

@@ -20,10 +20,12 @@ tokenized on its own instead. The CSV strings are never edited.
 
 The ``first-token`` metric is the probability of the answer's first token after the
 prompt; ``full`` is the probability of the whole answer, teacher-forced (the exponent of
-the summed log-probabilities). Per cell the summary holds the mean probability before
-and after, the mean change, the paper's mean percent increase
-``100·mean((after − before)/before)``, the median percent change and the share of
-prompts improved — and the same for the controls.
+the summed log-probabilities). Per cell the summary (:mod:`meminject.sweep_stats`) holds
+paired per-prompt statistics in log-probability — the median gain over both no memory
+and the controls (the default ranking), the median effect against the controls, the
+median lift, with bootstrap intervals — beside the paper's mean percent increase
+``100·mean((after − before)/before)``, the median percent change, the share of prompts
+improved and the mean change of p, and the same for the controls.
 
 Why it is fast, and why that is still exact:
 
@@ -73,6 +75,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from meminject import sweep_stats
 from meminject.datasets import PromptRow
 from meminject.errors import BadInputError, MeminjectError, PluginError
 from meminject.schema import AddMemory
@@ -545,79 +548,15 @@ class SweepResult:
     def summary(self) -> pd.DataFrame:
         return summarize(self.records)
 
-    def best(self) -> dict[str, Any] | None:
-        return best_cell(self.summary)
+    def best(self, by: str = sweep_stats.DEFAULT_RANK) -> dict[str, Any] | None:
+        """The best cell by ``by`` among the cells that help (None when none does)."""
+        return best_cell(self.summary, by)
 
 
-CELL_COLUMNS = ["layer", "head", "tau", "encoding"]
-
-
-def summarize(records: pd.DataFrame) -> pd.DataFrame:
-    """Per-cell statistics of tidy records (one sweep's, or several shards' concatenated).
-
-    ``mean_pct`` is the paper's mean percent increase ``100·mean((after−before)/before)``;
-    ``control_*`` are the same statistics over every (prompt, control) pair of the cell.
-    """
-    import numpy as np
-    import pandas as pd
-
-    def stats(frame: pd.DataFrame, prefix: str) -> pd.DataFrame:
-        grouped = frame.groupby(CELL_COLUMNS, dropna=False, sort=True)
-        out = pd.DataFrame(
-            {
-                f"{prefix}n": grouped["p_after"].size(),
-                f"{prefix}p_before": grouped["p_before"].mean(),
-                f"{prefix}p_after": grouped["p_after"].mean(),
-                f"{prefix}mean_change": grouped["change"].mean(),
-                f"{prefix}mean_pct": grouped["pct_change"].mean(),
-                f"{prefix}median_pct": grouped["pct_change"].median(),
-                f"{prefix}share_improved": grouped["improved"].mean(),
-            }
-        )
-        return out
-
-    columns = [
-        "n",
-        "p_before",
-        "p_after",
-        "mean_change",
-        "mean_pct",
-        "median_pct",
-        "share_improved",
-        "control_n",
-        "control_p_after",
-        "control_mean_change",
-        "control_mean_pct",
-        "control_median_pct",
-        "control_share_improved",
-    ]
-    if records.empty:
-        return pd.DataFrame(columns=CELL_COLUMNS + columns)
-    with np.errstate(all="ignore"):
-        memory = stats(records[records["kind"] == "memory"], "")
-        controls = records[records["kind"] == "control"]
-        if controls.empty:
-            summary = memory
-            for column in columns[7:]:
-                summary[column] = np.nan
-        else:
-            control = stats(controls, "control_").drop(columns=["control_p_before"])
-            summary = memory.join(control, how="left")
-    summary = summary.reset_index()
-    summary["head"] = summary["head"].astype("Int64")
-    summary["control_n"] = summary["control_n"].fillna(0).astype("int64")
-    return summary[CELL_COLUMNS + columns]
-
-
-def best_cell(summary: pd.DataFrame) -> dict[str, Any] | None:
-    """The cell with the highest mean percent increase (None when there is none)."""
-    import numpy as np
-
-    finite = summary[np.isfinite(summary["mean_pct"].astype(float))]
-    if finite.empty:
-        return None
-    best: dict[str, Any] = finite.loc[finite["mean_pct"].idxmax()].to_dict()
-    return best
+# The statistics live in their own module; these names are kept here for callers.
+CELL_COLUMNS = sweep_stats.CELL_COLUMNS
+summarize = sweep_stats.summarize
+best_cell = sweep_stats.best_cell
 
 
 def _records(
@@ -648,6 +587,10 @@ def _records(
         p_after = np.exp(after.astype(np.float64))
         pb = np.broadcast_to(p_before.reshape(n_rows, 1, 1, 1, 1, 1), shape).ravel()
         pa = np.broadcast_to(p_after[:, :, None], shape).ravel()
+        lb = np.broadcast_to(
+            before.astype(np.float64).reshape(n_rows, 1, 1, 1, 1, 1), shape
+        ).ravel()
+        la = np.broadcast_to(after.astype(np.float64)[:, :, None], shape).ravel()
         change = pa - pb
         pct = 100.0 * change / pb
     memory_text = np.empty((n_rows, n_var), dtype=object)
@@ -673,6 +616,8 @@ def _records(
             "metric": config.metric,
             "p_before": pb,
             "p_after": pa,
+            "logp_before": lb,
+            "logp_after": la,
             "change": change,
             "pct_change": pct,
             "improved": pa > pb,
@@ -1053,25 +998,22 @@ def read_records(path: Path | str) -> pd.DataFrame:
 
 
 #: Statistics a heatmap can show: summary column → colour-bar label.
-PLOT_STATS = {
-    "mean_pct": "mean % increase of p(answer) (the paper's metric)",
-    "median_pct": "median % change of p(answer)",
-    "share_improved": "share of prompts whose p(answer) rose",
-}
+PLOT_STATS = sweep_stats.RANK_STATS
 
 
 def plot_heatmap(
     summary: pd.DataFrame,
     path: Path | str,
     *,
-    stat: str = "mean_pct",
+    stat: str = sweep_stats.DEFAULT_RANK,
     title: str = "",
     force: bool = False,
 ) -> None:
-    """Layers × τ heatmaps of a per-cell statistic (default: the paper's mean percent
-    increase), one panel per encoding and a second row for the controls when there are
-    any, written atomically as PNG. Head cells of one layer are averaged (they are
-    equal for the ``add`` injection)."""
+    """Layers × τ heatmaps of a per-cell statistic (default: the median gain, see
+    :mod:`meminject.sweep_stats`), one panel per encoding, plus a row for the controls
+    when the statistic has a control counterpart (the paper's percentages and shares)
+    and controls were run; written atomically as PNG. Head cells of one layer are
+    averaged (they are equal for the ``add`` injection)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1091,7 +1033,10 @@ def plot_heatmap(
         raise BadInputError("nothing to plot: the sweep has no rows")
     encodings = list(dict.fromkeys(summary["encoding"].astype(str)))
     has_controls = bool(summary["control_n"].max() > 0)
-    kinds = [(stat, "memory")] + ([(f"control_{stat}", "control")] if has_controls else [])
+    control_stat = f"control_{stat}"
+    kinds = [(stat, "memory")]
+    if has_controls and control_stat in summary:
+        kinds.append((control_stat, "control"))
     layers = sorted(summary["layer"].unique())
     taus = sorted(summary["tau"].unique())
     grids: dict[tuple[str, str], np.ndarray] = {}
@@ -1102,8 +1047,12 @@ def plot_heatmap(
             grids[(kind, encoding)] = table.reindex(index=layers, columns=taus).to_numpy(float)
     values = np.concatenate([g[np.isfinite(g)] for g in grids.values()])
     norm: Normalize
-    if stat == "share_improved":
+    if stat.startswith("share_"):
         norm, fmt = Normalize(vmin=0.0, vmax=1.0), "{:.0%}"  # white at one half
+    elif stat in ("median_gain", "median_effect", "median_lift", "mean_dp"):
+        span = float(np.abs(values).max()) if values.size else 1.0
+        span = span if span > 0 else 1.0
+        norm, fmt = Normalize(vmin=-span, vmax=span), "{:+.2f}"  # white at zero
     else:
         # Percent changes run from -100 to the thousands when a base probability is
         # tiny: a symmetric log scale around 0 keeps losses and gains readable.
@@ -1139,7 +1088,7 @@ def plot_heatmap(
                 annotate_up_to=300,
             )
     if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.8, label=PLOT_STATS[stat])
+        fig.colorbar(image, ax=axes, shrink=0.8, label=sweep_stats.SHORT_LABELS[stat])
     if title:
         fig.suptitle(title, fontsize=10)
     write_bytes_atomic(path, png_bytes(fig, dpi=90), overwrite=force)

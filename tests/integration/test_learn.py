@@ -207,3 +207,35 @@ def test_forced_rewrite_of_the_same_memory_keeps_its_tensors(
     )
     assert first == second and second.is_file()
     assert generate(toyworld, learned.prompt, out, max_new_tokens=1).completion.strip() == wrong
+
+
+def test_learn_lists_the_prompts_the_chosen_boundary_gets_wrong(
+    toyworld, capitals, wrong_capital, tmp_path
+):
+    country, _, wrong, learned = wrong_capital
+    pos_texts = [f"The capital city of {country} is", f"{country}'s capital is"]
+    neg_texts = [f"The capital of {capitals[2][0]} is", f"The leader of {country} is"]
+    positives = write(tmp_path / "pos.txt", "# paraphrases\n" + "\n".join(pos_texts) + "\n")
+    negatives = write(tmp_path / "neg.txt", "\n".join(neg_texts) + "\n")
+    args = [
+        "learn", f"The capital of {country} is", "--target", wrong, "--layer", "2",
+        "--site", "resid_pre", "--positive", str(positives), "--negative", str(negatives),
+        "--grid", "0.001", "--out", str(tmp_path / "narrow.toml"),
+    ]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    # An independent evaluation at that boundary: a gate this narrow fires on nothing
+    # but the learning prompt, so paraphrases miss the target.
+    target = learned.target_ids[0]
+    top = gated_top1(toyworld, learned, [*pos_texts, *neg_texts], 0.001, 3.0)
+    failing_pos = [i for i, t in enumerate(top[:2]) if t != target]
+    failing_neg = [i for i, t in enumerate(top[2:]) if t == target]
+    assert failing_pos, "the narrow gate should miss a paraphrase, or this test shows nothing"
+    for i in failing_pos:
+        assert f"positive {positives}:{i + 2} does not give the target" in result.output
+    for i in failing_neg:
+        assert f"negative {negatives}:{i + 1} gives the target" in result.output
+    listed = result.output.count(" does not give the target") + result.output.count(
+        " gives the target ("
+    )
+    assert listed == len(failing_pos) + len(failing_neg)

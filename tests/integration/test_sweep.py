@@ -246,8 +246,25 @@ def test_statistics_recomputed_by_hand(gpt2):
         )
         assert got["control_mean_pct"] == pytest.approx(sum(c_pct) / len(c_pct))
         assert got["control_median_pct"] == pytest.approx(float(np.median(c_pct)))
+        # The paired statistics, from the records' own log-probabilities.
+        lift = np.log(memory["p_after"].to_numpy()) - np.log(memory["p_before"].to_numpy())
+        control_log = (
+            control.assign(logp=np.log(control["p_after"])).groupby("row_id")["logp"].mean()
+        )
+        effect = np.log(memory["p_after"].to_numpy()) - control_log.loc[memory["row_id"]].to_numpy()
+        assert got["median_lift"] == pytest.approx(float(np.median(lift)), rel=1e-9)
+        assert got["median_effect"] == pytest.approx(float(np.median(effect)), rel=1e-9)
+        assert got["median_gain"] == pytest.approx(
+            float(np.median(np.minimum(lift, effect))), rel=1e-9
+        )
+        assert got["share_beats_controls"] == pytest.approx(float((effect > 0).mean()))
+        assert got["gain_ci_low"] <= got["median_gain"] <= got["gain_ci_high"]
     best = result.best()
-    assert best is not None and best["mean_pct"] == summary["mean_pct"].max()
+    helps = summary[(summary["median_lift"] > 0) & (summary["median_effect"] > 0)]
+    if helps.empty:
+        assert best is None
+    else:
+        assert best is not None and best["median_gain"] == helps["median_gain"].max()
 
 
 def test_shards_partition_the_rows_and_their_union_is_the_whole_sweep(gpt2):
@@ -370,7 +387,8 @@ def test_cli_sweep_writes_records_and_heatmap(gpt2, gpt2_dir, tmp_path):
     ]  # fmt: skip
     result = CliRunner().invoke(_group(), args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "best cell: layer" in result.output
+    assert "best cell by median_gain: layer" in result.output or "no cell helps" in result.output
+    assert "median gain [95% CI]" in result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     records = read_records(out)
     expected = run_sweep(

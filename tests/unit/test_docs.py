@@ -139,6 +139,31 @@ def test_pages_with_examples_include_the_plugin_guide() -> None:
     assert {"plugins/tutorial.md", "plugins/hooks.md", "python-api.md"} <= pages
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _import_rich_fully() -> None:
+    """Import (and render with) every part of rich the commands use, before any test.
+
+    The ``pytester`` fixture removes from ``sys.modules``, when its test ends, whatever
+    was first imported during the test. If an example is the first to render a rich
+    table, half of rich is dropped and re-imported later as a second copy whose
+    ``Style`` class is not the first one's; every later table in this process then
+    fails. A module-scoped fixture runs before ``pytester`` takes its snapshot."""
+    import io
+
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    console = Console(file=io.StringIO(), width=80, force_terminal=True)
+    table = Table(title="t", header_style="bold")
+    table.add_column("a", style="bold", overflow="fold")
+    table.add_row("[dim]x[/][bold]y[/]")
+    console.print(table)
+    console.print("[bold]markup[/]: text")
+    with Progress(console=console, transient=True) as progress:
+        progress.add_task("task", total=1)
+
+
 @pytest.mark.parametrize(
     "page", pages_with_examples(), ids=lambda p: p.relative_to(DOCS).as_posix()
 )

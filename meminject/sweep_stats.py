@@ -1,0 +1,260 @@
+"""Per-cell statistics of a sweep, built so that the default answer is the honest one.
+
+The paper's metric, the mean percent increase ``100·mean((after − before)/before)``, is
+dominated by prompts whose base probability is tiny: one prompt going from 1e-6 to 1e-4
+is +9,900 % and outweighs a hundred prompts that lost half their probability. A sweep
+ranked by it crowns cells where the memory destroys the answer for most prompts. So it
+is reported, labelled as the paper's, but nothing is ranked by it unless asked.
+
+Per prompt (in log-probability, nats, so a prompt at 1e-6 and one at 0.3 weigh alike):
+
+* ``lift`` = log p_after(memory) − log p_before: what the memory does to this prompt;
+* ``effect`` = log p_after(memory) − mean over the prompt's controls of log
+  p_after(control): what the memory's *content* does, beyond injecting any vector of
+  its size at that cell (the controls are random-token memories of the same length);
+* ``gain`` = min(lift, effect), or the lift when no control was run: positive only when
+  the memory beats both doing nothing and a random memory on this prompt.
+
+Per cell: the medians of the three, a percentile-bootstrap 95 % interval of the median
+(prompts resampled, a fixed seed, so one set of records always gives one summary), the
+share of prompts whose effect is positive ("beats the controls"), the mean change of p,
+and the paper's mean and median percent and share improved. The default ranking is the
+median gain: a cell whose median prompt got worse cannot come first, whatever its mean.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+CELL_COLUMNS = ["layer", "head", "tau", "encoding"]
+
+#: Resamples of the bootstrap interval; the seed keeps a summary reproducible.
+BOOTSTRAP_SAMPLES = 1000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+
+#: Statistics a sweep can be ranked and plotted by, with what each means. The first is
+#: the default; every one is "higher is better".
+RANK_STATS: dict[str, str] = {
+    "median_gain": "median over prompts of min(gain over no memory, gain over controls), nats",
+    "median_effect": "median paired effect vs the controls (log p memory − log p control), nats",
+    "median_lift": "median change of log p(answer), nats",
+    "share_beats_controls": "share of prompts where the memory beats its controls",
+    "share_improved": "share of prompts whose p(answer) rose",
+    "mean_dp": "mean change of p(answer)",
+    "median_pct": "median % change of p(answer)",
+    "mean_pct": "mean % increase of p(answer) (the paper's metric)",
+}
+DEFAULT_RANK = "median_gain"
+#: Short names of the statistics, for axis and colour-bar labels.
+SHORT_LABELS: dict[str, str] = {
+    "median_gain": "median gain (nats)",
+    "median_effect": "median effect vs controls (nats)",
+    "median_lift": "median Δ log p (nats)",
+    "share_beats_controls": "share beating controls",
+    "share_improved": "share of prompts improved",
+    "mean_dp": "mean Δp",
+    "median_pct": "median % change",
+    "mean_pct": "mean % increase (paper)",
+}
+
+SUMMARY_COLUMNS = [
+    "n",
+    "p_before",
+    "p_after",
+    "mean_dp",
+    "mean_pct",
+    "median_pct",
+    "share_improved",
+    "median_lift",
+    "lift_ci_low",
+    "lift_ci_high",
+    "median_effect",
+    "effect_ci_low",
+    "effect_ci_high",
+    "share_beats_controls",
+    "median_gain",
+    "gain_ci_low",
+    "gain_ci_high",
+    "mean_pct_disagrees",
+    "control_n",
+    "control_p_after",
+    "control_mean_dp",
+    "control_mean_pct",
+    "control_median_pct",
+    "control_share_improved",
+]
+
+# Older records (and the first columns of the summary) call the mean change of p
+# "mean_change"; both names are kept in the summary for scripts written against it.
+_ALIASES = {"mean_change": "mean_dp", "control_mean_change": "control_mean_dp"}
+
+
+def bootstrap_median_ci(
+    values: np.ndarray,
+    *,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = CONFIDENCE,
+) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the median of ``values`` (NaN when empty).
+
+    The resampling indices depend only on the seed and the number of values, so two
+    cells with the same prompts are resampled alike (their intervals are comparable)."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    index = rng.integers(0, values.size, size=(samples, values.size))
+    medians = np.median(values[index], axis=1)
+    tail = (1.0 - confidence) / 2.0
+    low, high = np.quantile(medians, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
+def _log(frame: pd.DataFrame, column: str) -> np.ndarray:
+    """log p from the records: the stored log-probability when there is one (exact even
+    where p underflows), else log of the probability."""
+    import numpy as np
+
+    log_column = f"log{column}"
+    if log_column in frame:
+        return frame[log_column].to_numpy(np.float64)
+    with np.errstate(divide="ignore"):
+        return np.log(frame[column].to_numpy(np.float64))
+
+
+def paired(records: pd.DataFrame) -> pd.DataFrame:
+    """One row per (cell, prompt): ``lift``, ``effect`` (NaN without controls) and
+    ``gain``, besides the paper's per-prompt columns of the memory row."""
+    import numpy as np
+
+    memory = records[records["kind"] == "memory"].copy()
+    memory["lift"] = _log(memory, "p_after") - _log(memory, "p_before")
+    controls = records[records["kind"] == "control"]
+    keys = [*CELL_COLUMNS, "row_id"]
+    if controls.empty:
+        memory["effect"] = np.nan
+        memory["gain"] = memory["lift"]
+        return memory
+    control_log = controls.assign(_logp=_log(controls, "p_after"))
+    # NA heads (whole-layer cells) must pair with each other: key on a filled copy.
+    mean_control = (
+        control_log.assign(head=control_log["head"].fillna(-1))
+        .groupby(keys, observed=True, sort=False)["_logp"]
+        .mean()
+        .rename("_control_logp")
+    )
+    joined = memory.assign(head=memory["head"].fillna(-1)).join(mean_control, on=keys)
+    memory["effect"] = _log(memory, "p_after") - joined["_control_logp"].to_numpy(np.float64)
+    memory["gain"] = np.where(
+        np.isnan(memory["effect"]), memory["lift"], np.minimum(memory["lift"], memory["effect"])
+    )
+    return memory
+
+
+def summarize(records: pd.DataFrame) -> pd.DataFrame:
+    """Per-cell statistics of tidy records (one sweep's, or several shards' concatenated);
+    see the module docstring for what each column means."""
+    import numpy as np
+    import pandas as pd
+
+    if records.empty:
+        return pd.DataFrame(columns=CELL_COLUMNS + SUMMARY_COLUMNS + list(_ALIASES))
+    with np.errstate(all="ignore"):
+        per_prompt = paired(records)
+        grouped = per_prompt.groupby(CELL_COLUMNS, dropna=False, sort=True, observed=True)
+        rows: list[dict[str, Any]] = []
+        for cell, part in grouped:
+            lift = part["lift"].to_numpy(np.float64)
+            effect = part["effect"].to_numpy(np.float64)
+            gain = part["gain"].to_numpy(np.float64)
+            has_effect = not np.isnan(effect).all()
+            row: dict[str, Any] = dict(zip(CELL_COLUMNS, cell, strict=True))
+            mean_pct = float(part["pct_change"].mean())
+            median_pct = float(part["pct_change"].median())
+            row.update(
+                n=len(part),
+                p_before=float(part["p_before"].mean()),
+                p_after=float(part["p_after"].mean()),
+                mean_dp=float(part["change"].mean()),
+                mean_pct=mean_pct,
+                median_pct=median_pct,
+                share_improved=float(part["improved"].mean()),
+                median_lift=float(np.median(lift)),
+                median_effect=float(np.median(effect)) if has_effect else np.nan,
+                share_beats_controls=float((effect > 0).mean()) if has_effect else np.nan,
+                median_gain=float(np.median(gain)),
+                mean_pct_disagrees=bool(np.sign(mean_pct) * np.sign(median_pct) < 0),
+            )
+            row["lift_ci_low"], row["lift_ci_high"] = bootstrap_median_ci(lift)
+            row["gain_ci_low"], row["gain_ci_high"] = bootstrap_median_ci(gain)
+            if has_effect:
+                row["effect_ci_low"], row["effect_ci_high"] = bootstrap_median_ci(effect)
+            else:
+                row["effect_ci_low"] = row["effect_ci_high"] = np.nan
+            rows.append(row)
+        summary = pd.DataFrame(rows)
+        controls = records[records["kind"] == "control"]
+        if controls.empty:
+            for column in SUMMARY_COLUMNS[SUMMARY_COLUMNS.index("control_n") :]:
+                summary[column] = np.nan
+        else:
+            control = (
+                controls.assign(head=controls["head"].fillna(-1))
+                .groupby(CELL_COLUMNS, sort=False, observed=True)
+                .agg(
+                    control_n=("p_after", "size"),
+                    control_p_after=("p_after", "mean"),
+                    control_mean_dp=("change", "mean"),
+                    control_mean_pct=("pct_change", "mean"),
+                    control_median_pct=("pct_change", "median"),
+                    control_share_improved=("improved", "mean"),
+                )
+            )
+            summary = summary.assign(head=summary["head"].astype("Int64").fillna(-1)).join(
+                control, on=CELL_COLUMNS
+            )
+    summary["head"] = summary["head"].astype("Int64").replace(-1, pd.NA)
+    summary["control_n"] = summary["control_n"].fillna(0).astype("int64")
+    for old, new in _ALIASES.items():
+        summary[old] = summary[new]
+    summary = summary.sort_values(CELL_COLUMNS).reset_index(drop=True)
+    return summary[CELL_COLUMNS + SUMMARY_COLUMNS + list(_ALIASES)]
+
+
+def check_rank_stat(stat: str) -> str:
+    from meminject.errors import BadInputError
+
+    if stat not in RANK_STATS:
+        raise BadInputError(f"unknown statistic '{stat}'; choose {', '.join(RANK_STATS)}")
+    return stat
+
+
+def ranked(summary: pd.DataFrame, by: str = DEFAULT_RANK) -> pd.DataFrame:
+    """Cells best first by ``by`` (NaN last); ties broken by the median gain."""
+    check_rank_stat(by)
+    keys = [by] if by == DEFAULT_RANK else [by, DEFAULT_RANK]
+    return summary.sort_values(keys, ascending=False, na_position="last", kind="stable")
+
+
+def best_cell(summary: pd.DataFrame, by: str = DEFAULT_RANK) -> dict[str, Any] | None:
+    """The best cell by ``by`` among the cells that help: a median prompt whose log p
+    rose (``median_lift > 0``) and, with controls, beat its controls (``median_effect >
+    0``). None when no cell helps — the honest answer, which callers must say."""
+    import numpy as np
+
+    helps = summary["median_lift"].astype(float) > 0
+    if summary["control_n"].max() > 0:
+        helps &= summary["median_effect"].astype(float) > 0
+    candidates = summary[helps & np.isfinite(summary[by].astype(float))]
+    if candidates.empty:
+        return None
+    best: dict[str, Any] = ranked(candidates, by).iloc[0].to_dict()
+    return best

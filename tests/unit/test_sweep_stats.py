@@ -1,0 +1,135 @@
+"""Sweep statistics against values computed by hand (issue 15): paired effects against
+controls, the bootstrap interval, the default ranking and the best cell."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from meminject.errors import BadInputError
+from meminject.sweep_stats import (
+    bootstrap_median_ci,
+    check_rank_stat,
+    paired,
+    ranked,
+    summarize,
+)
+
+
+def _records(cells: dict[float, list[tuple[float, float, list[float]]]]) -> pd.DataFrame:
+    """Records of one layer and encoding: per τ, rows of (p_before, p_after of the
+    memory, p_after of each control)."""
+    out = []
+    for tau, rows in cells.items():
+        for row_id, (before, after, controls) in enumerate(rows):
+            variants = [("memory", pd.NA, after)]
+            variants += [("control", i, c) for i, c in enumerate(controls)]
+            for kind, control, p in variants:
+                out.append(
+                    {
+                        "row_id": row_id,
+                        "layer": 3,
+                        "head": pd.NA,
+                        "tau": tau,
+                        "encoding": "unembed",
+                        "kind": kind,
+                        "control": control,
+                        "p_before": before,
+                        "p_after": p,
+                        "change": p - before,
+                        "pct_change": 100 * (p - before) / before,
+                        "improved": p > before,
+                    }
+                )
+    frame = pd.DataFrame(out)
+    frame["head"] = frame["head"].astype("Int64")
+    frame["encoding"] = pd.Categorical(frame["encoding"])
+    frame["kind"] = pd.Categorical(frame["kind"], categories=["memory", "control"])
+    return frame
+
+
+# τ = 1: the memory helps every prompt a little, more than its controls.
+# τ = 8: one prompt at p = 1e-6 jumps 100-fold, the other two collapse: the paper's mean %
+# is huge, the median prompt lost almost everything.
+HELPS = [(0.2, 0.3, [0.2, 0.2]), (0.1, 0.15, [0.1, 0.1]), (0.4, 0.5, [0.4, 0.45])]
+DEGENERATE = [(1e-6, 1e-4, [1e-5, 1e-5]), (0.2, 0.001, [0.01, 0.01]), (0.4, 0.002, [0.02, 0.02])]
+
+
+def test_paired_values_by_hand():
+    per = paired(_records({1.0: HELPS})).sort_values("row_id")
+    lift = [math.log(0.3 / 0.2), math.log(0.15 / 0.1), math.log(0.5 / 0.4)]
+    effect = [
+        math.log(0.3) - math.log(0.2),
+        math.log(0.15) - math.log(0.1),
+        math.log(0.5) - (math.log(0.4) + math.log(0.45)) / 2,
+    ]
+    np.testing.assert_allclose(per["lift"], lift, rtol=1e-12)
+    np.testing.assert_allclose(per["effect"], effect, rtol=1e-12)
+    np.testing.assert_allclose(per["gain"], np.minimum(lift, effect), rtol=1e-12)
+
+
+def test_summary_by_hand():
+    summary = summarize(_records({1.0: HELPS, 8.0: DEGENERATE}))
+    helps = summary[summary["tau"] == 1.0].iloc[0]
+    bad = summary[summary["tau"] == 8.0].iloc[0]
+    assert helps["median_lift"] == pytest.approx(math.log(0.3 / 0.2))  # lifts .405 .405 .223
+    assert helps["share_beats_controls"] == 1.0 and helps["share_improved"] == 1.0
+    assert helps["mean_dp"] == pytest.approx((0.1 + 0.05 + 0.1) / 3)
+    # The degenerate cell: mean % = (9900 − 99.5 − 99.5)/3, median % = −99.5.
+    assert bad["mean_pct"] == pytest.approx((9900 - 99.5 - 99.5) / 3)
+    assert bad["median_pct"] == pytest.approx(-99.5)
+    assert bool(bad["mean_pct_disagrees"]) and not bool(helps["mean_pct_disagrees"])
+    assert bad["median_lift"] == pytest.approx(math.log(0.002 / 0.4))
+    # Effects: log(1e-4/1e-5) = +2.30, log(0.001/0.01) = log(0.002/0.02) = −2.30.
+    assert bad["median_effect"] == pytest.approx(math.log(0.1))
+    # Gains: min(4.61, 2.30), min(−5.30, −2.30), min(−5.30, −2.30).
+    assert bad["median_gain"] == pytest.approx(math.log(0.005))
+    assert helps["control_n"] == 6 and helps["n"] == 3
+
+
+def test_the_default_ranking_and_the_best_cell_ignore_the_papers_outlier():
+    summary = summarize(_records({1.0: HELPS, 8.0: DEGENERATE}))
+    assert ranked(summary, "mean_pct").iloc[0]["tau"] == 8.0  # what the paper's metric crowns
+    assert ranked(summary).iloc[0]["tau"] == 1.0
+    from meminject.sweep_stats import best_cell
+
+    assert best_cell(summary)["tau"] == 1.0
+    # Asked for the paper's ranking, the best cell is still one where the median prompt
+    # improved: the degenerate cell is never crowned.
+    assert best_cell(summary, "mean_pct")["tau"] == 1.0
+    assert best_cell(summarize(_records({8.0: DEGENERATE}))) is None
+
+
+def test_without_controls_the_gain_is_the_lift():
+    no_controls = {1.0: [(b, a, []) for b, a, _ in HELPS]}
+    summary = summarize(_records(no_controls))
+    cell = summary.iloc[0]
+    assert cell["control_n"] == 0 and math.isnan(cell["median_effect"])
+    assert cell["median_gain"] == cell["median_lift"]
+    assert math.isnan(cell["share_beats_controls"])
+
+
+def test_bootstrap_interval():
+    values = np.array([0.5, 0.1, 0.3, 0.2, 0.4])
+    low, high = bootstrap_median_ci(values)
+    assert low <= float(np.median(values)) <= high
+    assert (low, high) == bootstrap_median_ci(values)  # seeded: one answer per input
+    assert bootstrap_median_ci(np.full(20, 0.7)) == pytest.approx((0.7, 0.7))
+    # By hand: the same resampling the function draws.
+    index = np.random.default_rng(0).integers(0, 5, size=(1000, 5))
+    medians = np.median(values[index], axis=1)
+    assert (low, high) == pytest.approx(tuple(np.quantile(medians, [0.025, 0.975])))
+    rng = np.random.default_rng(1)
+    narrow = bootstrap_median_ci(rng.normal(size=400))
+    wide = bootstrap_median_ci(rng.normal(size=25))
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
+    assert all(math.isnan(v) for v in bootstrap_median_ci(np.array([])))
+
+
+def test_unknown_statistic_is_bad_input():
+    assert check_rank_stat("median_gain") == "median_gain"
+    with pytest.raises(BadInputError, match="unknown statistic 'mean'; choose median_gain"):
+        check_rank_stat("mean")
