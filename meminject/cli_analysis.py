@@ -50,6 +50,15 @@ def _model_options(f: Any) -> Any:
     "optionally with its parameters as a TOML inline table: 'pooled{reduce = \"max\"}'.",
 )
 @click.option(
+    "--tau-units",
+    type=click.Choice(["absolute", "resid_norm"]),
+    default="absolute",
+    show_default=True,
+    help="absolute: add τ·v (the paper's); resid_norm: add a vector of length τ × the "
+    "layer's mean residual-stream norm (measured on the dataset's prompts, printed and "
+    "recorded), so one τ grid means the same at every layer and in every model.",
+)
+@click.option(
     "--heads",
     "head_spec",
     default=None,
@@ -134,6 +143,7 @@ def sweep(
     layer_spec: str,
     tau_spec: str,
     encoding_spec: str,
+    tau_units: str,
     head_spec: str | None,
     controls: int,
     batch_size: int,
@@ -229,6 +239,7 @@ def sweep(
         shard=shard_pair,
         metric=answer_metric,
         seed=seed,
+        tau_units=tau_units,
     )
 
     def checkpoint(records: Any) -> None:
@@ -293,6 +304,9 @@ def _print_summary(
         f"({stats['base_passes']} base passes, {stats['replays']} replays, "
         f"{stats['full_passes']} full passes) in {stats['seconds']:.1f} s"
     )
+    if "resid_norms" in stats:
+        listed = ", ".join(f"ℓ{layer} {norm:.3g}" for layer, norm in stats["resid_norms"].items())
+        console.print(f"τ in units of each layer's mean residual-stream norm: {listed}")
     if summary.empty:
         console.print("no rows in this shard")
         return

@@ -13,6 +13,18 @@ def _to_meta(ctx: click.Context, param: click.Parameter, value: Any) -> None:
     ctx.meta[f"meminject_{param.name}"] = value
 
 
+def files_model_option(f: Any) -> Any:
+    """``--model`` for commands that read memory files (their ``[model]`` is the default),
+    with every other model option."""
+    f = model_options(f)
+    return click.option(
+        "--model",
+        "model_name",
+        default=None,
+        help="Model name, alias or local directory (default: the files' [model], else toyworld).",
+    )(f)
+
+
 def model_options(f: Any = None, *, memory_files: bool = True) -> Any:
     """--device, --dtype, --coordinates, --prepend-bos, --threads and
     --allow-pickle-weights, as every model-loading command takes them. ``memory_files``:

@@ -159,10 +159,41 @@ class AddMemory(MemoryBase):
         description="Magnitude τ the encoded vector is scaled by ('τ' is accepted too).",
     )
 
+    tau_units: Literal["absolute", "resid_norm"] = Field(
+        "absolute",
+        description="'absolute': τ·v as the paper adds it; 'resid_norm': τ is the added "
+        "vector's length in units of resid_norm, the layer's typical residual-stream norm "
+        "(the vector added is τ·resid_norm·v/‖v‖), so one τ means the same at every layer "
+        "and in every model.",
+    )
+    resid_norm: float | None = Field(
+        None,
+        gt=0,
+        description="The reference norm of tau_units = 'resid_norm' (meminject sweep "
+        "--tau-units resid_norm measures and records it per layer); required with it.",
+    )
+
     @field_validator("tau")
     @classmethod
     def _tau_finite(cls, value: float) -> float:
         return _finite(value)
+
+    @field_validator("resid_norm")
+    @classmethod
+    def _norm_finite(cls, value: float | None) -> float | None:
+        return None if value is None else _finite(value)
+
+    @model_validator(mode="after")
+    def _norm_given_with_units(self) -> AddMemory:
+        if self.tau_units == "resid_norm" and self.resid_norm is None:
+            raise FieldValueError(
+                "resid_norm", "tau_units = 'resid_norm' needs resid_norm (the reference norm)"
+            )
+        if self.tau_units == "absolute" and self.resid_norm is not None:
+            raise FieldValueError(
+                "resid_norm", "resid_norm is only used with tau_units = 'resid_norm'"
+            )
+        return self
 
     @model_validator(mode="after")
     def _site_matches_head(self) -> AddMemory:

@@ -1,7 +1,8 @@
 """Built-in injection strategies, registered through the same hook as plugins' strategies.
 
 ``add`` is the paper's memory injection: ``a ← a + τ·v`` at a site of layer ℓ and
-the chosen positions. ``gated`` is the gradient-derived local memory: ``a ← a + s·Δ``
+the chosen positions (with ``tau_units = "resid_norm"``, ``a ← a + τ·N·v/‖v‖`` for the
+memory's reference norm N). ``gated`` is the gradient-derived local memory: ``a ← a + s·Δ``
 where the gate ``s = exp(−(x²/b²)^h)``, ``x = 1 − (a·k)/‖k‖²``, fires only on
 activations resembling the key. Memories that share a hook point are applied by
 one hook function; gated memories that share a hook point and positions are one
@@ -40,6 +41,13 @@ class AddStrategy(Strategy):
         for memory in memories:
             site = memory.resolved_site
             vector = ctx.encode(memory)  # [d_model], checked against the encoder contract
+            if memory.tau_units == "resid_norm":
+                norm = float(vector.float().norm())
+                if norm == 0.0:
+                    raise ctx.error(
+                        memory, "the encoded vector is zero, so it has no direction", "text"
+                    )
+                vector = vector * (memory.resid_norm / norm)
             delta = (memory.tau * vector).to(device=model.device, dtype=model.dtype)
             if not bool(delta.isfinite().all()):
                 raise ctx.error(

@@ -63,6 +63,7 @@ the two.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import random
@@ -90,6 +91,7 @@ if TYPE_CHECKING:
     from meminject.plugins import Registry
 
 METRICS = ("first-token", "full")
+TAU_UNITS = ("absolute", "resid_norm")
 OUTPUT_SUFFIXES = (".csv", ".parquet", ".pq")
 
 #: Largest difference in log-probability between the replayed and the full forward
@@ -110,8 +112,15 @@ class SweepConfig:
     shard: tuple[int, int] = (0, 1)
     metric: str = "first-token"
     seed: int = 0
+    #: "absolute" (τ·v, the paper's) or "resid_norm" (τ·N_ℓ·v/‖v‖, N_ℓ the layer's mean
+    #: residual-stream norm over the dataset's prompts).
+    tau_units: str = "absolute"
+    #: (layer, N_ℓ) pairs; measured by :func:`run_sweep` when not given.
+    resid_norms: tuple[tuple[int, float], ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.tau_units not in TAU_UNITS:
+            raise BadInputError(f"unknown τ units '{self.tau_units}'; choose {TAU_UNITS}")
         if not self.layers or not self.taus or not self.encodings:
             raise BadInputError("a sweep needs at least one layer, one τ and one encoding")
         if self.heads is not None and not self.heads:
@@ -345,6 +354,8 @@ def sweep_memory(
     encoding: str,
     head: int | None = None,
     registry: Registry | None = None,
+    tau_units: str = "absolute",
+    resid_norm: float | None = None,
 ) -> AddMemory:
     """The :class:`AddMemory` a cell stands for (positions ``"all"``), with the encoder's
     parameters (from the encoding label, defaults for the rest) attached."""
@@ -360,6 +371,8 @@ def sweep_memory(
             "params": given or None,
             "head": head,
             "positions": "all",
+            "tau_units": tau_units,
+            "resid_norm": resid_norm,
         }
     )
     if params is not None:
@@ -614,6 +627,10 @@ def _records(
             .ravel()
             .astype(str),
             "metric": config.metric,
+            "tau_units": config.tau_units,
+            "resid_norm": axis(
+                [dict(config.resid_norms or ()).get(layer, np.nan) for layer in config.layers], 1
+            ).astype(np.float64),
             "p_before": pb,
             "p_after": pa,
             "logp_before": lb,
@@ -680,6 +697,47 @@ def _progress(enabled: bool) -> Any:
     )
 
 
+def residual_norms(
+    model: LoadedModel, rows: Sequence[PromptRow], layers: Sequence[int]
+) -> dict[int, float]:
+    """Each layer's typical residual-stream norm: the mean of ‖resid_pre(ℓ)‖ over the
+    rows' prompt tokens (BOS left out: its norm is often an outlier), in the model's
+    loaded coordinates. What ``--tau-units resid_norm`` measures τ in."""
+    import torch
+
+    sums = dict.fromkeys(layers, 0.0)
+    count = 0
+    skip = 1 if model.prepends_bos else 0
+    hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = []
+    captured: dict[int, Tensor] = {}
+    for layer in layers:
+
+        def capture(activation: Tensor, hook: Any, layer: int = layer) -> None:
+            captured[layer] = activation[0, skip:].float().norm(dim=-1)
+
+        hooks.append((f"blocks.{layer}.hook_resid_pre", capture))
+    with torch.no_grad():
+        for row in rows:
+            tokens = model.to_tokens(row.prompt)
+            model.bridge.run_with_hooks(tokens, fwd_hooks=hooks, stop_at_layer=max(layers) + 1)
+            for layer in layers:
+                sums[layer] += float(captured[layer].sum())
+            count += int(captured[layers[0]].numel())
+    if count == 0:
+        raise BadInputError("no prompt tokens to measure the residual-stream norm on")
+    return {layer: sums[layer] / count for layer in layers}
+
+
+def _to_norm(
+    stacked: Float[Tensor, "variant batch d_model"], norm: float
+) -> Float[Tensor, "variant batch d_model"]:
+    """Every vector rescaled to length ``norm`` (τ then counts in units of it)."""
+    lengths = stacked.float().norm(dim=-1, keepdim=True)
+    if bool((lengths == 0).any()):
+        raise BadInputError("a memory's vector is zero, so it cannot be scaled to a norm")
+    return (stacked * (norm / lengths)).to(stacked.dtype)
+
+
 def shard_rows(rows: Sequence[PromptRow], shard: tuple[int, int]) -> list[PromptRow]:
     """Rows ``i, i+n, i+2n, …`` of the dataset for shard ``(i, n)``: shards are disjoint
     and their union is the dataset, and each gets a mix of the file's rows."""
@@ -740,6 +798,11 @@ def run_sweep(
         raise BadInputError(f"model '{model.name}' has no hook point '{missing[0]}'")
 
     started = time.perf_counter()
+    if config.tau_units == "resid_norm" and config.resid_norms is None:
+        # Over every row, not this shard's: shards must scale τ alike to be merged.
+        norms = residual_norms(model, rows, config.layers)
+        config = dataclasses.replace(config, resid_norms=tuple(sorted(norms.items())))
+    norm_of = dict(config.resid_norms or ())
     mine = shard_rows(rows, config.shard)
     previous = _finished_records(done, config) if done is not None else None
     if previous is not None:
@@ -809,6 +872,8 @@ def run_sweep(
                     if (entry.plugin, entry.name) in _LAYER_FREE:
                         layer_free[encoding] = stacked
                     vectors.append(stacked)
+                if config.tau_units == "resid_norm":
+                    vectors = [_to_norm(v, norm_of[layer]) for v in vectors]
                 adder = _Adder()
                 with bridge.hooks(fwd_hooks=[(f"blocks.{layer}.hook_attn_out", adder)]):
                     for ei, stacked in enumerate(vectors):
@@ -836,6 +901,8 @@ def run_sweep(
                     )
                 )
     stats["seconds"] = time.perf_counter() - started
+    if norm_of:
+        stats["resid_norms"] = norm_of
     records = _with_previous(previous, _records(mine, texts, before, after, config))
     return SweepResult(records=records, config=config, stats=stats)
 
@@ -878,6 +945,11 @@ def _finished_records(done: pd.DataFrame, config: SweepConfig) -> pd.DataFrame:
         "encoding": set(config.encodings),
         "metric": {config.metric},
     }
+    if "tau_units" in done.columns or config.tau_units != "absolute":
+        # Records written before τ units existed are absolute.
+        expected["tau_units"] = {config.tau_units}
+        if "tau_units" not in done.columns:
+            done = done.assign(tau_units="absolute")
     for column, values in expected.items():
         found = {v.item() if hasattr(v, "item") else v for v in done[column].unique()}
         if column == "tau":
@@ -920,6 +992,8 @@ def reference_cell(
     metric: str = "first-token",
     memory_text: str | None = None,
     registry: Registry | None = None,
+    tau_units: str = "absolute",
+    resid_norm: float | None = None,
 ) -> tuple[float, float]:
     """The plain loop: ``(p_before, p_after)`` for one prompt and one cell, from two
     ordinary forward passes, the second inside :func:`meminject.engine.inject` with the
@@ -938,6 +1012,8 @@ def reference_cell(
         encoding=encoding,
         head=head,
         registry=registry,
+        tau_units=tau_units,
+        resid_norm=resid_norm,
     )
     where = Path("<sweep>")
     memory_set = MemorySet(files=(LoadedFile(where, None, (MemoryEntry(memory, where, 0, ""),)),))

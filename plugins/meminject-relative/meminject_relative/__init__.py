@@ -76,6 +76,10 @@ class RelativeStrategy(Strategy):
         for memory in memories:
             # [d_model], computed once per (memory, model); meminject has already checked
             # the encoder's shape and values, and names the encoder's plugin if they are off.
+            if memory.tau_units != "absolute":
+                raise ctx.error(
+                    memory, "a relative memory's τ is already relative; drop tau_units", "tau_units"
+                )
             vector = ctx.encode(memory)
             direction = vector.to(device=ctx.model.device, dtype=torch.float32)
             norm = float(direction.norm())

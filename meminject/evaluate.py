@@ -1,0 +1,182 @@
+"""Edit metrics for a memory set, in the vocabulary of model editing.
+
+A memory that edits a fact ("the capital of Nepal is … Kathmandu", or the deliberately
+wrong "Tokyo is in … Kathmandu") is judged on four kinds of prompts:
+
+* **reliability** — the prompts it was made on: does the next token become the target?
+* **generalization** — positives, paraphrases that should also give the target;
+* **specificity** (locality) — negatives, near misses that must *not* give the target;
+* **neutral** — unrelated prompts whose next-token distribution must not move at all,
+  measured by KL(before ‖ after) in nats and by whether the top-1 token stayed.
+
+Specificity and the neutral measures look at the next token after the prompt; the share
+of negative and neutral prompts whose whole continuation is unchanged is reported too,
+because a gate that stays shut at the prompt's last token can still open on a later,
+generated one.
+
+Every prompt is also continued greedily for a few tokens with and without the memories,
+the way the local-memory blog shows its edits. Nothing here is specific to gated
+memories: an ``add`` memory is evaluated the same way (and, being always on, usually
+moves the neutral prompts — which is the point of measuring them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from meminject.errors import BadInputError
+
+if TYPE_CHECKING:
+    from meminject.engine import MemoriesArg
+    from meminject.models import LoadedModel
+
+KINDS = ("edit", "positive", "negative", "neutral")
+
+
+@dataclass(frozen=True)
+class PromptResult:
+    """One prompt, before and after the memories."""
+
+    kind: str
+    prompt: str
+    where: str | None  # file:line when the prompt came from a file
+    top1_before: str
+    top1_after: str
+    p_target_before: float
+    p_target_after: float
+    kl: float  # KL(before ‖ after) of the next-token distribution, nats
+    continuation_before: str
+    continuation_after: str
+    #: edit/positive: the target is top-1 after; negative: it is not; neutral: top-1 kept.
+    ok: bool
+
+
+@dataclass
+class EditReport:
+    target: str
+    target_token: str
+    rows: list[PromptResult] = field(default_factory=list)
+
+    def of(self, kind: str) -> list[PromptResult]:
+        return [r for r in self.rows if r.kind == kind]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Shares of prompts that behave (None for a kind with no prompts), and the
+        neutral prompts' KL."""
+
+        def share(kind: str) -> float | None:
+            rows = self.of(kind)
+            return sum(r.ok for r in rows) / len(rows) if rows else None
+
+        def kept(kind: str) -> float | None:
+            # The next token is not the whole story: a gate can stay shut at the prompt's
+            # end and open on a later position, changing what follows.
+            rows = self.of(kind)
+            if not rows:
+                return None
+            return sum(r.continuation_before == r.continuation_after for r in rows) / len(rows)
+
+        neutral = self.of("neutral")
+        kls = [r.kl for r in neutral]
+        return {
+            "reliability": share("edit"),
+            "generalization": share("positive"),
+            "specificity": share("negative"),
+            "neutral_top1_kept": share("neutral"),
+            "neutral_kl_mean": sum(kls) / len(kls) if kls else None,
+            "neutral_kl_max": max(kls) if kls else None,
+            "negative_continuations_kept": kept("negative"),
+            "neutral_continuations_kept": kept("neutral"),
+            "counts": {kind: len(self.of(kind)) for kind in KINDS},
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "target_token": self.target_token,
+            "metrics": self.metrics,
+            "prompts": [asdict(r) for r in self.rows],
+        }
+
+
+def _prompt_items(prompts: Sequence[Any]) -> list[tuple[str, str | None]]:
+    """Prompts as (text, where): plain strings, or the learn module's PromptLines."""
+    items: list[tuple[str, str | None]] = []
+    for p in prompts:
+        if isinstance(p, str):
+            items.append((p, None))
+        else:
+            items.append((str(p.text), str(p.where)))
+    return items
+
+
+def evaluate_edit(
+    model: LoadedModel,
+    memories: MemoriesArg,
+    *,
+    target: str,
+    prompts: Mapping[str, Sequence[Any]],
+    tokens: int = 5,
+) -> EditReport:
+    """Run every prompt of ``prompts`` (keys among ``edit``, ``positive``, ``negative``,
+    ``neutral``) with and without ``memories`` and report the edit metrics.
+
+    ``target`` is the text the edit should produce after the prompts (as ``learn``'s
+    ``--target``, leading space included); its first token is what "gives the target"
+    means. ``tokens`` greedy tokens are generated for each prompt both ways."""
+    import torch
+
+    from meminject.engine import as_compiled, inject
+    from meminject.generation import generate
+
+    unknown = sorted(set(prompts) - set(KINDS))
+    if unknown:
+        raise BadInputError(f"unknown prompt kind '{unknown[0]}'; kinds: {', '.join(KINDS)}")
+    if not any(prompts.get(kind) for kind in KINDS):
+        raise BadInputError("evaluate needs prompts: --prompt, --positive, --negative or --neutral")
+    if tokens < 0:
+        raise BadInputError("--tokens must be >= 0")
+    target_ids = model.tokenize(target, prepend_bos=False)
+    if not target_ids:
+        raise BadInputError(f"the target {target!r} encodes to no tokens")
+    target_id = target_ids[0]
+    compiled = as_compiled(model, memories)
+    report = EditReport(target, model.token_str(target_id))
+    for kind in KINDS:
+        for text, where in _prompt_items(prompts.get(kind, ())):
+            if not text.strip():
+                raise BadInputError(f"{where or kind + ' prompt'}: the prompt is empty")
+            ids = model.to_tokens(text)
+            with torch.no_grad():
+                before = model.bridge(ids)[0, -1].double().log_softmax(-1)
+                with inject(model, compiled):
+                    after = model.bridge(ids)[0, -1].double().log_softmax(-1)
+            kl = float((before.exp() * (before - after)).sum().clamp_min(0.0))
+            top_before, top_after = int(before.argmax()), int(after.argmax())
+            if kind in ("edit", "positive"):
+                ok = top_after == target_id
+            elif kind == "negative":
+                ok = top_after != target_id
+            else:
+                ok = top_after == top_before
+            plain = generate(model, text, max_new_tokens=tokens) if tokens else None
+            edited = generate(model, text, compiled, max_new_tokens=tokens) if tokens else None
+            report.rows.append(
+                PromptResult(
+                    kind=kind,
+                    prompt=text,
+                    where=where,
+                    top1_before=model.token_str(top_before),
+                    top1_after=model.token_str(top_after),
+                    p_target_before=float(before[target_id].exp()),
+                    p_target_after=float(after[target_id].exp()),
+                    kl=kl,
+                    continuation_before=plain.completion if plain is not None else "",
+                    continuation_after=edited.completion if edited is not None else "",
+                    ok=ok,
+                )
+            )
+    return report
