@@ -113,14 +113,6 @@ def parse_float_spec(spec: str, what: str = "tau") -> list[float]:
     return [v + 0.0 for v in _dedupe(values)]  # + 0.0 turns -0.0 into 0.0
 
 
-def parse_name_list(spec: str, what: str = "encoding") -> list[str]:
-    """Comma-separated names (``unembed,embed``), stripped, each once."""
-    names = [part.strip() for part in spec.split(",") if part.strip()]
-    if not names:
-        raise BadInputError(f"empty {what} list")
-    return list(dict.fromkeys(names))
-
-
 def parse_encoding_list(spec: str) -> list[str]:
     """Comma-separated encoding labels, each once: ``unembed,pooled{reduce = "max",
     source = "embed"}``. Commas inside an inline table's braces or quotes do not split."""

@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from meminject.errors import BadInputError
 from meminject.specs import (
     MAX_VALUES,
+    parse_encoding_list,
     parse_float_spec,
     parse_int_spec,
-    parse_name_list,
     parse_shard,
 )
 
@@ -111,10 +111,10 @@ def test_float_ranges_include_both_ends_on_the_grid(a_quarters, n, step):
     assert values[0] == a + 0.0 and values[-1] == pytest.approx(b)
 
 
-def test_name_lists():
-    assert parse_name_list("unembed, embed,unembed") == ["unembed", "embed"]
+def test_encoding_lists_drop_repeats():
+    assert parse_encoding_list("unembed, embed,unembed") == ["unembed", "embed"]
     with pytest.raises(BadInputError, match="empty encoding list"):
-        parse_name_list(" , ")
+        parse_encoding_list(" , ")
 
 
 @pytest.mark.parametrize(
