@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from meminject.engine import bridge_fwd_hooks
 from meminject.errors import BadInputError, Location, MeminjectError, MemoryFileError, echo
 from meminject.fsread import FS_ERRORS, ReadRefused, describe_mode, fs_reason, read_regular
+from meminject.memfile import toml_value
 from meminject.schema import NAME_PATTERN, MemoryBase
 from meminject.sites import LAYER_SITES, hook_name, site_hook
 
@@ -665,18 +666,10 @@ def choose_boundary(table: Sequence[BoundaryRow]) -> tuple[float, float]:
 # --- writing ----------------------------------------------------------------------------
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    return json.dumps(str(value), ensure_ascii=False)
-
-
 def _table(lines: list[str], values: dict[str, Any]) -> None:
     for key, value in values.items():
         if value is not None:
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
 
 
 def slug(text: str) -> str:

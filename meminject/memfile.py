@@ -488,6 +488,22 @@ def read_memory_file(path: Path | str, registry: Any | None = None) -> LoadedFil
     return loaded
 
 
+def toml_value(value: Any) -> str:
+    """A TOML literal for ``value`` (bool, number, string, list, table), as meminject
+    writes memory files and encoding labels."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float, str)):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in sorted(value.items())) + "}"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
 #: What memories built in Python (not read from a file) are located at in errors.
 PYTHON_SOURCE = "<python>"
 

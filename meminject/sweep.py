@@ -64,6 +64,7 @@ the two.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import math
 import random
@@ -279,28 +280,33 @@ def encoding_parts(label: str, registry: Registry | None = None) -> tuple[str, A
     from meminject.schema import params_message
 
     registry = registry or get_registry()
-    name, brace, rest = label.partition("{")
-    name = name.strip()
+    name, given = _parsed_label(label)
     if name not in registry.encoders:
         known = ", ".join(sorted(registry.encoders))
         raise BadInputError(
             f"unknown encoding '{name}'; registered: {known}" + registry.plugins_off_note()
         )
     params_model = registry.encoders[name].params_model
-    given: dict[str, Any] = {}
-    if brace:
-        given = _inline_table(label, "{" + rest)
     if params_model is None:
         if given:
             raise BadInputError(f"encoding '{label}': encoder '{name}' takes no parameters")
         return name, None
     try:
-        return name, params_model.model_validate(given)
+        return name, params_model.model_validate(dict(given))
     except ValidationError as exc:
         error = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         key = ".".join(str(p) for p in error["loc"])
         message = params_message(error, name, params_model)
         raise BadInputError(f"encoding '{label}': parameter '{key}': {message}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_label(label: str) -> tuple[str, dict[str, Any]]:
+    """An encoding label's encoder name and given parameters, parsed once per label: a
+    sweep builds a memory for every text of every cell from the same few labels. The
+    dict is shared; callers copy it before handing it on."""
+    name, brace, rest = label.partition("{")
+    return name.strip(), (_inline_table(label, "{" + rest) if brace else {})
 
 
 def _inline_table(label: str, table: str) -> dict[str, Any]:
@@ -321,29 +327,14 @@ def _inline_table(label: str, table: str) -> dict[str, Any]:
 def encoding_label(label: str, registry: Registry | None = None) -> str:
     """``label`` written one way: the name, then the given parameters sorted by key
     (``pooled{reduce = "max", source = "embed"}``), so results and resumes match."""
-    name, _, rest = label.partition("{")
+    from meminject.memfile import toml_value
+
     encoding_parts(label, registry)  # valid, or a clear error
-    if not rest:
-        return name.strip()
-    given = _inline_table(label, "{" + rest)
+    name, given = _parsed_label(label)
     if not given:
-        return name.strip()
-    items = ", ".join(f"{key} = {_toml_value(given[key])}" for key in sorted(given))
-    return f"{name.strip()}{{{items}}}"
-
-
-def _toml_value(value: Any) -> str:
-    import json
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float, str)):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in sorted(value.items())) + "}"
-    return json.dumps(str(value))
+        return name
+    items = ", ".join(f"{key} = {toml_value(given[key])}" for key in sorted(given))
+    return f"{name}{{{items}}}"
 
 
 def sweep_memory(
@@ -360,7 +351,7 @@ def sweep_memory(
     """The :class:`AddMemory` a cell stands for (positions ``"all"``), with the encoder's
     parameters (from the encoding label, defaults for the rest) attached."""
     name, params = encoding_parts(encoding, registry)
-    given = _inline_table(encoding, "{" + encoding.partition("{")[2]) if "{" in encoding else None
+    given = dict(_parsed_label(encoding)[1])
     memory = AddMemory.model_validate(
         {
             "name": "sweep",
@@ -864,7 +855,7 @@ def run_sweep(
                 # [encoding][variant, batch, d_model], computed before the hook goes in.
                 vectors = []
                 for encoding in config.encodings:
-                    entry = registry.encoders[encoding_parts(encoding, registry)[0]]
+                    entry = registry.encoders[_parsed_label(encoding)[0]]
                     if (entry.plugin, entry.name) in _LAYER_FREE and encoding in layer_free:
                         vectors.append(layer_free[encoding])
                         continue
