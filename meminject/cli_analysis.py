@@ -62,7 +62,9 @@ def _model_options(f: Any) -> Any:
     "--heads",
     "head_spec",
     default=None,
-    help="Heads (SPEC or 'all') to inject into; omitted = the whole attention output.",
+    help="Heads (SPEC or 'all') to route each memory through (site attn_z: the head's "
+    "value mix moves by τ·v·pinv(W_O[h]), so it writes the part of τ·v it can; one cell "
+    "per head); omitted = the whole attention output.",
 )
 @click.option(
     "--controls",
@@ -319,6 +321,9 @@ def _print_summary(
     table = Table(title=f"top {min(top, len(summary))} cells by {rank_by}")
     for column in ("layer", "head", "τ", "enc", "p before", "p after"):
         table.add_column(column, justify="right")
+    per_head = "head_share" in summary and bool(summary["head"].notna().any())
+    if per_head:
+        table.add_column("share", justify="right")  # of the memory the head can write
     table.add_column("median gain [95% CI]", justify="right", style="bold")
     if has_controls:
         table.add_column("vs controls", justify="right")
@@ -340,6 +345,10 @@ def _print_summary(
             str(cell.encoding),
             f"{cell.p_before:.4f}",
             f"{cell.p_after:.4f}",
+        ]
+        if per_head:
+            cells.append(_fmt_share(cell.head_share))
+        cells += [
             f"{_fmt_nats(cell.median_gain)} {_fmt_ci(cell.gain_ci_low, cell.gain_ci_high)}",
         ]
         if has_controls:
@@ -358,6 +367,11 @@ def _print_summary(
             "gain: per prompt, the smaller of log p(answer) with the memory − without it and "
             "− with a random control memory (nats; > 0: the memory helps beyond both)"
         )
+        if per_head:
+            console.print(
+                "share: ‖v·P_h‖/‖v‖, how much of the memory head h can write (its output "
+                "projection spans d_head of d_model directions)"
+            )
         if disagree:
             console.print(
                 "† the mean % and the median % disagree in sign: the mean is carried by a "
@@ -390,9 +404,37 @@ def _print_summary(
             )
         line += f"; the paper's mean % increase {_fmt_pct(best['mean_pct'])}"
         console.print(line)
+    _print_held_out(console, result.records, rank_by)
     for label, path in (("records", out), ("heatmap", plot)):
         if path is not None:
             console.print(f"{label}: {path}")
+
+
+def _print_held_out(console: Any, records: Any, rank_by: str) -> None:
+    """The best of many cells is partly luck; say how the choice fares on prompts that
+    did not take part in it (sweep_stats.held_out_check)."""
+    from meminject.sweep_stats import held_out_check
+
+    check = held_out_check(records, rank_by)
+    if check is None:
+        return
+    n_sel, n_out, cell = check["n_selection"], check["n_held_out"], check["cell"]
+    if cell is None:
+        console.print(
+            f"held-out check: chosen on half of the prompts ({n_sel}), no cell helps there either"
+        )
+        return
+    head = "" if _is_na(cell["head"]) else f" head {cell['head']}"
+    low, high = cell["held_out_ci"]
+    verdict = "it holds up" if low > 0 else "not confirmed: the interval includes 0"
+    console.print(
+        f"held-out check (the best of many cells is partly luck): chosen on {n_sel} "
+        f"prompts, layer {cell['layer']}{head}, τ = {cell['tau']:g}, {cell['encoding']} has "
+        f"median gain {_fmt_nats(cell['selection_median_gain'])} "
+        f"{_fmt_ci(*cell['selection_ci'])} there and "
+        f"{_fmt_nats(cell['held_out_median_gain'])} {_fmt_ci(low, high)} on the other "
+        f"{n_out}; {verdict}"
+    )
 
 
 def _is_na(value: Any) -> bool:

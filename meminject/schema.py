@@ -47,7 +47,9 @@ Site = Literal[
     "resid_mid",
     "resid_post",
 ]
-TextSite = Literal["attn_result", "attn_out", "resid_pre", "resid_mid", "resid_post", "mlp_out"]
+TextSite = Literal[
+    "attn_result", "attn_out", "attn_z", "resid_pre", "resid_mid", "resid_post", "mlp_out"
+]
 PositionMode = Literal["all", "prompt", "generated", "last"]
 Coordinates = Literal["processed", "raw"]
 
@@ -150,7 +152,9 @@ class AddMemory(MemoryBase):
     site: TextSite | None = Field(
         None,
         description="Where the vector is added; default 'attn_result' with a head, else "
-        "'attn_out'.",
+        "'attn_out'. 'attn_z' with a head routes it through that head: the head's value mix "
+        "moves by τ·v·pinv(W_O[head]), so the head writes the part of τ·v it can express "
+        "(heads differ there; on 'attn_result' every head gives the same model).",
     )
     tau: float = Field(
         ...,
@@ -197,13 +201,14 @@ class AddMemory(MemoryBase):
 
     @model_validator(mode="after")
     def _site_matches_head(self) -> AddMemory:
-        if self.head is not None and self.site not in (None, "attn_result"):
+        if self.head is not None and self.site not in (None, "attn_result", "attn_z"):
             raise FieldValueError(
-                "head", f"'head' is only valid with site 'attn_result', not '{self.site}'"
+                "head",
+                f"'head' is only valid with site 'attn_result' or 'attn_z', not '{self.site}'",
             )
-        if self.site == "attn_result" and self.head is None:
+        if self.site in ("attn_result", "attn_z") and self.head is None:
             raise FieldValueError(
-                "site", "site 'attn_result' needs a 'head'; use 'attn_out' for the layer"
+                "site", f"site '{self.site}' needs a 'head'; use 'attn_out' for the layer"
             )
         return self
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from meminject.extension import CompileContext, InjectionContext, SiteHook, Strategy
+from meminject.heads import through_head
 from meminject.hookspecs import hookimpl
 from meminject.schema import AddMemory, GatedMemory
 from meminject.sites import hook_name
@@ -61,10 +62,15 @@ class AddStrategy(Strategy):
             # heads, so adding v to head h's result is exactly adding v to the layer's
             # attention output. Lowering it there spares the per-head result tensor
             # (batch × pos × heads × d_model) that hook_result would make the model build.
-            # In a block that normalises the attention output before the residual add
-            # (Gemma 2/3), the heads are summed *before* that norm, so the addition goes to
-            # the attention's own output (attn.hook_out), which is still exactly the sum.
-            if site == "attn_result":
+            # Routed through a head (attn_z), the head's value mix moves by
+            # τ·v·pinv(W_O[h]) and the attention output by τ·v·P_h (meminject.heads): the
+            # same lowering applies to that vector. In a block that normalises the
+            # attention output before the residual add (Gemma 2/3), the heads are summed
+            # *before* that norm, so the addition goes to the attention's own output
+            # (attn.hook_out), which is still exactly the sum.
+            if site == "attn_z":
+                delta = through_head(model, memory.layer, memory.head, delta)
+            if site in ("attn_result", "attn_z"):
                 site = "attn_out"
                 if model.post_sublayer_norms:
                     site = "attn_heads_sum"

@@ -44,12 +44,15 @@ Why it is fast, and why that is still exact:
   without an injection and compares with the base pass; if an architecture breaks the
   replay (a difference above 1e-4 in log-probability) that batch falls back to full
   forward passes with the same hook, which is always correct.
-* **Heads cost nothing extra.** Adding ``v`` to one head's result adds exactly ``v`` to
-  the layer's attention output (the heads' results are summed into it; DESIGN §4 and
-  ``tests/integration/test_engine.py`` show the equality; the engine lowers per-head
-  ``add`` memories to the attention output for the same reason), so the per-head cells
-  of a (ℓ, τ, encoding) are computed once and reported for every head. The tests also
-  compare them with a hand-made edit of that head's own ``attn.hook_result``.
+* **Heads are routed, not summed.** Adding ``v`` to one head's result adds exactly ``v``
+  to the layer's attention output (DESIGN §4), so on ``attn_result`` every head would be
+  the same cell. A head cell instead routes the memory *through* the head (site
+  ``attn_z``, :mod:`meminject.heads`): the head's value mix moves by ``τ·v·pinv(W_O[h])``,
+  i.e. the attention output by ``τ·v·P_h``, the part of the memory the head can write.
+  That vector is added where the whole-layer cell adds ``τ·v`` (before the post-attention
+  norm on Gemma 2/3), so a head cell costs one replay like any other, and the records
+  carry each memory's ``head_share`` ‖v·P_h‖/‖v‖. The tests compare head cells with a
+  hand-made edit of the head's own ``attn.hook_z``.
 * **τ = 0 is the base pass** (the engine installs no hook for it either).
 * Controls share the batches and the recorded residuals. Memory does not grow with the
   number of cells: per batch only the recorded residuals (one per layer) live; per cell
@@ -80,6 +83,7 @@ from typing import TYPE_CHECKING, Any
 from meminject import sweep_stats
 from meminject.datasets import PromptRow
 from meminject.errors import BadInputError, MeminjectError, PluginError
+from meminject.heads import through_head
 from meminject.schema import AddMemory
 
 if TYPE_CHECKING:
@@ -361,6 +365,7 @@ def sweep_memory(
             "encoding": name,
             "params": given or None,
             "head": head,
+            "site": "attn_z" if head is not None else None,
             "positions": "all",
             "tau_units": tau_units,
             "resid_norm": resid_norm,
@@ -568,17 +573,19 @@ def _records(
     texts: Sequence[Sequence[str]],
     before: np.ndarray,
     after: np.ndarray,
+    share: np.ndarray,
     config: SweepConfig,
 ) -> pd.DataFrame:
     """Tidy records from the per-row log-probabilities: ``before`` [R], ``after``
-    [R, layers, τ, encodings, 1+controls]. Heads share their layer's numbers."""
+    [R, layers, heads, τ, encodings, 1+controls] (one head slot, None, without heads),
+    and the share of each memory a head can write, ``share`` [R, layers, heads,
+    encodings, 1+controls] (NaN without heads)."""
     import numpy as np
     import pandas as pd
 
-    n_rows, n_layers, n_taus, n_enc, n_var = after.shape
+    n_rows, _, n_heads, _, _, n_var = after.shape
     heads = list(config.heads) if config.heads is not None else [None]
-    n_heads = len(heads)
-    shape = (n_rows, n_layers, n_heads, n_taus, n_enc, n_var)
+    shape = after.shape
 
     def axis(values: Any, dim: int) -> np.ndarray:
         arr = np.asarray(values)
@@ -590,11 +597,11 @@ def _records(
         p_before = np.exp(before.astype(np.float64))
         p_after = np.exp(after.astype(np.float64))
         pb = np.broadcast_to(p_before.reshape(n_rows, 1, 1, 1, 1, 1), shape).ravel()
-        pa = np.broadcast_to(p_after[:, :, None], shape).ravel()
+        pa = p_after.ravel()
         lb = np.broadcast_to(
             before.astype(np.float64).reshape(n_rows, 1, 1, 1, 1, 1), shape
         ).ravel()
-        la = np.broadcast_to(after.astype(np.float64)[:, :, None], shape).ravel()
+        la = after.astype(np.float64).ravel()
         change = pa - pb
         pct = 100.0 * change / pb
     memory_text = np.empty((n_rows, n_var), dtype=object)
@@ -608,6 +615,7 @@ def _records(
             "row_id": axis([r.row_id for r in rows], 0),
             "layer": axis(list(config.layers), 1),
             "head": head_values.take(axis(np.arange(n_heads), 2)),
+            "site": "attn_out" if config.heads is None else "attn_z",
             "tau": axis(np.asarray(config.taus, dtype=np.float64), 3),
             "encoding": pd.Categorical(axis(list(config.encodings), 4)),
             "kind": pd.Categorical(
@@ -622,6 +630,7 @@ def _records(
             "resid_norm": axis(
                 [dict(config.resid_norms or ()).get(layer, np.nan) for layer in config.layers], 1
             ).astype(np.float64),
+            "head_share": np.broadcast_to(share[:, :, :, None], shape).ravel(),
             "p_before": pb,
             "p_after": pa,
             "logp_before": lb,
@@ -719,6 +728,24 @@ def residual_norms(
     return {layer: sums[layer] / count for layer in layers}
 
 
+def _injection_hook(model: LoadedModel, layer: int, heads: Sequence[int] | None) -> str:
+    """Where a cell's vector is added: the attention output, or, for a vector routed
+    through a head in a block that normalises the attention output (Gemma 2/3), the
+    attention's own output before that norm: the same lowering as the engine's."""
+    if heads is not None and model.post_sublayer_norms:
+        return f"blocks.{layer}.attn.hook_out"
+    return f"blocks.{layer}.hook_attn_out"
+
+
+def _shares(
+    routed: Float[Tensor, "variant batch d_model"], stacked: Float[Tensor, "variant batch d_model"]
+) -> np.ndarray:
+    """‖v·P_h‖ / ‖v‖ per variant and row."""
+    full = stacked.float().norm(dim=-1)
+    part = routed.float().norm(dim=-1)
+    return (part / full.clamp_min(1e-30)).double().cpu().numpy()
+
+
 def _to_norm(
     stacked: Float[Tensor, "variant batch d_model"], norm: float
 ) -> Float[Tensor, "variant batch d_model"]:
@@ -768,13 +795,6 @@ def run_sweep(
                 f"layer {layer} is out of range; the model has {dims.n_layers} layers "
                 f"(0-{dims.n_layers - 1})"
             )
-    if config.heads is not None and model.post_sublayer_norms:
-        raise BadInputError(
-            f"--heads is not supported on model '{model.name}': its blocks normalise the "
-            "attention output before adding it to the residual stream, so one head's "
-            "addition is not an attention-output addition and the sweep's shared cells "
-            "would compute something else (per-head memories in files still work)"
-        )
     for head in config.heads or ():
         if not 0 <= head < dims.n_heads:
             raise BadInputError(
@@ -783,7 +803,7 @@ def run_sweep(
             )
     for encoding in config.encodings:
         encoding_parts(encoding, registry)  # a known encoder with valid parameters
-    hook_names = [f"blocks.{layer}.hook_attn_out" for layer in config.layers]
+    hook_names = [_injection_hook(model, layer, config.heads) for layer in config.layers]
     missing = [name for name in hook_names if name not in model.bridge.hook_dict]
     if missing:
         raise BadInputError(f"model '{model.name}' has no hook point '{missing[0]}'")
@@ -803,15 +823,28 @@ def run_sweep(
     texts = [[row.memory, *control_texts(model, row, config.controls, config.seed)] for row in mine]
     n_var = 1 + config.controls
     n_rows = len(mine)
-    shape = (n_rows, len(config.layers), len(config.taus), len(config.encodings), n_var)
+    heads: list[int | None] = list(config.heads) if config.heads is not None else [None]
+    shape = (
+        n_rows,
+        len(config.layers),
+        len(heads),
+        len(config.taus),
+        len(config.encodings),
+        n_var,
+    )
     before = np.zeros(n_rows, dtype=np.float64)
     after = np.zeros(shape, dtype=np.float64)
+    share = np.full(shape[:3] + shape[4:], np.nan)  # [R, layers, heads, encodings, variants]
     # Similar lengths together: less padding. Results go back to the rows' own slots.
     order = sorted(range(n_rows), key=lambda i: (len(tokenized[i].input_ids), i))
     batches = [order[i : i + config.batch_size] for i in range(0, n_rows, config.batch_size)]
     zero_taus = [t for t in config.taus if t == 0.0]
     passes_per_batch = (
-        len(config.layers) * (len(config.taus) - len(zero_taus)) * len(config.encodings) * n_var
+        len(config.layers)
+        * len(heads)
+        * (len(config.taus) - len(zero_taus))
+        * len(config.encodings)
+        * n_var
     )
     stats: dict[str, Any] = {
         "rows": n_rows,
@@ -866,35 +899,42 @@ def run_sweep(
                 if config.tau_units == "resid_norm":
                     vectors = [_to_norm(v, norm_of[layer]) for v in vectors]
                 adder = _Adder()
-                with bridge.hooks(fwd_hooks=[(f"blocks.{layer}.hook_attn_out", adder)]):
-                    for ei, stacked in enumerate(vectors):
-                        for ti, tau in enumerate(config.taus):
-                            for v in range(n_var):
-                                if tau == 0.0:  # the engine installs no hook for τ = 0
-                                    after[members, li, ti, ei, v] = before[members]
-                                    continue
-                                adder.delta = tau * stacked[v]
-                                if replay:
-                                    logp = batch.replay(layer)
-                                    stats["replays"] += 1
-                                else:
-                                    logp = batch.full()
-                                    stats["full_passes"] += 1
-                                adder.delta = None
-                                after[members, li, ti, ei, v] = logp.double().cpu().numpy()
-                                bar.advance(task)
+                hook = (hook_names[li], adder)
+                with bridge.hooks(fwd_hooks=[hook]):
+                    for hi, via in enumerate(heads):
+                        for ei, stacked in enumerate(vectors):
+                            routed = stacked
+                            if via is not None:  # what the head can write (meminject.heads)
+                                routed = through_head(model, layer, via, stacked)
+                                share[members, li, hi, ei] = _shares(routed, stacked).T
+                            for ti, tau in enumerate(config.taus):
+                                for v in range(n_var):
+                                    if tau == 0.0:  # the engine installs no hook for τ = 0
+                                        after[members, li, hi, ti, ei, v] = before[members]
+                                        continue
+                                    adder.delta = tau * routed[v]
+                                    if replay:
+                                        logp = batch.replay(layer)
+                                        stats["replays"] += 1
+                                    else:
+                                        logp = batch.full()
+                                        stats["full_passes"] += 1
+                                    adder.delta = None
+                                    after[members, li, hi, ti, ei, v] = logp.double().cpu().numpy()
+                                    bar.advance(task)
             del batch, layer_free
             finished.extend(members)
             if checkpoint is not None:
                 checkpoint(
                     _with_previous(
-                        previous, _subset(mine, texts, before, after, sorted(finished), config)
+                        previous,
+                        _subset(mine, texts, before, after, share, sorted(finished), config),
                     )
                 )
     stats["seconds"] = time.perf_counter() - started
     if norm_of:
         stats["resid_norms"] = norm_of
-    records = _with_previous(previous, _records(mine, texts, before, after, config))
+    records = _with_previous(previous, _records(mine, texts, before, after, share, config))
     return SweepResult(records=records, config=config, stats=stats)
 
 
@@ -903,11 +943,17 @@ def _subset(
     texts: Sequence[Sequence[str]],
     before: np.ndarray,
     after: np.ndarray,
+    share: np.ndarray,
     index: list[int],
     config: SweepConfig,
 ) -> pd.DataFrame:
     return _records(
-        [rows[i] for i in index], [texts[i] for i in index], before[index], after[index], config
+        [rows[i] for i in index],
+        [texts[i] for i in index],
+        before[index],
+        after[index],
+        share[index],
+        config,
     )
 
 
@@ -936,6 +982,12 @@ def _finished_records(done: pd.DataFrame, config: SweepConfig) -> pd.DataFrame:
         "encoding": set(config.encodings),
         "metric": {config.metric},
     }
+    if "site" in done.columns or config.heads is not None:
+        # Records written before heads were routed through W_O had no site column; their
+        # head cells were attention-output additions, not these.
+        expected["site"] = {"attn_out" if config.heads is None else "attn_z"}
+        if "site" not in done.columns:
+            done = done.assign(site="attn_out")
     if "tau_units" in done.columns or config.tau_units != "absolute":
         # Records written before τ units existed are absolute.
         expected["tau_units"] = {config.tau_units}
@@ -989,7 +1041,8 @@ def reference_cell(
     """The plain loop: ``(p_before, p_after)`` for one prompt and one cell, from two
     ordinary forward passes, the second inside :func:`meminject.engine.inject` with the
     cell's :class:`AddMemory` (``memory_text`` replaces the row's memory, for controls).
-    With a ``head`` it is a per-head memory (site ``attn_result``), compiled as in a file."""
+    With a ``head`` it is a memory routed through that head (site ``attn_z``), compiled
+    as in a file."""
     import torch
 
     from meminject.engine import inject
@@ -1079,13 +1132,14 @@ def plot_heatmap(
     """Layers × τ heatmaps of a per-cell statistic (default: the median gain, see
     :mod:`meminject.sweep_stats`), one panel per encoding, plus a row for the controls
     when the statistic has a control counterpart (the paper's percentages and shares)
-    and controls were run; written atomically as PNG. Head cells of one layer are
-    averaged (they are equal for the ``add`` injection)."""
+    and controls were run; written atomically as PNG. A head sweep gets one row per
+    (layer, head): heads are routed through their own output projection and differ."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    import pandas as pd
     from matplotlib.colors import Normalize, SymLogNorm
 
     from meminject.atomic import write_bytes_atomic
@@ -1104,14 +1158,24 @@ def plot_heatmap(
     kinds = [(stat, "memory")]
     if has_controls and control_stat in summary:
         kinds.append((control_stat, "control"))
-    layers = sorted(summary["layer"].unique())
     taus = sorted(summary["tau"].unique())
+    per_head = "head" in summary and bool(summary["head"].notna().any())
+    if per_head:
+        summary = summary.assign(head=summary["head"].astype("Int64"))
+        keys = ["layer", "head"]
+        rows = sorted({(int(a), int(b)) for a, b in summary[keys].itertuples(index=False)})
+        index: Any = pd.MultiIndex.from_tuples(rows, names=keys)
+        yticks, ylabel = [f"{layer}·h{head}" for layer, head in rows], "layer · head"
+    else:
+        keys = ["layer"]
+        index = sorted(summary["layer"].unique())
+        yticks, ylabel = [str(layer) for layer in index], "layer"
     grids: dict[tuple[str, str], np.ndarray] = {}
     for column, kind in kinds:
         for encoding in encodings:
             part = summary[summary["encoding"].astype(str) == encoding]
-            table = part.groupby(["layer", "tau"])[column].mean().unstack("tau")
-            grids[(kind, encoding)] = table.reindex(index=layers, columns=taus).to_numpy(float)
+            table = part.groupby([*keys, "tau"])[column].mean().unstack("tau")
+            grids[(kind, encoding)] = table.reindex(index=index, columns=taus).to_numpy(float)
     values = np.concatenate([g[np.isfinite(g)] for g in grids.values()])
     norm: Normalize
     if stat.startswith("share_"):
@@ -1131,7 +1195,7 @@ def plot_heatmap(
         n_cols,
         figsize=(
             1.2 + max(3.0, 0.42 * len(taus)) * n_cols,
-            0.8 + max(2.2, 0.32 * len(layers)) * n_rows,
+            0.8 + max(2.2, 0.32 * len(yticks)) * n_rows,
         ),
         squeeze=False,
         constrained_layout=True,
@@ -1145,9 +1209,9 @@ def plot_heatmap(
                 ax,
                 grid,
                 xticks=[f"{t:g}" for t in taus],
-                yticks=[str(layer) for layer in layers],
+                yticks=yticks,
                 xlabel="τ",
-                ylabel="layer",
+                ylabel=ylabel,
                 title=f"{encoding} · {kind}",
                 cmap="RdBu_r",
                 norm=norm,

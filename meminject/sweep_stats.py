@@ -20,6 +20,8 @@ Per cell: the medians of the three, a percentile-bootstrap 95 % interval of the 
 share of prompts whose effect is positive ("beats the controls"), the mean change of p,
 and the paper's mean and median percent and share improved. The default ranking is the
 median gain: a cell whose median prompt got worse cannot come first, whatever its mean.
+Head sweeps add ``head_share``, the mean of ‖v·P_h‖/‖v‖ over the cell's memories: how
+much of the memory the head can write (:mod:`meminject.heads`).
 """
 
 from __future__ import annotations
@@ -193,6 +195,9 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
                 median_gain=float(np.median(gain)),
                 mean_pct_disagrees=bool(np.sign(mean_pct) * np.sign(median_pct) < 0),
             )
+            if "head_share" in part:
+                # How much of the memory the head can write (‖v·P_h‖/‖v‖; NaN without heads).
+                row["head_share"] = float(part["head_share"].mean())
             row["lift_ci_low"], row["lift_ci_high"] = bootstrap_median_ci(lift)
             row["gain_ci_low"], row["gain_ci_high"] = bootstrap_median_ci(gain)
             if has_effect:
@@ -226,7 +231,8 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
     for old, new in _ALIASES.items():
         summary[old] = summary[new]
     summary = summary.sort_values(CELL_COLUMNS).reset_index(drop=True)
-    return summary[CELL_COLUMNS + SUMMARY_COLUMNS + list(_ALIASES)]
+    extra = ["head_share"] if "head_share" in summary else []
+    return summary[CELL_COLUMNS + SUMMARY_COLUMNS + list(_ALIASES) + extra]
 
 
 def check_rank_stat(stat: str) -> str:
@@ -258,3 +264,62 @@ def best_cell(summary: pd.DataFrame, by: str = DEFAULT_RANK) -> dict[str, Any] |
         return None
     best: dict[str, Any] = ranked(candidates, by).iloc[0].to_dict()
     return best
+
+
+#: Fewest prompts per half for the held-out check to mean anything.
+HOLDOUT_MIN_PROMPTS = 10
+
+
+def split_prompts(records: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Two halves of the records by prompt: alternate row ids in sorted order (the same
+    split for every cell, and for every run over the same dataset)."""
+    ids = sorted(records["row_id"].unique().tolist())
+    selection = set(ids[0::2])
+    in_selection = records["row_id"].isin(selection)
+    return records[in_selection], records[~in_selection]
+
+
+def held_out_check(records: pd.DataFrame, by: str = DEFAULT_RANK) -> dict[str, Any] | None:
+    """The winner's curse, measured: pick the best cell (as :func:`best_cell` does) on one
+    half of the prompts and report its statistics on the other half.
+
+    With dozens of cells, the best of them on one set of prompts is partly luck: at 95 %,
+    one cell in twenty has an interval above 0 by chance. The held-out half did not take
+    part in the choice, so its median gain and interval are an honest estimate of the
+    chosen cell. Returns None when a half has fewer than ``HOLDOUT_MIN_PROMPTS`` prompts;
+    otherwise ``{"n_selection", "n_held_out", "cell"}`` where ``cell`` is None when no cell
+    helps on the selection half, else the chosen cell's keys with ``selection_*`` and
+    ``held_out_*`` median gains and intervals (and the held-out ``share_beats_controls``).
+    """
+    first, second = split_prompts(records)
+    n_first, n_second = first["row_id"].nunique(), second["row_id"].nunique()
+    if min(n_first, n_second) < HOLDOUT_MIN_PROMPTS:
+        return None
+    result: dict[str, Any] = {"n_selection": n_first, "n_held_out": n_second, "cell": None}
+    chosen = best_cell(summarize(first), by)
+    if chosen is None:
+        return result
+    head = chosen["head"]
+    mask = (
+        (second["layer"] == chosen["layer"])
+        & (second["tau"] == chosen["tau"])
+        & (second["encoding"].astype(str) == str(chosen["encoding"]))
+    )
+    mask &= second["head"].isna() if _is_na(head) else second["head"] == head
+    confirm = summarize(second[mask]).iloc[0]
+    cell = {key: chosen[key] for key in CELL_COLUMNS}
+    cell.update(
+        selection_median_gain=chosen["median_gain"],
+        selection_ci=(chosen["gain_ci_low"], chosen["gain_ci_high"]),
+        held_out_median_gain=float(confirm["median_gain"]),
+        held_out_ci=(float(confirm["gain_ci_low"]), float(confirm["gain_ci_high"])),
+        held_out_share_beats_controls=float(confirm["share_beats_controls"]),
+    )
+    result["cell"] = cell
+    return result
+
+
+def _is_na(value: Any) -> bool:
+    import pandas as pd
+
+    return value is None or bool(pd.isna(value))

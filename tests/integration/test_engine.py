@@ -226,6 +226,65 @@ def test_head_result_injection_equals_attention_output_injection(model_dirs, tmp
     assert (per_head - plain).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+def test_memory_routed_through_a_head_equals_editing_that_heads_value_mix(
+    model_dirs, tmp_path, arch
+):
+    """site = "attn_z" with a head: the head's value mix moves by τ·v·pinv(W_O[h]), made
+    here by hand on ``attn.hook_z``; the engine's lowering onto the attention output must
+    give the same logits. Unlike ``attn_result``, heads then differ."""
+    from meminject.heads import written_share, z_delta
+    from meminject.models import load_model
+
+    model = load_model(model_dirs[arch])
+    tokens = model.to_tokens(PROMPT)
+    results = {}
+    for head in (0, 2):
+        path = one_memory(
+            tmp_path / f"z{head}",
+            text="George Washington",
+            layer=1,
+            head=head,
+            tau=4.0,
+            site="attn_z",
+        )
+        model.encodings.clear()
+        v = encoded(model, path)
+        dz = z_delta(model, 1, head, 4.0 * v)
+
+        def edit(z, hook, head=head, dz=dz):
+            z = z.clone()
+            z[:, :, head] += dz
+            return z
+
+        with torch.no_grad():
+            by_hand = model.bridge.run_with_hooks(
+                tokens, fwd_hooks=[("blocks.1.attn.hook_z", edit)]
+            )
+            with inject(model, path):
+                via_engine = model.bridge(tokens)
+        torch.testing.assert_close(via_engine, by_hand, rtol=1e-5, atol=1e-5)
+        # d_head 16 of d_model 64: a head writes part of the memory, not all of it.
+        assert 0.0 < written_share(model, 1, head, v) < 1.0
+        results[head] = via_engine
+    with torch.no_grad():
+        plain = model.bridge(tokens)
+    assert (results[0] - plain).abs().max() > 1e-3
+    assert (results[0] - results[2]).abs().max() > 1e-3  # the heads differ
+
+
+def test_attn_z_needs_a_head_and_head_needs_a_head_site(tmp_path):
+    from meminject.errors import MemoryFileError
+    from meminject.memfile import load_memory_set
+
+    no_head = one_memory(tmp_path / "a", text="x", layer=1, tau=1.0, site="attn_z")
+    with pytest.raises(MemoryFileError, match="site 'attn_z' needs a 'head'"):
+        load_memory_set([no_head])
+    wrong = one_memory(tmp_path / "b", text="x", layer=1, tau=1.0, site="mlp_out", head=1)
+    with pytest.raises(MemoryFileError, match="only valid with site 'attn_result' or 'attn_z'"):
+        load_memory_set([wrong])
+
+
 POSITION_MODES = ["all", "prompt", "generated", "last", [1, 3, -1], [-2, 12, 14]]
 
 

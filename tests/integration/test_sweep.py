@@ -110,45 +110,43 @@ def test_sweep_equals_reference_loop_on_every_cell(gpt2, metric):
     assert_matches_reference(gpt2, ROWS, records[~zero], metric)
 
 
-def _by_hand_into_head_result(model, row, layer, head, tau, text):
-    """p(whole answer, teacher-forced) with τ·v added at every position to head
-    ``head``'s own result tensor (``blocks.ℓ.attn.hook_result``, which the bridge builds
-    only with use_attn_result): made without the engine, the sweep or the shortcut."""
+def _by_hand_through_head(model, row, layer, head, tau, text):
+    """p(whole answer, teacher-forced) with head ``head``'s value mix (``attn.hook_z``)
+    moved by τ·v·pinv(W_O[h]) at every position: made without the engine, the sweep or
+    the lowering onto the attention output."""
     ids = list(dict.fromkeys(model.tokenize(text, prepend_bos=False)))
     v = model.bridge.W_U.detach()[:, ids].sum(-1)  # the unembed encoding, by hand
+    dz = (tau * v) @ torch.linalg.pinv(model.bridge.W_O[layer, head].detach())
     prompt = model.tokenize(row.prompt)
     answer = model.tokenizer.encode(" " + row.answer, add_special_tokens=False)
     tokens = torch.tensor([prompt + answer[:-1]])
 
-    def add(result, hook):
-        result = result.clone()
-        result[:, :, head] += tau * v
-        return result
+    def add(z, hook):
+        z = z.clone()
+        z[:, :, head] += dz
+        return z
 
-    model.bridge.set_use_attn_result(True)
-    try:
-        with torch.no_grad():
-            logits = model.bridge.run_with_hooks(
-                tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_result", add)]
-            )
-    finally:
-        model.bridge.set_use_attn_result(False)
+    with torch.no_grad():
+        logits = model.bridge.run_with_hooks(
+            tokens, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", add)]
+        )
     logp = torch.log_softmax(logits[0].double(), -1)
     first = len(prompt) - 1
     return math.exp(sum(logp[first + j, t].item() for j, t in enumerate(answer)))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
-def test_head_cells_equal_an_injection_into_the_heads_own_result(request, model_dirs, arch):
-    """Per-head cells are computed once per layer (a head's result is summed into the
-    attention output). Checked against the reference loop (a per-head AddMemory through
-    the engine) and against a hand-made edit of ``attn.hook_result`` for that head."""
+def test_head_cells_route_the_memory_through_the_heads_value_mix(request, model_dirs, arch):
+    """A head cell is the memory routed through that head (site attn_z): checked against
+    the reference loop (an attn_z AddMemory through the engine) and against a hand-made
+    edit of ``attn.hook_z``; heads give different numbers, and each record says how much
+    of its memory the head can write."""
     from meminject.models import load_model
 
     model = request.getfixturevalue("gpt2") if arch == "gpt2" else load_model(model_dirs[arch])
     config = SweepConfig(
         layers=(0, 1),
-        taus=(3.0,),
+        taus=(6.0,),
         encodings=("unembed",),
         heads=(0, 3),
         controls=1,
@@ -157,14 +155,26 @@ def test_head_cells_equal_an_injection_into_the_heads_own_result(request, model_
     result = run_sweep(model, ROWS[:3], config)
     records = result.records
     assert sorted(records["head"].unique()) == [0, 3]
+    assert set(records["site"]) == {"attn_z"}
     assert result.stats["fallback_batches"] == 0
+    # One batch: one replay per layer · head · τ · variant (the check is not counted).
+    assert result.stats["replays"] == 2 * 2 * 1 * 2
     assert_matches_reference(model, ROWS[:3], records, "full")
     by_id = {r.row_id: r for r in ROWS}
     for rec in records[records["row_id"] == 2].itertuples(index=False):
-        by_hand = _by_hand_into_head_result(
+        by_hand = _by_hand_through_head(
             model, by_id[rec.row_id], int(rec.layer), int(rec.head), float(rec.tau), rec.memory
         )
         assert rec.p_after == pytest.approx(by_hand, rel=1e-4, abs=1e-6)
+    shares = records["head_share"]
+    assert ((shares > 0) & (shares < 1)).all()  # d_head 16 of d_model 64
+    wide = records.pivot_table(
+        index=["row_id", "layer", "kind", "control"],
+        columns="head",
+        values="logp_after",
+        dropna=False,
+    )
+    assert (wide[0] - wide[3]).abs().max() > 1e-4  # heads are not one cell repeated
     assert not getattr(model.bridge.cfg, "use_attn_result", False)
 
 
@@ -549,3 +559,28 @@ def test_cli_resume_continues_from_the_partial_file(gpt2, gpt2_dir, tmp_path):
     expected = run_sweep(gpt2, rows, config).records
     assert sorted(records["row_id"].unique()) == sorted(expected["row_id"].unique())
     assert len(records) == len(expected)
+
+
+def test_cli_head_sweep_on_toyworld_reports_shares_and_a_held_out_check(toyworld, tmp_path):
+    """A head sweep over toyworld's 224 held-out prompts: one row per head, the share of
+    the memory each head can write, and the winner's held-out check, whose numbers are
+    those of sweep_stats.held_out_check on the written records."""
+    from meminject.sweep_stats import held_out_check
+
+    out = tmp_path / "heads.parquet"
+    args = [
+        "sweep", "toyworld", "--layers", "0", "--tau", "2", "--encoding", "embed",
+        "--heads", "0,1", "--controls", "1", "--out", str(out), "--no-progress",
+        "--plot", str(tmp_path / "heads.png"),
+    ]  # fmt: skip
+    result = CliRunner().invoke(_group(), args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    records = read_records(out)
+    assert sorted(records["head"].unique()) == [0, 1]
+    assert "share" in result.output and "‖v·P_h‖/‖v‖" in result.output
+    check = held_out_check(records)
+    assert check is not None and check["n_selection"] == check["n_held_out"] == 112
+    assert "held-out check" in result.output
+    if check["cell"] is not None:
+        assert "on the other 112" in result.output
+        assert f"{check['cell']['held_out_median_gain']:+.3f}" in result.output.replace("\n", "")

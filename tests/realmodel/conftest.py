@@ -61,6 +61,8 @@ def worst_log_error_against_reference(model: Any, rows: list[Any], records: Any)
     before and after injection, over every record (controls included)."""
     import math
 
+    import pandas as pd
+
     from meminject.sweep import reference_cell
 
     worst = 0.0
@@ -71,6 +73,7 @@ def worst_log_error_against_reference(model: Any, rows: list[Any], records: Any)
             layer=int(rec.layer),
             tau=float(rec.tau),
             encoding=str(rec.encoding),
+            head=None if pd.isna(rec.head) else int(rec.head),
             memory_text=rec.memory,
         )
         worst = max(

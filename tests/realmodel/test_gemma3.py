@@ -129,20 +129,45 @@ def test_bridge_and_hf_with_and_without_cache_give_identical_tokens(
         assert tokens[("hf", True)] != generate(gemma3, EIFFEL, max_new_tokens=6).new_tokens
 
 
-def test_sweep_refuses_heads_and_matches_the_reference_without(gemma3) -> None:
+def test_sweep_matches_the_reference_with_and_without_heads(gemma3) -> None:
+    """Whole-layer cells add after the post-attention norm (the engine's attn_out); head
+    cells route through the head's value mix, which Gemma normalises afterwards, so they
+    go to attn.hook_out. Both agree with the reference loop, and a head cell agrees with
+    a hand-made edit of hook_z."""
+    import math
+
+    import torch
+
     from meminject.datasets import PromptRow
-    from meminject.sweep import SweepConfig, run_sweep
+    from meminject.heads import z_delta
+    from meminject.sweep import SweepConfig, run_sweep, tokenize_row
 
     rows = [
         PromptRow(EIFFEL, "Paris", "Paris", None, 0),
         PromptRow("The capital city of Nepal is located in", "Kathmandu", "Kathmandu", None, 1),
     ]
-    with pytest.raises(BadInputError, match="--heads is not supported on model 'gemma3-270m'"):
-        run_sweep(gemma3, rows, SweepConfig(layers=(4,), taus=(1.0,), heads=(0,)))
     records = run_sweep(gemma3, rows, SweepConfig(layers=(4, 12), taus=(0.2,))).records
-    worst = worst_log_error_against_reference(gemma3, rows, records)
-    assert worst < 1e-3
+    assert worst_log_error_against_reference(gemma3, rows, records) < 1e-3
     assert records["pct_change"].abs().max() > 1.0
+    heads = run_sweep(gemma3, rows, SweepConfig(layers=(4,), taus=(2.0,), heads=(0, 3))).records
+    assert worst_log_error_against_reference(gemma3, rows, heads) < 1e-3
+    assert heads["pct_change"].abs().max() > 1.0
+    rec = heads[heads["head"] == 3].iloc[0]
+    ids = list(dict.fromkeys(gemma3.tokenize(rec["memory"], prepend_bos=False)))
+    dz = z_delta(gemma3, 4, 3, 2.0 * gemma3.bridge.W_U.detach()[:, ids].sum(-1))
+
+    def edit(z, hook):
+        z = z.clone()
+        z[:, :, 3] += dz
+        return z
+
+    row = tokenize_row(gemma3, rows[int(rec["row_id"])])
+    with torch.no_grad():
+        logits = gemma3.bridge.run_with_hooks(
+            torch.tensor([row.input_ids]), fwd_hooks=[("blocks.4.attn.hook_z", edit)]
+        )
+    logp = float(logits[0, row.read_positions[0]].double().log_softmax(-1)[row.targets[0]])
+    assert math.isclose(logp, rec["logp_after"], abs_tol=1e-3)
 
 
 def test_learned_local_memory_edits_its_prompt(gemma3, tmp_path) -> None:

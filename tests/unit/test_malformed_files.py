@@ -142,8 +142,8 @@ CASES: list[tuple[str, str, str]] = [
     (
         "head-with-wrong-site",
         "version = 1\n" + OK + 'head = 1\nsite = "resid_pre"\n',
-        "{f}:7: memory 'm': field 'head': 'head' is only valid with site 'attn_result', "
-        "not 'resid_pre'",
+        "{f}:7: memory 'm': field 'head': 'head' is only valid with site 'attn_result' or "
+        "'attn_z', not 'resid_pre'",
     ),
     (
         "attn-result-without-head",
@@ -154,8 +154,8 @@ CASES: list[tuple[str, str, str]] = [
     (
         "unknown-site",
         "version = 1\n" + OK + 'site = "attn_zz"\n',
-        "{f}:7: memory 'm': field 'site': Input should be 'attn_result', 'attn_out', 'resid_pre', "
-        "'resid_mid', 'resid_post' or 'mlp_out', got 'attn_zz'",
+        "{f}:7: memory 'm': field 'site': Input should be 'attn_result', 'attn_out', 'attn_z', "
+        "'resid_pre', 'resid_mid', 'resid_post' or 'mlp_out', got 'attn_zz'",
     ),
     (
         "unknown-encoding",

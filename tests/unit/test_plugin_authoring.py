@@ -258,7 +258,7 @@ def test_memories_from_python_tables_are_validated_like_a_file(scaled_registry):
 
 def test_the_sites_table_is_what_the_file_format_accepts():
     assert set(typing.get_args(Site)) == set(sites.SITES)
-    assert set(typing.get_args(TextSite)) == set(sites.D_MODEL_SITES)
+    assert set(typing.get_args(TextSite)) == {*sites.D_MODEL_SITES, "attn_z"}
     assert set(typing.get_args(GatedSite)) == set(sites.LAYER_SITES) == set(LEARN_SITES)
 
 

@@ -133,3 +133,41 @@ def test_unknown_statistic_is_bad_input():
     assert check_rank_stat("median_gain") == "median_gain"
     with pytest.raises(BadInputError, match="unknown statistic 'mean'; choose median_gain"):
         check_rank_stat("mean")
+
+
+def test_held_out_check_exposes_a_lucky_winner():
+    """τ 1 helps every prompt by e^0.5; τ 2 helps the selection half (even positions of
+    the sorted row ids) by e^1 and hurts the other half by e^-1. The selection half
+    crowns τ 2; the held-out half shows its median gain is −1 and τ 1 would have held."""
+    from meminject.sweep_stats import held_out_check, split_prompts
+
+    n = 24
+    steady = [(0.1, 0.1 * math.e**0.5, [0.1]) for _ in range(n)]
+    lucky = [(0.1, 0.1 * math.e ** (1 if i % 2 == 0 else -1), [0.1]) for i in range(n)]
+    records = _records({1.0: steady, 2.0: lucky})
+    first, second = split_prompts(records)
+    assert set(first["row_id"]) == set(range(0, n, 2))
+    assert set(second["row_id"]) == set(range(1, n, 2))
+    check = held_out_check(records)
+    assert check is not None
+    assert (check["n_selection"], check["n_held_out"]) == (12, 12)
+    cell = check["cell"]
+    assert cell["tau"] == 2.0
+    assert cell["selection_median_gain"] == pytest.approx(1.0)
+    assert cell["held_out_median_gain"] == pytest.approx(-1.0)
+    assert cell["held_out_ci"][1] == pytest.approx(-1.0)  # every held-out prompt lost
+    assert cell["held_out_share_beats_controls"] == 0.0
+    # Without the lucky cell the steady one is chosen and confirmed.
+    steady_only = held_out_check(records[records["tau"] == 1.0])
+    assert steady_only["cell"]["held_out_median_gain"] == pytest.approx(0.5)
+    assert steady_only["cell"]["held_out_ci"][0] == pytest.approx(0.5)
+
+
+def test_held_out_check_needs_enough_prompts_and_says_when_nothing_helps():
+    from meminject.sweep_stats import HOLDOUT_MIN_PROMPTS, held_out_check
+
+    few = [(0.1, 0.2, [0.1]) for _ in range(2 * HOLDOUT_MIN_PROMPTS - 1)]
+    assert held_out_check(_records({1.0: few})) is None
+    hurts = [(0.1, 0.05, [0.1]) for _ in range(2 * HOLDOUT_MIN_PROMPTS)]
+    check = held_out_check(_records({1.0: hurts}))
+    assert check is not None and check["cell"] is None

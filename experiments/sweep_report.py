@@ -1,0 +1,228 @@
+"""Markdown tables of a sweep's records, for docs/reproducing.md.
+
+    python experiments/sweep_report.py RECORDS.parquet --name smollm2_2wiki [--top 5]
+
+Reads the tidy records ``meminject sweep --out`` wrote and writes
+``experiments/results/<name>.md`` (the tables) and ``<name>_summary.csv`` (one row per
+cell: the statistics of :mod:`meminject.sweep_stats`). Neither holds a prompt or a
+memory text, so they can be committed while the datasets stay outside the repository.
+
+With ``--memory PATH --model-name NAME`` it also writes the best cell as a memory file
+(the text of the dataset's first row, and the cell's numbers in its header).
+
+The tables follow the sweep's own rules: cells ranked by the median gain, the best cell
+only among cells whose median prompt improved and beat its controls, and the paper's
+mean-% winner shown beside it for comparison, never crowned.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from meminject.sweep import read_records
+from meminject.sweep_stats import best_cell, held_out_check, ranked, summarize
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _nats(value: float) -> str:
+    return "–" if not np.isfinite(value) else f"{value:+.3f}".replace("-", "−")
+
+
+def _pct(value: float) -> str:
+    if not np.isfinite(value):
+        return "–"
+    text = f"{value:+,.1f} %" if abs(value) < 100 else f"{value:+,.0f} %"
+    return text.replace("-", "−")
+
+
+def _share(value: float) -> str:
+    return "–" if not np.isfinite(value) else f"{value:.0%}".replace("%", " %")
+
+
+def _cell(row: Any) -> str:
+    head = "" if pd.isna(row["head"]) else f" h{int(row['head'])}"
+    return f"ℓ {int(row['layer'])}{head}, τ {row['tau']:g}, {row['encoding']}"
+
+
+def table(rows: list[tuple[str, Any]], per_head: bool) -> list[str]:
+    head = "| cell | mean p | median gain [95 % CI], nats | vs controls | beats ctrl |"
+    head += " share |" if per_head else ""
+    head += " median % | improved | mean % (paper) | controls' mean % | controls improved |"
+    lines = [head, "|" + "---|" + "---:|" * (head.count("|") - 2)]
+    for label, row in rows:
+        ci = f"[{_nats(row['gain_ci_low'])}, {_nats(row['gain_ci_high'])}]"
+        cells = [
+            label,
+            f"{row['p_after']:.4f}",
+            f"{_nats(row['median_gain'])} {ci}",
+            _nats(row["median_effect"]),
+            _share(row["share_beats_controls"]),
+        ]
+        if per_head:
+            cells.append(_share(row.get("head_share", np.nan)))
+        cells += [
+            _pct(row["median_pct"]),
+            _share(row["share_improved"]),
+            _pct(row["mean_pct"]) + (" †" if row["mean_pct_disagrees"] else ""),
+            _pct(row["control_mean_pct"]),
+            _share(row["control_share_improved"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def report(records: pd.DataFrame, top: int) -> tuple[str, pd.DataFrame]:
+    summary = summarize(records)
+    per_head = bool(summary["head"].notna().any())
+    order = ranked(summary)
+    prompts = records["row_id"].nunique()
+    best = best_cell(summary)
+    paper = ranked(summary, "mean_pct").iloc[0]
+    positive = int((summary["median_gain"] > 0).sum())
+    significant = int((summary["gain_ci_low"] > 0).sum())
+    lines = [
+        f"{prompts} prompts × {len(summary)} cells; p(answer) before injection: mean "
+        f"{records.groupby('row_id')['p_before'].first().mean():.4f}.",
+        f"Cells with a positive median gain: {positive} of {len(summary)}; with its 95 % "
+        f"interval above 0: {significant}.",
+        "",
+    ]
+    rows = [
+        (_cell(r) + (" (best)" if best and _same(r, best) else ""), r)
+        for _, r in order.head(top).iterrows()
+    ]
+    if not any(_same(r, paper) for _, r in rows):
+        rows.append((_cell(paper) + " (best by the paper's mean %)", paper))
+    else:
+        rows = [
+            (label + (" (best by the paper's mean %)" if _same(r, paper) else ""), r)
+            for label, r in rows
+        ]
+    lines += table(rows, per_head)
+    if best is None:
+        lines += ["", "No cell helps: in none did the median prompt improve and beat its controls."]
+    check = held_out_check(records)
+    if check is not None:
+        cell = check["cell"]
+        if cell is None:
+            lines += [
+                "",
+                f"Held-out check: on half of the prompts ({check['n_selection']}) "
+                "no cell helps either.",
+            ]
+        else:
+            low, high = cell["held_out_ci"]
+            s_low, s_high = cell["selection_ci"]
+            lines += [
+                "",
+                f"Held-out check: chosen on {check['n_selection']} prompts, {_cell(cell)} has "
+                f"median gain {_nats(cell['selection_median_gain'])} [{_nats(s_low)}, "
+                f"{_nats(s_high)}] there and {_nats(cell['held_out_median_gain'])} "
+                f"[{_nats(low)}, {_nats(high)}] on the other {check['n_held_out']} "
+                f"({_share(cell['held_out_share_beats_controls'])} beat their controls): "
+                + ("it holds up." if low > 0 else "not confirmed."),
+            ]
+    for encoding, part in summary.groupby("encoding", observed=True):
+        first = ranked(part).iloc[0]
+        lines.append(
+            f"\nBest {encoding} cell: {_cell(first)}, median gain "
+            f"{_nats(first['median_gain'])} [{_nats(first['gain_ci_low'])}, "
+            f"{_nats(first['gain_ci_high'])}], {_share(first['share_beats_controls'])} beat "
+            "their controls."
+        )
+    return "\n".join(lines) + "\n", summary
+
+
+def _same(row: Any, other: Any) -> bool:
+    heads_equal = (pd.isna(row["head"]) and pd.isna(other["head"])) or row["head"] == other["head"]
+    return bool(
+        row["layer"] == other["layer"]
+        and heads_equal
+        and row["tau"] == other["tau"]
+        and str(row["encoding"]) == str(other["encoding"])
+    )
+
+
+def memory_file(
+    records: pd.DataFrame, summary: pd.DataFrame, model_name: str, source: str
+) -> str | None:
+    """The best cell as a memory file (None when no cell helps), its evidence in comments."""
+    from meminject.memfile import toml_value
+
+    best = best_cell(summary)
+    if best is None:
+        return None
+    first = records[(records["kind"] == "memory")].sort_values("row_id").iloc[0]
+    check = held_out_check(records)
+    held = ""
+    if check is not None and check["cell"] is not None and _same(check["cell"], best):
+        low, high = check["cell"]["held_out_ci"]
+        held = (
+            f"# Chosen on half of the prompts, this cell was also the best there; on the other "
+            f"half its median gain was {_nats(check['cell']['held_out_median_gain'])} "
+            f"[{_nats(low)}, {_nats(high)}].\n"
+        )
+    elif check is not None:
+        held = "# Chosen on half of the prompts, another cell won: treat this one as a lead.\n"
+    head = "" if pd.isna(best["head"]) else f'head = {int(best["head"])}\nsite = "attn_z"\n'
+    units = str(first.get("tau_units", "absolute"))
+    norm = ""
+    if units == "resid_norm":
+        norm = f'tau_units = "resid_norm"\nresid_norm = {float(first["resid_norm"]):.6g}\n'
+    return (
+        "#:schema ../memory.schema.json\n"
+        f"# The best cell of `meminject sweep {source}` on {model_name} by the median gain\n"
+        f"# ({records['row_id'].nunique()} prompts, {best['control_n'] // max(best['n'], 1)} "
+        f"random controls each): median gain {_nats(best['median_gain'])} nats "
+        f"[{_nats(best['gain_ci_low'])}, {_nats(best['gain_ci_high'])}], "
+        f"{_share(best['share_beats_controls'])} of prompts beat\n"
+        f"# their controls, median change of p(answer) {_pct(best['median_pct'])}.\n"
+        f"{held}"
+        "# The text is the memory of the dataset's first row; the cell (layer, tau, encoding"
+        + (", head" if head else "")
+        + ")\n# is what the sweep measured, for any prompt's bridge entity.\n"
+        "version = 1\n\n[model]\n"
+        f"name = {toml_value(model_name)}\n\n[[memory]]\n"
+        'name = "best-cell"\n'
+        f"text = {toml_value(str(first['memory']))}\n"
+        f"encoding = {toml_value(str(best['encoding']))}\n"
+        f"layer = {int(best['layer'])}\n{head}tau = {float(best['tau'])!r}\n{norm}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("records", type=Path)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--top", type=int, default=5)
+    parser.add_argument("--memory", type=Path, help="write the best cell as this memory file")
+    parser.add_argument("--model-name", help="the [model] name of --memory")
+    parser.add_argument("--source", default="", help="the sweep's dataset, for --memory")
+    args = parser.parse_args()
+    records = read_records(args.records)
+    text, summary = report(records, args.top)
+    if args.memory is not None:
+        body = memory_file(records, summary, args.model_name, args.source)
+        if body is None:
+            print(f"no memory file written: no cell helps ({args.memory})")
+        else:
+            from meminject.memfile import load_memory_set
+
+            args.memory.parent.mkdir(parents=True, exist_ok=True)
+            args.memory.write_text(body, encoding="utf-8")
+            load_memory_set([args.memory])  # a file meminject reads back
+            print(f"memory file: {args.memory}")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{args.name}.md").write_text(text, encoding="utf-8")
+    summary.to_csv(RESULTS / f"{args.name}_summary.csv", index=False, float_format="%.6g")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
