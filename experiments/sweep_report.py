@@ -180,8 +180,9 @@ def memory_file(
         f"# The best cell of `meminject sweep {source}` on {model_name} by the median gain\n"
         f"# ({records['row_id'].nunique()} prompts, {best['control_n'] // max(best['n'], 1)} "
         f"random controls each): median gain {_nats(best['median_gain'])} nats "
-        f"[{_nats(best['gain_ci_low'])}, {_nats(best['gain_ci_high'])}], "
-        f"{_share(best['share_beats_controls'])} of prompts beat\n"
+        f"[{_nats(best['gain_ci_low'])}, {_nats(best['gain_ci_high'])}]"
+        + (" (not significant: the interval includes 0)" if best["gain_ci_low"] <= 0 else "")
+        + f", {_share(best['share_beats_controls'])} of prompts beat\n"
         f"# their controls, median change of p(answer) {_pct(best['median_pct'])}.\n"
         f"{held}"
         "# The text is the memory of the dataset's first row; the cell (layer, tau, encoding"
@@ -204,9 +205,15 @@ def main() -> None:
     parser.add_argument("--memory", type=Path, help="write the best cell as this memory file")
     parser.add_argument("--model-name", help="the [model] name of --memory")
     parser.add_argument("--source", default="", help="the sweep's dataset, for --memory")
+    parser.add_argument("--plot", type=Path, help="(re)draw the sweep's heatmap here")
+    parser.add_argument("--title", default="", help="the heatmap's title")
     args = parser.parse_args()
     records = read_records(args.records)
     text, summary = report(records, args.top)
+    if args.plot is not None:
+        from meminject.sweep import plot_heatmap
+
+        plot_heatmap(summary, args.plot, title=args.title, force=True)
     if args.memory is not None:
         body = memory_file(records, summary, args.model_name, args.source)
         if body is None:

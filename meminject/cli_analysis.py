@@ -262,7 +262,11 @@ def sweep(
         partial.unlink(missing_ok=True)
     summary = result.summary
     if plot is not None and not summary.empty:
-        title = f"{model.name} · {dataset} · {answer_metric} · {result.stats['rows']} prompts"
+        shown = dataset.rpartition("/")[2]  # a file's name, not its whole path
+        per_head = " · heads" if heads is not None else ""
+        title = (
+            f"{model.name} · {shown} · {answer_metric}{per_head} · {result.stats['rows']} prompts"
+        )
         plot_heatmap(summary, plot, stat=plot_stat or rank_by, title=title, force=force)
     _print_summary(result, top, out, plot, rank_by)
 

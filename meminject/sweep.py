@@ -1221,5 +1221,10 @@ def plot_heatmap(
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label=sweep_stats.SHORT_LABELS[stat])
     if title:
-        fig.suptitle(title, fontsize=10)
+        import textwrap
+
+        # Wrapped to the figure's width (about 11 characters per inch at this size), so a
+        # long dataset name is not cut off at the edges.
+        width = max(20, int(fig.get_figwidth() * 11))
+        fig.suptitle("\n".join(textwrap.wrap(title, width)), fontsize=10)
     write_bytes_atomic(path, png_bytes(fig, dpi=90), overwrite=force)
