@@ -1109,7 +1109,10 @@ def read_records(path: Path | str) -> pd.DataFrame:
     if not path.is_file():
         raise BadInputError(f"{path}: no such file")
     if path.suffix.lower() == ".csv":
-        frame = pd.read_csv(path, keep_default_na=False, na_values={"head": [""], "control": [""]})
+        # Memory texts such as "NA" or "null" stay text; only the numeric columns that
+        # are empty by design (no head, no control, no head share, absolute τ) are NaN.
+        empty = {c: [""] for c in ("head", "control", "head_share", "resid_norm")}
+        frame = pd.read_csv(path, keep_default_na=False, na_values=empty)
     else:
         frame = pd.read_parquet(path)
     frame["head"] = frame["head"].astype("Int64")

@@ -578,6 +578,18 @@ def test_cli_head_sweep_on_toyworld_reports_shares_and_a_held_out_check(toyworld
     records = read_records(out)
     assert sorted(records["head"].unique()) == [0, 1]
     assert "share" in result.output and "‖v·P_h‖/‖v‖" in result.output
+    # Through CSV too: empty head shares and norms come back as numbers (NaN), not text.
+    from meminject.sweep import write_records
+
+    write_records(records, tmp_path / "heads.csv")
+    again = read_records(tmp_path / "heads.csv")
+    np.testing.assert_allclose(again["head_share"], records["head_share"], rtol=1e-6)
+    assert again["resid_norm"].isna().all()
+    pd.testing.assert_frame_equal(
+        summarize(again)[["median_gain", "head_share"]],
+        summarize(records)[["median_gain", "head_share"]],
+        rtol=1e-6,
+    )
     check = held_out_check(records)
     assert check is not None and check["n_selection"] == check["n_held_out"] == 112
     assert "held-out check" in result.output
