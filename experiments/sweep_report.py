@@ -150,7 +150,11 @@ def _same(row: Any, other: Any) -> bool:
 
 
 def memory_file(
-    records: pd.DataFrame, summary: pd.DataFrame, model_name: str, source: str
+    records: pd.DataFrame,
+    summary: pd.DataFrame,
+    model_name: str,
+    source: str,
+    name: str = "best-cell",
 ) -> str | None:
     """The best cell as a memory file (None when no cell helps), its evidence in comments."""
     from meminject.memfile import toml_value
@@ -190,7 +194,7 @@ def memory_file(
         + ")\n# is what the sweep measured, for any prompt's bridge entity.\n"
         "version = 1\n\n[model]\n"
         f"name = {toml_value(model_name)}\n\n[[memory]]\n"
-        'name = "best-cell"\n'
+        f"name = {toml_value(name)}\n"
         f"text = {toml_value(str(first['memory']))}\n"
         f"encoding = {toml_value(str(best['encoding']))}\n"
         f"layer = {int(best['layer'])}\n{head}tau = {float(best['tau'])!r}\n{norm}"
@@ -215,7 +219,7 @@ def main() -> None:
 
         plot_heatmap(summary, args.plot, title=args.title, force=True)
     if args.memory is not None:
-        body = memory_file(records, summary, args.model_name, args.source)
+        body = memory_file(records, summary, args.model_name, args.source, args.memory.stem)
         if body is None:
             print(f"no memory file written: no cell helps ({args.memory})")
         else:

@@ -226,3 +226,30 @@ def test_validate_checks_widths_against_gemma(gemma3, tmp_path) -> None:
     with pytest.raises(MemoryFileError) as info:
         compile_memories(gemma3, load_memory_set([bad]))
     assert "memory 'narrow'" in str(info.value) and "(640,)" in str(info.value)
+
+
+def test_shipped_best_cell_memories_compile_and_raise_their_prompts_answer(gemma3) -> None:
+    """memories/gemma3-270m/: the best cells of the reproduction (docs/reproducing.md)
+    validate against Gemma 3, and the handwritten set's cell (the layer encoding at
+    layer 12) raises p(" Revolutionary") on its dataset's first prompt, as the sweep's
+    median prompt does."""
+    import torch
+
+    from meminject.engine import compile_memories, inject
+    from meminject.memfile import load_memory_set
+
+    shipped = Path(__file__).resolve().parents[2] / "memories" / "gemma3-270m"
+    memory_set = load_memory_set([shipped])
+    names = sorted(entry.memory.name for entry in memory_set.entries)
+    assert names == ["best-cell-2wiki", "best-cell-handwritten"]
+    assert len(compile_memories(gemma3, memory_set)) == 2
+    best = shipped / "best-cell-handwritten.toml"
+    (entry,) = load_memory_set([best]).entries
+    assert (entry.memory.encoding, entry.memory.layer, entry.memory.tau) == ("layer", 12, 1.0)
+    tokens = gemma3.to_tokens("The first president of the United States fought in the")
+    answer = gemma3.tokenize(" Revolutionary", prepend_bos=False)[0]
+    with torch.no_grad():
+        before = gemma3.bridge(tokens)[0, -1].log_softmax(-1)[answer]
+        with inject(gemma3, best):
+            after = gemma3.bridge(tokens)[0, -1].log_softmax(-1)[answer]
+    assert float(after) > float(before)

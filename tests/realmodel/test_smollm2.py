@@ -210,7 +210,7 @@ def test_validate_and_generate_commands_on_the_shipped_memories() -> None:
     runner = CliRunner()
     checked = runner.invoke(cli, ["validate", "--model", "smollm2-135m", str(SHIPPED)])
     assert checked.exit_code == 0, checked.output
-    assert "ok: 2 memories in 2 files (schema and model 'smollm2-135m')" in checked.output
+    assert "ok: 3 memories in 3 files (schema and model 'smollm2-135m')" in checked.output
     shown = runner.invoke(
         cli,
         [
