@@ -1109,9 +1109,11 @@ def read_records(path: Path | str) -> pd.DataFrame:
     if not path.is_file():
         raise BadInputError(f"{path}: no such file")
     if path.suffix.lower() == ".csv":
-        # Memory texts such as "NA" or "null" stay text; only the numeric columns that
-        # are empty by design (no head, no control, no head share, absolute τ) are NaN.
-        empty = {c: [""] for c in ("head", "control", "head_share", "resid_norm")}
+        # A memory text such as "NA", "null" or "" is the text injected, never a missing
+        # value; in every other column an empty field is one (no head, no control, no
+        # head share, absolute τ, and any column added later).
+        columns = pd.read_csv(path, nrows=0).columns
+        empty = {c: [""] for c in columns if c != "memory"}
         frame = pd.read_csv(path, keep_default_na=False, na_values=empty)
     else:
         frame = pd.read_parquet(path)

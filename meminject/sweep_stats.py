@@ -291,6 +291,8 @@ def held_out_check(records: pd.DataFrame, by: str = DEFAULT_RANK) -> dict[str, A
     helps on the selection half, else the chosen cell's keys with ``selection_*`` and
     ``held_out_*`` median gains and intervals (and the held-out ``share_beats_controls``).
     """
+    import pandas as pd
+
     first, second = split_prompts(records)
     n_first, n_second = first["row_id"].nunique(), second["row_id"].nunique()
     if min(n_first, n_second) < HOLDOUT_MIN_PROMPTS:
@@ -305,7 +307,7 @@ def held_out_check(records: pd.DataFrame, by: str = DEFAULT_RANK) -> dict[str, A
         & (second["tau"] == chosen["tau"])
         & (second["encoding"].astype(str) == str(chosen["encoding"]))
     )
-    mask &= second["head"].isna() if _is_na(head) else second["head"] == head
+    mask &= second["head"].isna() if pd.isna(head) else second["head"] == head
     confirm = summarize(second[mask]).iloc[0]
     cell = {key: chosen[key] for key in CELL_COLUMNS}
     cell.update(
@@ -317,9 +319,3 @@ def held_out_check(records: pd.DataFrame, by: str = DEFAULT_RANK) -> dict[str, A
     )
     result["cell"] = cell
     return result
-
-
-def _is_na(value: Any) -> bool:
-    import pandas as pd
-
-    return value is None or bool(pd.isna(value))

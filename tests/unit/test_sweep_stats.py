@@ -171,3 +171,21 @@ def test_held_out_check_needs_enough_prompts_and_says_when_nothing_helps():
     hurts = [(0.1, 0.05, [0.1]) for _ in range(2 * HOLDOUT_MIN_PROMPTS)]
     check = held_out_check(_records({1.0: hurts}))
     assert check is not None and check["cell"] is None
+
+
+def test_csv_records_keep_memory_texts_and_read_empty_fields_as_missing(tmp_path):
+    """A memory text "NA", "null" or "" is what was injected; every other empty field
+    (no head, no control, a head share or norm that does not apply) is a missing value."""
+    from meminject.sweep import read_records, write_records
+
+    records = _records({1.0: HELPS})
+    records["memory"] = ["NA", "null", "", "NA", "null", "", "NA", "null", ""][: len(records)]
+    records["head_share"] = np.nan
+    records["resid_norm"] = np.nan
+    write_records(records, tmp_path / "r.csv")
+    again = read_records(tmp_path / "r.csv")
+    assert list(again["memory"]) == list(records["memory"])
+    assert again["head"].isna().all() and again["head_share"].isna().all()
+    assert again["resid_norm"].isna().all()
+    assert again["control"].isna().sum() == records["control"].isna().sum()
+    np.testing.assert_allclose(summarize(again)["median_gain"], summarize(records)["median_gain"])
