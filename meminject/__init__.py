@@ -27,6 +27,8 @@ _EXPORTS = {
     "compile_memories": "meminject.engine",
     "generate": "meminject.generation",
     "Generation": "meminject.generation",
+    "generate_batch": "meminject.generation",
+    "DecodeOptions": "meminject.generation",
     "MeminjectError": "meminject.errors",
     "MemoryFileError": "meminject.errors",
     "hookimpl": "meminject.hookspecs",

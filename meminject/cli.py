@@ -18,9 +18,9 @@ from typing import Any
 import click
 
 from meminject.cli_analysis import inspect, sweep
+from meminject.cli_generate import generate
 from meminject.cli_options import files_model_option, load_cli_model, model_options
 from meminject.errors import EXIT_RUNTIME, BadInputError, MeminjectError
-from meminject.fastpath import BACKENDS
 from meminject.sites import LAYER_SITES
 
 _DEBUG_ENV = "MEMINJECT_DEBUG"
@@ -78,140 +78,6 @@ def _outside_option(f: Any) -> Any:
         is_flag=True,
         help="Let tensor files live outside their memory file's directory.",
     )(f)
-
-
-@cli.command()
-@click.argument("prompt")
-@click.option(
-    "-m",
-    "--memories",
-    "memory_paths",
-    multiple=True,
-    type=click.Path(),
-    help="Memory file or directory (repeatable).",
-)
-@files_model_option
-@click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(0, 4096))
-@click.option(
-    "--temperature",
-    default=0.0,
-    show_default=True,
-    type=click.FloatRange(0),
-    help="0 is greedy decoding.",
-)
-@click.option("--seed", default=None, type=click.IntRange(0, 2**64 - 1), help="Seed for sampling.")
-@click.option(
-    "--top-k",
-    default=5,
-    show_default=True,
-    type=click.IntRange(0),
-    help="How many most likely next tokens to show.",
-)
-@click.option("--compare", is_flag=True, help="Show the baseline beside the injected run.")
-@click.option("--no-kv-cache", is_flag=True, help="Recompute the whole sequence each step.")
-@click.option(
-    "--backend",
-    type=click.Choice(BACKENDS),
-    default="auto",
-    show_default=True,
-    help="hf: the plain Hugging Face model, hooked only at the memories' sites (faster; a "
-    "second copy of the weights); bridge: TransformerBridge; auto: hf when every site "
-    "verifies against the bridge, else bridge.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@_outside_option
-def generate(
-    prompt: str,
-    memory_paths: Sequence[str],
-    model_name: str | None,
-    device: str | None,
-    dtype: str | None,
-    coordinates: str | None,
-    prepend_bos: bool | None,
-    max_new_tokens: int,
-    temperature: float,
-    seed: int | None,
-    top_k: int,
-    compare: bool,
-    no_kv_cache: bool,
-    backend: str,
-    as_json: bool,
-    allow_outside_paths: bool,
-) -> None:
-    """Generate a completion of PROMPT with a memory set injected."""
-    from meminject.memfile import load_memory_set
-
-    memory_set = load_memory_set(memory_paths) if memory_paths else None
-    model = load_cli_model(model_name, memory_set, device, dtype, coordinates, prepend_bos)
-
-    from meminject.engine import compile_memories
-    from meminject.generation import generate as run
-
-    compiled = (
-        compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
-        if memory_set is not None
-        else None
-    )
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        use_kv_cache=not no_kv_cache,
-        top_k=top_k,
-        backend=backend,
-    )
-    baseline = run(model, prompt, None, seed=seed, **kwargs) if compare or not compiled else None
-    injected = run(model, prompt, compiled, seed=seed, **kwargs) if compiled else None
-    names = [e.name for e in memory_set.entries if e.memory.enabled] if memory_set else []
-    if as_json:
-        payload = {
-            "model": model.name,
-            "coordinates": model.coordinates,
-            "prompt": prompt,
-            "memories": names,
-            "baseline": baseline.to_dict() if baseline else None,
-            "injected": injected.to_dict() if injected else None,
-        }
-        click.echo(json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False))
-        return
-    _print_generation(prompt, names, baseline, injected, top_k)
-
-
-def _print_generation(
-    prompt: str, names: list[str], baseline: Any, injected: Any, top_k: int
-) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(highlight=False, soft_wrap=True)
-    if names:
-        console.print(f"[bold]memories[/]: {', '.join(names)}")
-    runs = [(label, g) for label, g in (("baseline", baseline), ("injected", injected)) if g]
-    table = Table(show_header=True, header_style="bold", show_lines=False)
-    table.add_column("")
-    for label, _ in runs:
-        table.add_column(label, overflow="fold")
-    table.add_row(
-        "completion",
-        *[f"[dim]{_escape(prompt)}[/][bold]{_escape(g.completion)}[/]" for _, g in runs],
-    )
-    for i in range(top_k):
-        cells = []
-        for _, g in runs:
-            if i < len(g.top_next):
-                t = g.top_next[i]
-                cells.append(
-                    f"{t.token!r}  {t.prob:.4f}" if t.prob >= 1e-3 else f"{t.token!r}  {t.prob:.2e}"
-                )
-            else:
-                cells.append("")
-        table.add_row(f"next #{i + 1}", *cells)
-    console.print(table)
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 @cli.command()
@@ -674,6 +540,18 @@ def strategies() -> None:
     _listing("strategy", get_registry().strategies, lambda e: _first_line(e.strategy_cls))
 
 
+@cli.command()
+def backends() -> None:
+    """List registered generation backends (--backend NAME); auto tries those marked."""
+    from meminject.plugins import get_registry
+
+    _listing(
+        "backend",
+        get_registry().backends,
+        lambda e: f"{'(auto) ' if e.auto else ''}{e.description}",
+    )
+
+
 @cli.group(invoke_without_command=True)
 @click.pass_context
 def models(ctx: click.Context) -> None:
@@ -737,6 +615,13 @@ def schema(out: Path | None) -> None:
         write_text_atomic(out, text, overwrite=True)
 
 
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
+
+
+cli.add_command(generate)
 cli.add_command(sweep)
 cli.add_command(inspect)
 

@@ -264,6 +264,13 @@ def as_compiled(
     return compile_memories(model, memories, registry)  # type: ignore[arg-type]
 
 
+def chained_bodies(
+    grouped: Mapping[str, list[CompiledHook]], ctx: InjectionContext
+) -> dict[str, Any]:
+    """Each hook point's chain of compiled bodies, as one function of the activation."""
+    return {name: chain_parts(name, parts, ctx) for name, parts in grouped.items()}
+
+
 def group_by_hook(compiled: list[CompiledHook]) -> dict[str, list[CompiledHook]]:
     """Compiled hooks by hook point, in compile order (one installed function each)."""
     grouped: dict[str, list[CompiledHook]] = defaultdict(list)
@@ -289,23 +296,14 @@ def inject(
     sits in the sequence; code that runs its own KV-cached loop updates
     ``ctx.offset`` (``generate`` does this for you).
     """
+    from meminject.backends.bridge import BridgeBackend
+
     ctx = context or InjectionContext()
-    compiled = as_compiled(model, memories, registry)
-    grouped = group_by_hook(compiled)
-    bridge = model.bridge
-    fwd_hooks = bridge_fwd_hooks(
-        model, [(name, chain_parts(name, parts, ctx)) for name, parts in grouped.items()]
-    )
-    missing = [name for name in grouped if name not in bridge.hook_dict]
-    if missing:
-        raise BadInputError(f"model '{model.name}' has no hook point '{missing[0]}'")
-    needs_result = any(p.hook.needs_attn_result for p in compiled)
-    had_result = bool(getattr(bridge.cfg, "use_attn_result", False))
-    if needs_result and not had_result:
-        bridge.set_use_attn_result(True)
-    try:
-        with bridge.hooks(fwd_hooks=fwd_hooks):
-            yield ctx
-    finally:
-        if needs_result and not had_result:
-            bridge.set_use_attn_result(False)
+    grouped = group_by_hook(as_compiled(model, memories, registry))
+    backend = BridgeBackend(model)
+    for name in grouped:
+        reason = backend.unsupported(name)
+        if reason is not None:
+            raise BadInputError(reason)
+    with backend.hooks(chained_bodies(grouped, ctx)):
+        yield ctx

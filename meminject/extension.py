@@ -89,12 +89,34 @@ HookBody = Callable[["torch.Tensor", InjectionContext], "torch.Tensor"]
 
 
 @dataclass(frozen=True)
+class Addition:
+    """A constant added at a hook point's positions, as data rather than code.
+
+    A backend that cannot run Python inside its forward (llama.cpp control vectors,
+    vLLM) can still apply a hook whose every change is such an addition.
+    """
+
+    #: Where it is added: the site as compiled (``attn_out`` for a lowered per-head
+    #: memory; ``attn_heads_sum`` is the attention's output before a post-norm).
+    site: str
+    layer: int
+    hook_name: str
+    #: A positions mode or absolute positions, as in a memory file.
+    positions: Any
+    #: ``[width]``, in the model's coordinates, dtype and device; τ already applied.
+    vector: torch.Tensor
+
+
+@dataclass(frozen=True)
 class SiteHook:
     """One strategy's work at one hook point. The engine chains all bodies at a hook."""
 
     hook_name: str
     body: HookBody
     needs_attn_result: bool = False  # the bridge must compute per-head results
+    #: The same change as ``body``, as data, when it is nothing but additions; empty
+    #: when the body does something else (a gate, a plugin's computation).
+    additions: tuple[Addition, ...] = ()
 
 
 class CompileContext(Protocol):

@@ -96,3 +96,33 @@ def read_regular(path: Path, limit: int) -> bytes:
     if len(raw) > limit:
         raise ReadRefused("too-large", "too large")
     return raw
+
+
+def read_user_text(path: Path, limit: int, what: str) -> str:
+    """:func:`read_user_file` decoded as UTF-8 (a BOM is dropped), or a one-line
+    :class:`BadInputError` saying where the bytes stop being UTF-8."""
+    from meminject.errors import BadInputError
+
+    raw = read_user_file(path, limit, what)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def read_user_file(path: Path, limit: int, what: str) -> bytes:
+    """:func:`read_regular`, with every refusal a one-line :class:`BadInputError` naming
+    the file (``what`` names the kind of file in the size limit's message)."""
+    from meminject.errors import BadInputError
+
+    try:
+        return read_regular(path, limit)
+    except ReadRefused as refused:
+        if refused.kind == "missing":
+            raise BadInputError(f"{path}: no such file") from None
+        if refused.kind == "unreadable":
+            raise BadInputError(f"{path}: cannot read: {refused.reason}") from None
+        if refused.kind == "not-regular":
+            raise BadInputError(f"{path}: not a regular file ({refused.reason})") from None
+        size = f"file is {refused.size} bytes, over" if refused.size is not None else "file is over"
+        raise BadInputError(f"{path}: {size} the {limit}-byte limit for {what}") from None

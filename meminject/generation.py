@@ -1,27 +1,44 @@
-"""Generation with a memory set active, driven by meminject's own decoding loop.
+"""Generation with memories active, driven by meminject's own decoding loop over a backend.
 
-The loop is ours (not ``TransformerBridge.generate``) because hooks must know
-the absolute position of every token they see: with a KV cache a step's forward
-holds one token, without one it holds the whole sequence. The loop sets
-``InjectionContext.offset`` before each forward, which is what makes every
-positions mode give the same tokens with the cache on and off.
+The loop is ours (not ``transformers``' ``generate``) because hooks must know the
+absolute position of every token they see: with a KV cache a step's forward holds one
+token, without one it holds the whole sequence. The loop sets each row's
+``InjectionContext.offset`` before every forward, which is what makes every positions
+mode give the same tokens with the cache on and off.
+
+**Batches.** Prompts are left-padded to a common length, with an attention mask and
+position ids that start every row at position 0, so a row computes what it would alone.
+Each row may carry its own memory set: at every hook point, the rows that share a set and
+a padding run that set's bodies on their own slice of the activation, without the padded
+columns and with their own prompt length and offset. A body therefore sees exactly the
+tensor it would see if its prompt ran alone (a test checks greedy tokens against solo
+runs for every positions mode, cache on and off, mixed sets in one batch).
+
+The loop only talks to :class:`meminject.backends.Backend`: there is no branch per backend.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-from meminject.engine import MemoriesArg, as_compiled, group_by_hook, inject
+from meminject.engine import CompiledHook, MemoriesArg, as_compiled, chain_parts, group_by_hook
 from meminject.errors import BadInputError, InjectionError
 from meminject.extension import InjectionContext
 
 if TYPE_CHECKING:
     import torch
+    from jaxtyping import Float
+    from torch import Tensor
 
+    from meminject.backends import Backend
     from meminject.models import LoadedModel
     from meminject.plugins import Registry
+
+MAX_SEED = 2**64 - 1
 
 
 @dataclass(frozen=True)
@@ -32,14 +49,63 @@ class TokenProb:
 
 
 @dataclass(frozen=True)
+class DecodeOptions:
+    """How one prompt is decoded; the names and meanings follow ``transformers``.
+
+    ``temperature = 0`` is greedy decoding (``top_k``, ``top_p`` and ``seed`` then do
+    nothing). ``top_k = 0`` and ``top_p = 1`` keep every token. ``repetition_penalty``
+    divides the positive scores (multiplies the negative ones) of tokens already in the
+    prompt or the completion. ``stop``: the completion ends before the first of these
+    strings. ``show_top``: how many most likely next tokens after the prompt to report.
+    """
+
+    max_new_tokens: int = 20
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_at_eos: bool = True
+    show_top: int = 0
+
+    def check(self, vocab: int) -> None:
+        """Refuse what would otherwise fail deep inside torch."""
+        if self.max_new_tokens < 0:
+            raise BadInputError("max_new_tokens must be >= 0")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise BadInputError(f"temperature must be a finite number >= 0, not {self.temperature}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise BadInputError(f"seed must be between 0 and 2**64 - 1, not {self.seed}")
+        if not 0 <= self.top_k <= vocab:
+            raise BadInputError(
+                f"top_k must be between 0 and the vocabulary size {vocab}, not {self.top_k}"
+            )
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise BadInputError(f"top_p must be in (0, 1], not {self.top_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise BadInputError(
+                f"repetition_penalty must be a number > 0, not {self.repetition_penalty}"
+            )
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise BadInputError("stop strings must be non-empty strings")
+        if not 0 <= self.show_top <= vocab:
+            raise BadInputError(
+                f"show_top must be between 0 and the vocabulary size {vocab}, not {self.show_top}"
+            )
+
+
+@dataclass(frozen=True)
 class Generation:
     prompt: str
     completion: str
     prompt_tokens: list[int]
     new_tokens: list[int]
     top_next: list[TokenProb] = field(default_factory=list)  # after the prompt, before sampling
-    backend: str = "bridge"  # what ran the forward passes: "hf" (plain model) or "bridge"
-    backend_note: str | None = None  # why the bridge ran when the fast path was not used
+    backend: str = "bridge"  # the backend that ran the forward passes
+    backend_note: str | None = None  # why backends tried before it were passed over
+    #: ``eos``, ``stop`` (a stop string), ``length`` (max_new_tokens) or ``context`` (n_ctx).
+    finish_reason: str = "length"
 
     @property
     def text(self) -> str:
@@ -62,42 +128,63 @@ def top_tokens(model: LoadedModel, logits: torch.Tensor, k: int) -> list[TokenPr
     ]
 
 
-def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator | None) -> int:
+def penalised(
+    logits: Float[Tensor, " d_vocab"], seen: list[int], penalty: float
+) -> Float[Tensor, " d_vocab"]:
+    """``transformers``' repetition penalty: the score of every token in ``seen`` is
+    divided by ``penalty`` when positive and multiplied by it when negative."""
     import torch
 
-    if temperature <= 0:
-        return int(logits.argmax())
+    if penalty == 1.0 or not seen:
+        return logits
+    ids = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
+    scores = logits[ids]
+    out = logits.clone()
+    out[ids] = torch.where(scores > 0, scores / penalty, scores * penalty)
+    return out
+
+
+def sampling_scores(
+    logits: Float[Tensor, " d_vocab"], options: DecodeOptions
+) -> Float[Tensor, " d_vocab"]:
+    """The scores sampling draws from: logits over the temperature, with the tokens that
+    top-k and top-p leave out at −inf (``transformers``' warpers, in that order)."""
+    import torch
+
     # Shift by the maximum before dividing: with a tiny temperature the quotient of the
     # raw logits overflows to inf and the softmax to NaN; shifted, the best token is 0
     # and every other one tends to −inf, which is the greedy limit it should be.
-    shifted = logits.double() - logits.double().max()
-    probs = torch.softmax(shifted / temperature, dim=-1)
+    scores = (logits.double() - logits.double().max()) / options.temperature
+    if 0 < options.top_k < scores.shape[-1]:
+        kth = scores.topk(options.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if options.top_p < 1.0:
+        ordered, order = scores.sort(descending=True)
+        probs = torch.softmax(ordered, dim=-1)
+        before = probs.cumsum(-1) - probs  # the mass of the tokens ranked above each one
+        dropped = before >= options.top_p
+        dropped[0] = False
+        scores = scores.scatter(0, order[dropped], -math.inf)
+    return scores
+
+
+def pick_token(
+    logits: Float[Tensor, " d_vocab"],
+    options: DecodeOptions,
+    generator: torch.Generator | None,
+) -> int:
+    """The next token: argmax when greedy, else a draw from :func:`sampling_scores`."""
+    import torch
+
+    if options.temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(sampling_scores(logits, options), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
-MAX_SEED = 2**64 - 1
-
-
-def check_options(
-    model: LoadedModel,
-    prompt: str,
-    max_new_tokens: int,
-    temperature: float,
-    seed: int | None,
-    top_k: int,
-) -> None:
-    """Refuse what would otherwise fail deep inside torch or the tokenizer."""
-    import math
-
-    if max_new_tokens < 0:
-        raise BadInputError("max_new_tokens must be >= 0")
-    if not math.isfinite(temperature) or temperature < 0:
-        raise BadInputError(f"temperature must be a finite number >= 0, not {temperature}")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise BadInputError(f"seed must be between 0 and 2**64 - 1, not {seed}")
-    vocab = model.dims.d_vocab
-    if not 0 <= top_k <= vocab:
-        raise BadInputError(f"top_k must be between 0 and the vocabulary size {vocab}, not {top_k}")
+def prompt_ids(model: LoadedModel, prompt: str, chat: bool = False) -> list[int]:
+    """The prompt's token ids: BOS as the model is loaded, or the tokenizer's chat
+    template (one user turn and the assistant's opening) with ``chat``."""
     try:
         prompt.encode("utf-8")
     except UnicodeEncodeError as exc:
@@ -105,6 +192,37 @@ def check_options(
             f"the prompt is not valid UTF-8 (byte {exc.object[exc.start]!r} at character "
             f"{exc.start})"
         ) from exc
+    if not chat:
+        ids = model.tokenize(prompt)
+    else:
+        tokenizer = model.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise BadInputError(
+                f"model '{model.name}' has no chat template in its tokenizer; drop --chat"
+            )
+        out = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
+        ids = out["input_ids"] if hasattr(out, "keys") else out
+        ids = [int(t) for t in ids]
+    return model.check_prompt_ids(ids)
+
+
+def decode_options(**options: Any) -> DecodeOptions:
+    """:class:`DecodeOptions` from keyword arguments, with an unknown name a
+    :class:`BadInputError` that lists the known ones (stop strings may be any sequence)."""
+    import dataclasses
+
+    known = [f.name for f in dataclasses.fields(DecodeOptions)]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise BadInputError(
+            f"unknown decoding option '{unknown[0]}'; choose from {', '.join(known)}"
+        )
+    if "stop" in options:
+        stop = options["stop"]
+        options["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    return DecodeOptions(**options)
 
 
 def generate(
@@ -112,91 +230,381 @@ def generate(
     prompt: str,
     memories: MemoriesArg | None = None,
     *,
-    max_new_tokens: int = 20,
-    temperature: float = 0.0,
-    seed: int | None = None,
+    chat: bool = False,
     use_kv_cache: bool = True,
-    stop_at_eos: bool = True,
-    top_k: int = 0,
     registry: Registry | None = None,
     backend: str = "auto",
+    **options: Any,
 ) -> Generation:
     """Generate a completion of ``prompt``, with ``memories`` injected if given.
 
-    ``temperature=0`` is greedy decoding. ``top_k`` asks for that many most likely
-    next tokens after the prompt (with their probabilities) in the result.
-    ``backend``: ``"auto"`` runs the plain Hugging Face model with hooks only at the
-    memories' sites when every site verifies against the bridge (see
-    :mod:`meminject.fastpath`), else the bridge; ``"hf"`` insists on the plain model;
-    ``"bridge"`` always uses the bridge.
+    ``options`` are the fields of :class:`DecodeOptions`: ``max_new_tokens`` (20),
+    ``temperature`` (0: greedy), ``top_k``, ``top_p``, ``repetition_penalty``, ``seed``,
+    ``stop``, ``stop_at_eos`` and ``show_top`` (that many most likely next tokens after
+    the prompt, with their probabilities, in the result). ``chat`` wraps the prompt in
+    the tokenizer's chat template. ``backend``: ``"auto"`` runs the first registered
+    backend that serves every site the memories use (the plain Hugging Face modules
+    ``hf``, else ``bridge``); a name insists on it.
     """
+    return generate_batch(
+        model,
+        [prompt],
+        memories,
+        options=decode_options(**options),
+        chat=chat,
+        use_kv_cache=use_kv_cache,
+        registry=registry,
+        backend=backend,
+    )[0]
+
+
+def generate_batch(
+    model: LoadedModel,
+    prompts: Sequence[str],
+    memories: MemoriesArg | None = None,
+    *,
+    memories_per_prompt: Sequence[MemoriesArg | None] | None = None,
+    options: DecodeOptions | Sequence[DecodeOptions] | None = None,
+    batch_size: int = 8,
+    chat: bool = False,
+    use_kv_cache: bool = True,
+    registry: Registry | None = None,
+    backend: str = "auto",
+) -> list[Generation]:
+    """Generate a completion for each prompt, ``batch_size`` prompts per forward.
+
+    ``memories``: one set for every prompt; or ``memories_per_prompt``, one entry (a
+    set, paths, compiled hooks, or None) per prompt, where prompts that share an entry
+    object share its compiled hooks. ``options``: one :class:`DecodeOptions` for all,
+    or one per prompt.
+    Results come back in the order of ``prompts``; each equals the prompt run alone
+    (greedy tokens exactly; sampled ones too, given the same seed).
+    """
+    from meminject.backends import select_backend
+
+    if batch_size < 1:
+        raise BadInputError(f"batch_size must be >= 1, not {batch_size}")
+    prompts = list(prompts)
+    per_prompt = _per_prompt(memories, memories_per_prompt, len(prompts))
+    all_options = _per_prompt_options(options, len(prompts))
+    vocab = model.dims.d_vocab
+    for opt in all_options:
+        opt.check(vocab)
+    compiled_by_id: dict[int, list[CompiledHook]] = {}
+    rows: list[_Row] = []
+    for index, (prompt, mems, opt) in enumerate(zip(prompts, per_prompt, all_options, strict=True)):
+        key = id(mems)
+        if key not in compiled_by_id:
+            compiled_by_id[key] = as_compiled(model, mems, registry)
+        ids = prompt_ids(model, prompt, chat)
+        rows.append(_Row(index, prompt, ids, compiled_by_id[key], key, opt))
+    hook_names = sorted({c.hook.hook_name for hooks in compiled_by_id.values() for c in hooks})
+    chosen, note = select_backend(model, hook_names, backend, registry)
+    results: list[Generation | None] = [None] * len(rows)
+    for chunk in _chunks(model, rows, batch_size, chosen):
+        for row in _run_chunk(model, chosen, chunk, use_kv_cache):
+            results[row.index] = _result(model, row, chosen.name, note)
+    return [r for r in results if r is not None]
+
+
+@dataclass
+class _Row:
+    index: int
+    prompt: str
+    ids: list[int]
+    compiled: list[CompiledHook]
+    set_key: int
+    options: DecodeOptions
+    new_tokens: list[int] = field(default_factory=list)
+    top: list[TokenProb] = field(default_factory=list)
+    finish_reason: str | None = None
+    completion: str | None = None  # set when a stop string cut it
+
+
+def _per_prompt(memories: Any, per_prompt: Sequence[Any] | None, n: int) -> list[Any]:
+    if per_prompt is None:
+        return [memories] * n
+    if memories is not None:
+        raise BadInputError("give memories (one set for all) or memories_per_prompt, not both")
+    listed = list(per_prompt)
+    if len(listed) != n:
+        raise BadInputError(f"{len(listed)} memory sets were given for {n} prompts")
+    return listed
+
+
+def _per_prompt_options(options: Any, n: int) -> list[DecodeOptions]:
+    if options is None:
+        return [DecodeOptions()] * n
+    if isinstance(options, DecodeOptions):
+        return [options] * n
+    listed = list(options)
+    if len(listed) != n:
+        raise BadInputError(f"{len(listed)} decoding options were given for {n} prompts")
+    return listed
+
+
+def _chunks(
+    model: LoadedModel, rows: list[_Row], batch_size: int, backend: Backend
+) -> Iterator[list[_Row]]:
+    """Batches of similar length (less padding). A row runs alone when the backend cannot
+    pad, or when padding would take the batch past the model's context."""
+    ordered = sorted(rows, key=lambda r: len(r.ids))
+    if "padded_batch" not in backend.features:
+        batch: list[_Row] = []
+        for row in ordered:  # only rows of one length share a batch
+            if batch and (len(batch) == batch_size or len(batch[0].ids) != len(row.ids)):
+                yield batch
+                batch = []
+            batch.append(row)
+        if batch:
+            yield batch
+        return
+    n_ctx = model.dims.n_ctx
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start : start + batch_size]
+        longest = max(len(r.ids) for r in chunk)
+        most_new = max(r.options.max_new_tokens for r in chunk)
+        if len(chunk) > 1 and longest + most_new > n_ctx:
+            yield from ([r] for r in chunk)
+        else:
+            yield chunk
+
+
+class _Forward:
+    """Where the current forward starts, in padded columns (the rows' hooks read it)."""
+
+    start = 0
+
+
+def _row_bodies(chunk: list[_Row], pads: list[int], state: _Forward) -> dict[str, Any]:
+    """One body per hook point that runs each (set, padding) group's chain on its rows,
+    on the columns that are real tokens, with the group's own positions context.
+
+    A hook point whose every part is an addition at all positions (``SiteHook.additions``)
+    does not depend on positions, so its rows are not split by padding, and a set that
+    covers the batch adds to it whole: the padded columns get the addition too, which
+    changes nothing, since no real token attends to them."""
     import torch
 
-    from meminject import fastpath
+    sets: dict[int, list[int]] = {}
+    for i, row in enumerate(chunk):
+        if row.compiled:
+            sets.setdefault(row.set_key, []).append(i)
+    by_hook: dict[str, list[tuple[list[int], int | None, InjectionContext, Any]]] = {}
+    for members in sets.values():
+        for name, parts in group_by_hook(chunk[members[0]].compiled).items():
+            by_pad: dict[int | None, list[int]] = {}
+            for i in members:
+                by_pad.setdefault(None if _position_free(parts) else pads[i], []).append(i)
+            for pad, rows in by_pad.items():
+                ctx = InjectionContext(prompt_len=len(chunk[rows[0]].ids))
+                by_hook.setdefault(name, []).append((rows, pad, ctx, chain_parts(name, parts, ctx)))
+    n_rows = len(chunk)
 
-    fastpath.check_backend(backend)
-    check_options(model, prompt, max_new_tokens, temperature, seed, top_k)
-    tokens = model.to_tokens(prompt)
-    prompt_len = tokens.shape[1]
-    ctx = InjectionContext(prompt_len=prompt_len)
-    compiled = as_compiled(model, memories, registry)
-    grouped = group_by_hook(compiled)
-    plain, note = fastpath.select(model, list(grouped), backend)
-    if plain is not None:
-        scope: Any = plain.hooks(fastpath.plain_bodies(grouped, ctx))
-    else:
-        scope = inject(model, compiled, context=ctx) if compiled else nullcontext()
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(seed)
+    def make(entries: list[tuple[list[int], int | None, InjectionContext, Any]]) -> Any:
+        if len(entries) == 1 and not entries[0][1] and len(entries[0][0]) == n_rows:
+            _, _, ctx, chain = entries[0]
+
+            def whole(activation: Tensor) -> Tensor:  # one set for all, nothing to slice
+                ctx.offset = state.start
+                return chain(activation)
+
+            return whole
+        indices = {id(entry): torch.tensor(entry[0], dtype=torch.long) for entry in entries}
+
+        def body(activation: Tensor) -> Tensor:
+            width = activation.shape[1]
+            out = activation.clone()
+            for entry in entries:
+                _, pad, ctx, chain = entry
+                lo = 0 if pad is None else max(0, pad - state.start)
+                if lo >= width:
+                    continue
+                ctx.offset = state.start + lo - (pad or 0)
+                rows = indices[id(entry)].to(activation.device)
+                out[rows, lo:] = chain(activation[rows, lo:])
+            return out
+
+        return body
+
+    return {name: make(entries) for name, entries in by_hook.items()}
+
+
+def _position_free(parts: list[CompiledHook]) -> bool:
+    return all(
+        part.hook.additions and all(a.positions == "all" for a in part.hook.additions)
+        for part in parts
+    )
+
+
+def _run_chunk(
+    model: LoadedModel, backend: Backend, chunk: list[_Row], use_kv_cache: bool
+) -> list[_Row]:
+    import torch
+
+    from meminject.backends import Step
+
+    device = model.device
+    longest = max(len(r.ids) for r in chunk)
+    pads = [longest - len(r.ids) for r in chunk]
+    padded = any(pads)
+    pad_id = _pad_id(model)
+    sequence = torch.tensor(
+        [[pad_id] * pad + row.ids for pad, row in zip(pads, chunk, strict=True)],
+        dtype=torch.long,
+        device=device,
+    )
+    mask = (
+        torch.tensor(
+            [[0] * pad + [1] * len(row.ids) for pad, row in zip(pads, chunk, strict=True)],
+            dtype=torch.long,
+            device=device,
+        )
+        if padded
+        else None
+    )
+    generators = [_generator(model, row.options.seed) for row in chunk]
     eos = model.tokenizer.eos_token_id
     n_ctx = model.dims.n_ctx
-    bridge = model.bridge
-    new_tokens: list[int] = []
-    top: list[TokenProb] = []
-    with scope, torch.no_grad():
+    state = _Forward()
+    steps = max(max(r.options.max_new_tokens, 1 if r.options.show_top else 0) for r in chunk)
+    with _scope(backend, _row_bodies(chunk, pads, state)), torch.no_grad():
         past = None
-        sequence = tokens
-        for step in range(max(max_new_tokens, 1) if top_k else max_new_tokens):
-            fresh = sequence
-            if use_kv_cache and past is not None:
-                fresh = sequence[:, -1:]
-            ctx.offset = sequence.shape[1] - fresh.shape[1]
-            if plain is not None:
-                logits, past = plain.forward(fresh, past, use_cache=use_kv_cache)
-            elif use_kv_cache:
-                logits, past = bridge(
-                    fresh, return_type="logits_and_cache", past_key_values=past, use_cache=True
-                )
-            else:
-                logits = bridge(sequence, return_type="logits")
-            last = logits[0, -1]
-            if not bool(torch.isfinite(last).all()):
-                raise InjectionError(
-                    f"the model's next-token scores became non-finite at step {step + 1}; "
-                    "a memory's vector is probably too large for the model's dtype"
-                )
-            if step == 0 and top_k:
-                top = top_tokens(model, last, top_k)
-            if step >= max_new_tokens:
+        for step in range(steps):
+            if all(row.finish_reason is not None for row in chunk):
                 break
-            token = _pick(last, temperature, generator)
-            new_tokens.append(token)
-            if (stop_at_eos and eos is not None and token == eos) or (
-                sequence.shape[1] + 1 > n_ctx
-            ):
-                break
-            sequence = torch.cat(
-                [sequence, torch.tensor([[token]], dtype=sequence.dtype, device=sequence.device)],
-                dim=1,
+            start = sequence.shape[1] - 1 if (use_kv_cache and past is not None) else 0
+            state.start = start
+            positions = None
+            if mask is not None:
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, start:]
+            logits, past = backend.forward(
+                Step(
+                    sequence[:, start:],
+                    past=past if use_kv_cache else None,
+                    use_cache=use_kv_cache,
+                    attention_mask=mask,
+                    position_ids=positions,
+                )
             )
-    shown = [t for t in new_tokens if not (stop_at_eos and t == eos)]
+            if not use_kv_cache:
+                past = None
+            last = logits[:, -1]
+            # One call for the whole batch: every row's finiteness and greedy token.
+            finite = torch.isfinite(last).all(-1).tolist()
+            greedy = last.argmax(-1).tolist()
+            chosen = []
+            for i, row in enumerate(chunk):
+                chosen.append(
+                    _step_row(
+                        model, row, last[i], step, generators[i], eos, n_ctx, finite[i], greedy[i]
+                    )
+                )
+            column = torch.tensor(chosen, dtype=torch.long, device=device).unsqueeze(1)
+            sequence = torch.cat([sequence, column], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(column)], dim=1)
+    for row in chunk:
+        if row.finish_reason is None:
+            row.finish_reason = "length"
+    return chunk
+
+
+def _step_row(
+    model: LoadedModel,
+    row: _Row,
+    last: Tensor,
+    step: int,
+    generator: torch.Generator | None,
+    eos: int | None,
+    n_ctx: int,
+    finite: bool,
+    argmax: int,
+) -> int:
+    """Pick row's next token (or a filler, once it is finished) and update its state.
+    ``finite`` and ``argmax`` are the row's, computed for the whole batch at once."""
+    if row.finish_reason is not None:
+        return row.new_tokens[-1] if row.new_tokens else row.ids[-1]
+    opt = row.options
+    if not finite:
+        raise InjectionError(
+            f"the model's next-token scores became non-finite at step {step + 1}; "
+            "a memory's vector is probably too large for the model's dtype"
+        )
+    if step == 0 and opt.show_top:
+        row.top = top_tokens(model, last, opt.show_top)
+    if step >= opt.max_new_tokens:
+        row.finish_reason = "length"
+        return row.ids[-1]
+    if opt.temperature <= 0 and opt.repetition_penalty == 1.0:
+        token = argmax
+    else:
+        scores = penalised(last, row.ids + row.new_tokens, opt.repetition_penalty)
+        token = pick_token(scores, opt, generator)
+    row.new_tokens.append(token)
+    if opt.stop_at_eos and eos is not None and token == eos:
+        row.finish_reason = "eos"
+    elif opt.stop and _cut_at_stop(model, row):
+        row.finish_reason = "stop"
+    elif len(row.new_tokens) >= opt.max_new_tokens:
+        row.finish_reason = "length"
+    elif len(row.ids) + len(row.new_tokens) > n_ctx:
+        row.finish_reason = "context"
+    return token
+
+
+def _cut_at_stop(model: LoadedModel, row: _Row) -> bool:
+    text = model.decode(row.new_tokens)
+    hits = [text.find(s) for s in row.options.stop if s in text]
+    if not hits:
+        return False
+    row.completion = text[: min(hits)]
+    return True
+
+
+def _result(model: LoadedModel, row: _Row, backend: str, note: str | None) -> Generation:
+    eos = model.tokenizer.eos_token_id
+    if row.completion is None:
+        shown = [t for t in row.new_tokens if not (row.options.stop_at_eos and t == eos)]
+        row.completion = model.decode(shown)
     return Generation(
-        prompt=prompt,
-        completion=model.decode(shown),
-        prompt_tokens=tokens[0].tolist(),
-        new_tokens=new_tokens,
-        top_next=top,
-        backend="hf" if plain is not None else "bridge",
+        prompt=row.prompt,
+        completion=row.completion,
+        prompt_tokens=list(row.ids),
+        new_tokens=list(row.new_tokens),
+        top_next=list(row.top),
+        backend=backend,
         backend_note=note,
+        finish_reason=row.finish_reason or "length",
     )
+
+
+def _pad_id(model: LoadedModel) -> int:
+    """What fills a left-padded row's empty columns (masked out, so any id would do)."""
+    tokenizer = model.tokenizer
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _generator(model: LoadedModel, seed: int | None) -> torch.Generator | None:
+    import torch
+
+    if seed is None:
+        return None
+    return torch.Generator(device=model.device).manual_seed(seed)
+
+
+@contextmanager
+def _scope(backend: Backend, bodies: dict[str, Any]) -> Iterator[None]:
+    if not bodies:
+        yield
+        return
+    with backend.hooks(bodies):
+        yield
+
+
+def with_options(options: DecodeOptions, **changes: Any) -> DecodeOptions:
+    """``options`` with some fields changed (a JSONL line's overrides)."""
+    return replace(options, **changes)

@@ -77,5 +77,20 @@ def register_datasets(register: Any) -> None:
 
 
 @hookspec
+def register_backends(register: Any) -> None:
+    """Register backends that run a model's forward passes during generation.
+
+    Call ``register(name, factory, description="", *, auto=False)``. ``factory`` takes
+    the :class:`meminject.models.LoadedModel` and returns an object implementing
+    :class:`meminject.backends.Backend` (``name``, ``features``, ``unsupported``,
+    ``hooks``, ``forward``), or raises :class:`meminject.backends.BackendUnavailable`
+    saying why it cannot run that model. It is called once per model, on first use.
+    ``meminject generate --backend NAME`` and ``generate(backend=NAME)`` select it;
+    with ``auto=True`` it is also a candidate for ``--backend auto``, tried in
+    registration order (the built-ins ``hf``, then ``bridge``, come first).
+    """
+
+
+@hookspec
 def register_commands(cli: Any) -> None:
     """Add commands to the ``meminject`` click group ``cli`` (``@cli.command()``)."""

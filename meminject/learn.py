@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from meminject.engine import bridge_fwd_hooks
 from meminject.errors import BadInputError, Location, MeminjectError, MemoryFileError, echo
-from meminject.fsread import FS_ERRORS, ReadRefused, describe_mode, fs_reason, read_regular
+from meminject.fsread import FS_ERRORS, describe_mode, fs_reason, read_user_text
 from meminject.memfile import toml_value
 from meminject.schema import NAME_PATTERN, MemoryBase
 from meminject.sites import LAYER_SITES, hook_name, site_hook
@@ -513,11 +513,7 @@ def read_prompt_lines(path: Path | str) -> list[PromptLine]:
     FIFO, a device or a directory is refused before it is opened (reading a FIFO would
     block), and checked again on the open file, so a swap in between is caught too."""
     path = Path(path)
-    raw = _read_regular(path, MAX_PROMPT_FILE_BYTES, "prompt files")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    text = read_user_text(path, MAX_PROMPT_FILE_BYTES, "prompt files")
     prompts = [
         PromptLine(line.strip(), path, number)
         for number, line in enumerate(text.split("\n"), start=1)
@@ -531,20 +527,6 @@ def read_prompt_lines(path: Path | str) -> list[PromptLine]:
 def read_prompts(path: Path | str) -> list[str]:
     """The prompts of :func:`read_prompt_lines`, as strings."""
     return [p.text for p in read_prompt_lines(path)]
-
-
-def _read_regular(path: Path, limit: int, what: str) -> bytes:
-    try:
-        return read_regular(path, limit)
-    except ReadRefused as refused:
-        if refused.kind == "missing":
-            raise BadInputError(f"{path}: no such file") from None
-        if refused.kind == "unreadable":
-            raise BadInputError(f"{path}: cannot read: {refused.reason}") from None
-        if refused.kind == "not-regular":
-            raise BadInputError(f"{path}: not a regular file ({refused.reason})") from None
-        size = f"file is {refused.size} bytes, over" if refused.size is not None else "file is over"
-        raise BadInputError(f"{path}: {size} the {limit}-byte limit for {what}") from None
 
 
 def check_prompts_fit(model: LoadedModel, prompts: Sequence[PromptLine]) -> None:

@@ -190,6 +190,19 @@ class MemorySet:
                 return entry
         raise KeyError(name)
 
+    def subset(self, names: Sequence[str]) -> MemorySet:
+        """The set with only the memories named (each must exist), files kept in order."""
+        wanted = set(names)
+        unknown = sorted(wanted - {entry.name for entry in self.entries})
+        if unknown:
+            raise KeyError(unknown[0])
+        return MemorySet(
+            tuple(
+                LoadedFile(f.path, f.model, tuple(e for e in f.entries if e.name in wanted))
+                for f in self.files
+            )
+        )
+
     def model_info(self) -> ModelInfo | None:
         """The set's ``[model]`` table; files that declare one must agree."""
         declared = [(f.path, f.model) for f in self.files if f.model is not None]

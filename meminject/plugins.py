@@ -34,6 +34,7 @@ BUILTIN_MODULES = (
     "meminject.strategies",
     "meminject.models",
     "meminject.datasets",
+    "meminject.backends",
 )
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
 _SUFFIX = re.compile(r"\.[\w.\-]+")
@@ -81,6 +82,17 @@ class DatasetEntry:
 
 
 @dataclass(frozen=True)
+class BackendEntry:
+    name: str
+    #: Builds the backend for a loaded model (see :class:`meminject.backends.Backend`).
+    factory: Callable[..., Any]
+    plugin: str
+    #: Whether ``--backend auto`` may choose it (in registration order).
+    auto: bool
+    description: str = ""
+
+
+@dataclass(frozen=True)
 class PluginInfo:
     name: str
     hooks: tuple[str, ...]
@@ -100,6 +112,7 @@ class Registry:
     strategies: dict[str, StrategyEntry] = field(default_factory=dict)
     models: dict[str, ModelEntry] = field(default_factory=dict)
     datasets: dict[str, DatasetEntry] = field(default_factory=dict)
+    backends: dict[str, BackendEntry] = field(default_factory=dict)
     #: Installed plugins left out by ``MEMINJECT_LOAD_PLUGINS`` (or ``--no-plugins``).
     not_loaded: tuple[str, ...] = ()
     #: Problems in plugins that did not stop loading (also issued as :class:`PluginWarning`).
@@ -406,10 +419,24 @@ def _collect(registry: Registry) -> None:
 
         return register
 
+    def backend_register(plugin: str) -> Callable[..., None]:
+        def register(
+            name: str, factory: Callable[..., Any], description: str = "", *, auto: bool = False
+        ) -> None:
+            checked_name("backend", name, plugin, registry.backends)
+            if name == "auto":
+                raise PluginError(plugin, "backend name 'auto' is reserved (it picks a backend)")
+            if not callable(factory):
+                raise PluginError(plugin, f"backend '{name}': factory is not callable")
+            registry.backends[name] = BackendEntry(name, factory, plugin, bool(auto), description)
+
+        return register
+
     each(pm.hook.register_encoders, encoder_register)
     each(pm.hook.register_strategies, strategy_register)
     each(pm.hook.register_models, model_register)
     each(pm.hook.register_datasets, dataset_register)
+    each(pm.hook.register_backends, backend_register)
 
 
 def _declared_strategy(strategy_cls: Any) -> str | None:

@@ -16,7 +16,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from meminject.extension import CompileContext, InjectionContext, SiteHook, Strategy
+from meminject.extension import Addition, CompileContext, InjectionContext, SiteHook, Strategy
 from meminject.heads import through_head
 from meminject.hookspecs import hookimpl
 from meminject.schema import AddMemory, GatedMemory
@@ -39,6 +39,7 @@ class AddStrategy(Strategy):
     def compile(self, memories: Sequence[Any], ctx: CompileContext) -> list[SiteHook]:
         model = ctx.model
         by_hook: dict[str, dict[str, tuple[Any, Tensor]]] = defaultdict(dict)
+        compiled_site: dict[str, tuple[str, int]] = {}
         for memory in memories:
             site = memory.resolved_site
             vector = ctx.encode(memory)  # [d_model], checked against the encoder contract
@@ -75,11 +76,22 @@ class AddStrategy(Strategy):
                 if model.post_sublayer_norms:
                     site = "attn_heads_sum"
             point = _hook_name(site, memory.layer)
+            compiled_site[point] = (site, memory.layer)
             by_hook[point][_positions_key(memory.positions)] = (
                 memory.positions,
                 by_hook[point].get(_positions_key(memory.positions), (None, 0))[1] + delta,
             )
-        return [SiteHook(name, _adder(list(groups.values()))) for name, groups in by_hook.items()]
+        return [
+            SiteHook(
+                name,
+                _adder(list(groups.values())),
+                additions=tuple(
+                    Addition(*compiled_site[name], name, positions, delta)
+                    for positions, delta in groups.values()
+                ),
+            )
+            for name, groups in by_hook.items()
+        ]
 
 
 def _hook_name(site: str, layer: int) -> str:

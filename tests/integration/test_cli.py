@@ -51,7 +51,7 @@ def test_generate_compare_json(memory_dir: Path, gpt2_dir: Path) -> None:
             "--json",
             "--max-new-tokens",
             "6",
-            "--top-k",
+            "--show-top",
             "3",
         ],
     )
@@ -60,8 +60,8 @@ def test_generate_compare_json(memory_dir: Path, gpt2_dir: Path) -> None:
     assert payload["memories"] == ["first-president"]
     assert payload["model"] == str(gpt2_dir)  # taken from the files' [model]
     model = load_model(gpt2_dir)
-    baseline = generate(model, PROMPT, max_new_tokens=6, top_k=3)
-    injected = generate(model, PROMPT, memory_dir, max_new_tokens=6, top_k=3)
+    baseline = generate(model, PROMPT, max_new_tokens=6, show_top=3)
+    injected = generate(model, PROMPT, memory_dir, max_new_tokens=6, show_top=3)
     assert payload["baseline"]["new_tokens"] == baseline.new_tokens
     assert payload["injected"]["new_tokens"] == injected.new_tokens
     assert payload["baseline"]["new_tokens"] != payload["injected"]["new_tokens"]
@@ -135,3 +135,109 @@ def test_layer_encoder_rejects_text_longer_than_context(tmp_path: Path, gpt2_dir
         f"Error: {path}:4: memory 'long': field 'text': the text is "
         "202 tokens, longer than the model's context of 128"
     )
+
+
+def test_generate_prompts_file_batches_with_memories_per_line(
+    tmp_path: Path, gpt2_dir: Path
+) -> None:
+    """--prompts: one JSON result per line, each what the Python API gives that prompt
+    alone with the memories the line names (absent: the whole set; []: none) and the
+    line's own options."""
+    write(
+        tmp_path / "set.toml",
+        f"""version = 1
+[model]
+name = "{gpt2_dir}"
+
+[[memory]]
+name = "washington"
+text = "George Washington"
+layer = 1
+head = 2
+tau = 8.0
+
+[[memory]]
+name = "rome"
+text = "Rome"
+layer = 0
+site = "resid_pre"
+tau = 5.0
+""",
+    )
+    lines = [
+        {"id": "all", "prompt": PROMPT},
+        {"id": "none", "prompt": PROMPT, "memories": []},
+        {"id": "one", "prompt": "Hello there", "memories": ["rome"], "max_new_tokens": 3},
+        {"prompt": "A cat", "memories": ["washington"], "show_top": 2, "ignore_eos": True},
+    ]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    args = ["generate", "--prompts", str(prompts), "-m", str(tmp_path / "set.toml")]
+    result = CliRunner().invoke(
+        cli, [*args, "--max-new-tokens", "5", "--batch-size", "3", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    records = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert [r.get("id") for r in records] == ["all", "none", "one", None]
+    assert [r["memories"] for r in records] == [
+        ["washington", "rome"],
+        [],
+        ["rome"],
+        ["washington"],
+    ]
+
+    from meminject.memfile import load_memory_set
+
+    model = load_model(gpt2_dir)
+    full = load_memory_set([tmp_path / "set.toml"])
+    expected = [
+        generate(model, PROMPT, full, max_new_tokens=5),
+        generate(model, PROMPT, None, max_new_tokens=5),
+        generate(model, "Hello there", full.subset(["rome"]), max_new_tokens=3),
+        generate(
+            model,
+            "A cat",
+            full.subset(["washington"]),
+            max_new_tokens=5,
+            show_top=2,
+            stop_at_eos=False,
+        ),
+    ]
+    assert [r["new_tokens"] for r in records] == [g.new_tokens for g in expected]
+    assert [r["completion"] for r in records] == [g.completion for g in expected]
+    assert records[0]["new_tokens"] != records[1]["new_tokens"]
+    assert [t["id"] for t in records[3]["top_next"]] == [t.token_id for t in expected[3].top_next]
+    assert len(records[0]["top_next"]) == 5  # --show-top's default, 5, for every line
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"prompt": "a", "temprature": 1}', "prompts.jsonl:2: field 'temprature': unknown"),
+        ('{"prompt": "a", "memories": ["nope"]}', "prompts.jsonl:2: field 'memories': the -m"),
+        ('{"prompt": "a", "top_p": 0}', "prompts.jsonl:2: field 'top_p'"),
+        ('["a"]', "prompts.jsonl:2: a line must be a JSON object"),
+        ('{"prompt": ', "prompts.jsonl:2: not JSON"),
+        ('{"memories": []}', "prompts.jsonl:2: field 'prompt'"),
+    ],
+)
+def test_generate_prompts_file_errors_name_the_line_and_field(
+    tmp_path: Path, memory_dir: Path, line: str, message: str
+) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "fine"}\n' + line + "\n", encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    result = CliRunner().invoke(
+        cli, ["generate", "--prompts", str(prompts), "-m", str(memory_dir), "-o", str(out)]
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists()  # nothing half-written
+
+
+def test_generate_needs_a_prompt_or_a_prompts_file(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["generate"])
+    assert result.exit_code == 2
+    assert "give a PROMPT or --prompts" in result.output

@@ -388,7 +388,7 @@ def test_generation_raising_midway_restores_hooks(gpt2, tmp_path, monkeypatch):
 
     path = one_memory(tmp_path, text="George Washington", layer=1, tau=3.0)
     calls = {"n": 0}
-    real_pick = generation._pick
+    real_pick = generation._step_row
 
     def failing_pick(*args, **kwargs):
         calls["n"] += 1
@@ -396,7 +396,7 @@ def test_generation_raising_midway_restores_hooks(gpt2, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_pick(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "_pick", failing_pick)
+    monkeypatch.setattr(generation, "_step_row", failing_pick)
     with pytest.raises(KeyboardInterrupt):
         generate(gpt2, PROMPT, path, max_new_tokens=10)
     assert sum(len(hp.fwd_hooks) for hp in gpt2.bridge.hook_dict.values()) == 0
@@ -412,7 +412,7 @@ def test_sampling_is_reproducible_with_a_seed(gpt2, tmp_path):
 
 
 def test_top_next_tokens_are_the_softmax_of_the_last_logits(gpt2):
-    result = generate(gpt2, PROMPT, max_new_tokens=1, top_k=3)
+    result = generate(gpt2, PROMPT, max_new_tokens=1, show_top=3)
     with torch.no_grad():
         probs = gpt2.bridge(gpt2.to_tokens(PROMPT))[0, -1].softmax(-1)
     values, ids = probs.topk(3)

@@ -23,9 +23,9 @@ def toyworld():
 
 def test_quick_start_memory_fixes_the_two_hop_prompt(toyworld) -> None:
     prompt = "The country that uses the greilek is located in"
-    baseline = generate(toyworld, prompt, max_new_tokens=1, top_k=1)
+    baseline = generate(toyworld, prompt, max_new_tokens=1, show_top=1)
     injected = generate(
-        toyworld, prompt, EXAMPLES / "two-hop" / "rechelur.toml", max_new_tokens=1, top_k=1
+        toyworld, prompt, EXAMPLES / "two-hop" / "rechelur.toml", max_new_tokens=1, show_top=1
     )
     assert baseline.completion.strip() != "Soveisica"
     assert injected.completion.strip() == "Soveisica"

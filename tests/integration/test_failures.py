@@ -119,7 +119,7 @@ def test_same_inputs_and_seed_give_bit_identical_output_across_processes(
         "11",
         "--max-new-tokens",
         "12",
-        "--top-k",
+        "--show-top",
         "5",
     ]
     runs = [

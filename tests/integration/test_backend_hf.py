@@ -1,8 +1,9 @@
-"""The plain-model fast path (meminject.fastpath) against the TransformerBridge path.
+"""The hf backend (meminject.backends.hf) against the TransformerBridge path.
 
 The bridge path is the reference: for every site, architecture and coordinates, the
 plain Hugging Face model with hooks at the memories' sites must read the same
-activations, produce the same logits and generate the same tokens.
+activations, produce the same logits and generate the same tokens, while holding no
+weight tensor of its own.
 """
 
 from __future__ import annotations
@@ -12,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from meminject.engine import CompiledHook, compile_memories, group_by_hook, inject
+from meminject.backends import BackendUnavailable, Step, get_backend
+from meminject.engine import CompiledHook, chained_bodies, compile_memories, group_by_hook, inject
 from meminject.errors import BadInputError
 from meminject.extension import InjectionContext, SiteHook
-from meminject.fastpath import FastPathUnavailable, PlainModel, plain_bodies
 from meminject.generation import generate
 from meminject.schema import SITE_HOOKS
 from tests.conftest import write
@@ -53,13 +54,13 @@ def both_logits(model, memories) -> tuple[torch.Tensor, torch.Tensor]:
     """First-forward log-probabilities from the bridge (inject) and the plain model."""
     tokens = model.to_tokens(PROMPT)
     compiled = compile_memories(model, memories)
-    plain = PlainModel.load(model)
+    plain = get_backend(model, "hf")
     ctx = InjectionContext(prompt_len=tokens.shape[1])
     with torch.no_grad():
         with inject(model, compiled, context=ctx):
             bridge = model.bridge(tokens, return_type="logits")
-        with plain.hooks(plain_bodies(group_by_hook(compiled), ctx)):
-            fast, _ = plain.forward(tokens, use_cache=False)
+        with plain.hooks(chained_bodies(group_by_hook(compiled), ctx)):
+            fast, _ = plain.forward(Step(tokens, use_cache=False))
     return torch.log_softmax(bridge[0].float(), -1), torch.log_softmax(fast[0].float(), -1)
 
 
@@ -72,21 +73,41 @@ def baseline_logits(model) -> torch.Tensor:
 @pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
 def test_every_site_reads_what_the_bridge_reads(models, arch, coords):
     model = models[(arch, coords)]
-    plain = PlainModel.load(model)
+    plain = get_backend(model, "hf")
     assert plain.logits_error is not None and plain.logits_error < 1e-4
     for site in READ_SITES:
         name = SITE_HOOKS[site].format(layer=1)
         if arch == "neox" and site == "resid_mid":
-            with pytest.raises(FastPathUnavailable, match="parallel"):
+            with pytest.raises(BackendUnavailable, match="parallel"):
                 plain.site_map(name)
             continue
         site_map = plain.site_map(name)
         assert site_map.error < 1e-4, (site, site_map)
-        # Processed coordinates of a LayerNorm model centre what writes to the stream;
-        # RMSNorm models and raw coordinates read the plain model's numbers as they are.
+        # The plain model computes with the bridge's own (processed or raw) tensors, so
+        # every site that writes the stream reads the bridge's numbers as they are.
         if site in ("resid_pre", "resid_post", "attn_out", "mlp_out"):
-            expected = "centre" if coords == "processed" and arch != "llama" else "identity"
-            assert site_map.kind == expected, (site, site_map.kind)
+            assert site_map.kind == "identity", (site, site_map.kind)
+
+
+@pytest.mark.parametrize("coords", ["processed", "raw"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "llama"])
+def test_the_plain_model_holds_no_weights_of_its_own(models, arch, coords):
+    """One copy of the weights: every parameter and buffer of the plain model is a
+    tensor the bridge already holds (the same storage), and building it changed none of
+    the bridge's numbers."""
+    model = models[(arch, coords)]
+    tokens = model.to_tokens(PROMPT)
+    with torch.no_grad():
+        before = model.bridge(tokens, return_type="logits")
+    plain = get_backend(model, "hf")
+    bridge_storage = {t.untyped_storage().data_ptr() for t in model.bridge.parameters()}
+    bridge_storage |= {t.untyped_storage().data_ptr() for t in model.bridge.buffers()}
+    plain_tensors = [*plain.hf.parameters(), *plain.hf.buffers()]
+    assert plain_tensors
+    assert all(t.untyped_storage().data_ptr() in bridge_storage for t in plain_tensors)
+    with torch.no_grad():
+        after = model.bridge(tokens, return_type="logits")
+    assert torch.equal(before, after)
 
 
 @pytest.mark.parametrize(
@@ -192,7 +213,9 @@ def test_auto_backend_uses_the_plain_model_and_falls_back_with_a_reason(models, 
         generate(model, PROMPT, path, max_new_tokens=3, backend="fast")
 
 
-def test_bridge_handed_in_without_a_checkpoint_falls_back(models):
+def test_bridge_handed_in_without_a_checkpoint_runs_on_hf(models):
+    """The plain model is built from the bridge's own modules, so a bridge handed in
+    (no checkpoint directory behind it) still gets the fast path."""
     from meminject.models import LoadedModel
 
     source = models[("gpt2", "processed")]
@@ -200,21 +223,42 @@ def test_bridge_handed_in_without_a_checkpoint_falls_back(models):
         bridge=source.bridge, name="handed-in", coordinates="processed", source="handed-in"
     )
     result = generate(bare, PROMPT, None, max_new_tokens=3)
-    assert result.backend == "bridge"
-    assert "not loaded from a local directory" in (result.backend_note or "")
+    assert result.backend == "hf"
     assert result.new_tokens == generate(source, PROMPT, None, max_new_tokens=3).new_tokens
 
 
 def test_hooks_are_removed_from_the_plain_model(models, tmp_path):
     model = models[("llama", "processed")]
-    plain = PlainModel.load(model)
+    plain = get_backend(model, "hf")
     tokens = model.to_tokens(PROMPT)
+
+    def installed():  # transformers installs output-capturing hooks of its own; ours go
+        return {
+            (name, key)
+            for name, m in plain.hf.named_modules()
+            for key in [*m._forward_hooks, *m._forward_pre_hooks]
+        }
+
     with torch.no_grad():
-        before, _ = plain.forward(tokens, use_cache=False)
+        before, _ = plain.forward(Step(tokens, use_cache=False))
+        transformers_own = installed()
         generate(model, PROMPT, add_memory(tmp_path, "resid_mid"), max_new_tokens=3)
+        assert installed() == transformers_own
         hooks = plain.hooks({"blocks.0.hook_resid_pre": lambda a: a + 1.0})
         with pytest.raises(RuntimeError, match="boom"), hooks:
             raise RuntimeError("boom")
-        after, _ = plain.forward(tokens, use_cache=False)
+        after, _ = plain.forward(Step(tokens, use_cache=False))
     assert torch.equal(before, after)
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in plain.hf.modules())
+    assert installed() == transformers_own
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox"])
+def test_building_the_plain_model_keeps_the_fingerprint(model_dirs, arch):
+    """The fused QKV tensor is rewritten in place; the fingerprint (what gated memory
+    files record) is that of the weights as loaded, whichever comes first."""
+    from meminject.models import load_model
+
+    untouched = load_model(model_dirs[arch]).fingerprint()
+    first = load_model(model_dirs[arch])
+    get_backend(first, "hf")
+    assert first.fingerprint() == untouched

@@ -1,45 +1,49 @@
-"""Generation on the plain Hugging Face model, hooked only at the sites memories use.
+"""The ``hf`` backend: the plain Hugging Face modules, hooked only at the memories' sites.
 
 Why: every forward through ``TransformerBridge`` passes its per-component wrappers
 and hook points, about a fifth of the time of a GPT-2-small step on CPU, even when
 no hook is set. Generation needs none of that: it only needs the memories' hook
 bodies to see, at their sites, the activation the bridge would have shown them.
 
-The plain model holds the checkpoint's own (raw) weights, loaded a second time
-from the same source with the same (eager) attention. Its activations relate to
-the bridge's by a map per site, which is *measured, not assumed*: on a probe
-sequence both models run, and the site is used only if one of these maps
-reproduces the bridge's activation within tolerance:
+**One copy of the weights.** The plain model is assembled on the meta device from
+the checkpoint's config, and every parameter and buffer it has is then *the bridge's
+own tensor* (the same storage, not a copy), so it costs no weight memory. In processed
+coordinates the bridge has folded and centred those tensors in place, so the plain
+model computes in processed coordinates too; the one exception is a fused
+query/key/value projection (GPT-2's ``c_attn``, GPT-NeoX's ``query_key_value``), which
+the bridge leaves stale while it computes with split ``q``/``k``/``v`` copies. The
+processed split weights are written back into the fused tensor in place (it is not
+read by the bridge's processed forward), so both paths compute from the same numbers.
 
-* ``identity``: the same numbers (raw coordinates, ``mlp_post``, RMSNorm models);
-* ``centre``: the bridge's value is the raw one minus its mean over ``d_model``
-  (processed coordinates of a LayerNorm model centre every residual writer);
+Its activations relate to the bridge's by a map per site, which is *measured, not
+assumed*: on a probe sequence both models run, and the site is used only if one of
+these maps reproduces the bridge's activation within tolerance:
+
+* ``identity``: the same numbers (the usual case, now that the weights are shared);
+* ``centre``: the bridge's value is the raw one minus its mean over ``d_model``;
 * ``offset``: the bridge's value is the raw one minus a constant (``attn_z`` with
   value biases folded into the output bias).
 
 A body returns the new activation in bridge coordinates; the plain model gets
-``raw + (new - old)``. The difference is exactly what the bridge would have added,
-and what a map drops (a mean over ``d_model``, a constant value bias) reaches the
-rest of the model either unchanged or through a LayerNorm that removes it.
-Anything unverified (another site, a plugin's hook point, a parallel-attention
-block's ``resid_mid``) makes ``generate`` fall back to the bridge.
+``raw + (new - old)``. Anything unverified (another site, a plugin's hook point, a
+parallel-attention block's ``resid_mid``) is reported by ``unsupported``, and ``auto``
+falls back to the bridge.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from meminject.errors import BadInputError
+from meminject.backends import BackendUnavailable, Body, Step
 
 if TYPE_CHECKING:
     from jaxtyping import Float
     from torch import Tensor
 
-    from meminject.extension import InjectionContext
     from meminject.models import LoadedModel
 
 #: Hook points the plain model can serve, by the part of the name after ``blocks.{l}.``.
@@ -58,15 +62,6 @@ _RESIDUAL_WRITERS = frozenset(
         "attn.hook_out",
     }
 )
-#: ``auto`` uses the plain model when every site verifies, else the bridge.
-BACKENDS = ("auto", "hf", "bridge")
-
-#: A body in bridge coordinates, as the engine chains them for one hook point.
-Body = Callable[["Tensor"], "Tensor"]
-
-
-class FastPathUnavailable(BadInputError):
-    """The plain model cannot stand in for the bridge here; the reason says why."""
 
 
 @dataclass(frozen=True)
@@ -115,8 +110,11 @@ def _replace_first(output: Any, value: Tensor) -> Any:
     return (value, *output[1:]) if isinstance(output, tuple) else value
 
 
-class PlainModel:
-    """A plain Hugging Face model standing in for a loaded bridge during generation."""
+class HFBackend:
+    """The plain Hugging Face model standing in for a loaded bridge."""
+
+    name = "hf"
+    features = frozenset({"kv_cache", "padded_batch", "python_hooks"})
 
     def __init__(self, loaded: LoadedModel, hf_model: Any):
         self.loaded = loaded
@@ -127,21 +125,19 @@ class PlainModel:
         self.logits_error: float | None = None  # measured on the probe
 
     @classmethod
-    def load(cls, loaded: LoadedModel) -> PlainModel:
-        """Load the checkpoint behind ``loaded`` again as a plain model (cached on it)."""
-        cached = loaded.plain
-        if isinstance(cached, PlainModel):
-            return cached
-        if isinstance(cached, str):
-            raise FastPathUnavailable(cached)
+    def build(cls, loaded: LoadedModel) -> HFBackend:
+        """The plain model over the bridge's own weight tensors, its logits checked
+        against the bridge's on a probe (the registry's factory caches it on the model)."""
+        backend = cls(loaded, shared_hf_model(loaded))
+        backend._check_logits()
+        return backend
+
+    def unsupported(self, hook_name: str) -> str | None:
         try:
-            plain = cls(loaded, _load_hf(loaded))
-            plain._check_logits()
-        except FastPathUnavailable as exc:
-            loaded.plain = str(exc)
-            raise
-        loaded.plain = plain
-        return plain
+            self.site_map(hook_name)
+        except BackendUnavailable as exc:
+            return str(exc)
+        return None
 
     def _find_blocks(self) -> list[_BlockModules]:
         mapping = getattr(self.loaded.bridge.adapter, "component_mapping", None) or {}
@@ -171,18 +167,18 @@ class PlainModel:
                     )
                 )
         except (KeyError, AttributeError, TypeError) as exc:
-            raise FastPathUnavailable(
+            raise BackendUnavailable(
                 f"the plain model's blocks could not be matched to the bridge's ({exc!r})"
             ) from exc
         if len(found) != self.loaded.dims.n_layers:
-            raise FastPathUnavailable("the plain model has a different number of blocks")
+            raise BackendUnavailable("the plain model has a different number of blocks")
         return found
 
     # -- hooks ---------------------------------------------------------------------
 
     @contextmanager
     def hooks(
-        self, bodies: dict[str, Body], maps: dict[str, SiteMap] | None = None
+        self, bodies: Mapping[str, Body], maps: Mapping[str, SiteMap] | None = None
     ) -> Iterator[None]:
         """Install ``bodies`` (bridge hook name → body) on the plain model for the block."""
         handles: list[Any] = []
@@ -198,7 +194,7 @@ class PlainModel:
     def _install(self, name: str, body: Body, site_map: SiteMap) -> list[Any]:
         match = _HOOK.match(name)
         if match is None:
-            raise FastPathUnavailable(f"hook point '{name}' has no plain-model equivalent")
+            raise BackendUnavailable(f"hook point '{name}' has no plain-model equivalent")
         layer, kind = int(match.group(1)), match.group(2)
         mods = self._blocks[layer]
 
@@ -244,7 +240,7 @@ class PlainModel:
         """resid_mid = resid_pre + attn_out in a sequential block, so a change to it is a
         change to the attention output; the block's input is kept to read it."""
         if self.parallel:
-            raise FastPathUnavailable("a parallel-attention block has no resid_mid to hook")
+            raise BackendUnavailable("a parallel-attention block has no resid_mid to hook")
         seen: list[Tensor] = []
 
         def keep_input(module: Any, args: Any, kwargs: Any) -> None:
@@ -285,7 +281,7 @@ class PlainModel:
             theirs = torch.log_softmax(self.loaded.bridge(probe, return_type="logits").float(), -1)
         error = float((ours - theirs).abs().max())
         if error > self._tolerance(theirs.exp()) * 10:
-            raise FastPathUnavailable(
+            raise BackendUnavailable(
                 f"the plain model's next-token log-probabilities differ from the bridge's "
                 f"by {error:.2e} on a probe"
             )
@@ -298,7 +294,7 @@ class PlainModel:
             known = self._measure(name)
             self._maps[name] = known
         if isinstance(known, str):
-            raise FastPathUnavailable(known)
+            raise BackendUnavailable(known)
         return known
 
     def _measure(self, name: str) -> SiteMap | str:
@@ -348,58 +344,112 @@ class PlainModel:
 
     # -- running ---------------------------------------------------------------------
 
-    def forward(
-        self, tokens: Tensor, past: Any = None, use_cache: bool = True
-    ) -> tuple[Float[Tensor, "batch pos d_vocab"], Any]:
-        out = self.hf(tokens, past_key_values=past, use_cache=use_cache)
-        return out.logits, out.past_key_values if use_cache else None
+    def forward(self, step: Step) -> tuple[Float[Tensor, "batch pos d_vocab"], Any]:
+        out = self.hf(
+            step.tokens,
+            past_key_values=step.past,
+            use_cache=step.use_cache,
+            attention_mask=step.attention_mask,
+            position_ids=step.position_ids,
+        )
+        return out.logits, out.past_key_values if step.use_cache else None
 
 
-def _load_hf(loaded: LoadedModel) -> Any:
-    from pathlib import Path
+def shared_hf_model(loaded: LoadedModel) -> Any:
+    """A plain ``AutoModelForCausalLM`` whose every parameter and buffer is the bridge's
+    tensor of the same name (no weight is copied; built on the meta device first)."""
+    import copy
 
+    import torch
     from transformers import AutoModelForCausalLM
 
-    source = loaded.source
-    if not source or not Path(source).is_dir():
-        raise FastPathUnavailable(
-            f"model '{loaded.name}' was not loaded from a local directory, so there is no "
-            "plain checkpoint to run"
-        )
+    source = loaded.bridge.original_model
+    originals = _original_modules(source)
+    config = copy.deepcopy(source.config)
     try:
-        hf: Any = AutoModelForCausalLM.from_pretrained(
-            source, dtype=loaded.dtype, attn_implementation="eager"
+        with torch.device("meta"):
+            # transformers' default attention (sdpa) where the architecture has it: the
+            # probe below checks it against the bridge's eager attention.
+            try:
+                plain: Any = AutoModelForCausalLM.from_config(
+                    config, dtype=loaded.dtype, attn_implementation="sdpa"
+                )
+            except ValueError:
+                plain = AutoModelForCausalLM.from_config(
+                    config, dtype=loaded.dtype, attn_implementation="eager"
+                )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BackendUnavailable(f"could not rebuild the plain model from its config: {exc}") from (
+            None
         )
-    except (OSError, ValueError) as exc:
-        raise FastPathUnavailable(f"could not load {source} as a plain model: {exc}") from exc
-    return hf.to(loaded.device).eval()
+    for name, module in plain.named_modules(remove_duplicate=False):
+        theirs = originals.get(name)
+        if theirs is None:
+            raise BackendUnavailable(f"the bridge has no module '{name}' to share weights with")
+        wanted = {k for k, v in module._parameters.items() if v is not None} | {
+            k for k, v in module._buffers.items() if v is not None
+        }
+        have = set(theirs._parameters) | set(theirs._buffers)
+        if not wanted <= have:
+            missing = sorted(wanted - have)[0]
+            raise BackendUnavailable(f"the bridge has no tensor '{name}.{missing}' to share")
+        for key, tensor in theirs._parameters.items():
+            module._buffers.pop(key, None)
+            module._parameters[key] = tensor
+        for key, tensor in theirs._buffers.items():
+            module._parameters.pop(key, None)
+            module._buffers[key] = tensor
+            if key in theirs._non_persistent_buffers_set:
+                module._non_persistent_buffers_set.add(key)
+    if loaded.coordinates == "processed":
+        _refresh_fused_qkv(loaded)
+    still_meta = [n for n, t in [*plain.named_parameters(), *plain.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise BackendUnavailable(f"the plain model's '{still_meta[0]}' has no weights to share")
+    return plain.eval()
 
 
-def plain_bodies(grouped: dict[str, list[Any]], ctx: InjectionContext) -> dict[str, Body]:
-    """Each hook point's chain of compiled bodies, as one function of the activation."""
-    from meminject.engine import chain_parts
+def _original_modules(source: Any) -> dict[str, Any]:
+    """The Hugging Face modules inside the bridge, by their name in a plain model (the
+    bridge wraps each one it touches, as ``<name>._original_component``)."""
+    out: dict[str, Any] = {}
+    for name, module in source.named_modules(remove_duplicate=False):
+        if "_original_component" in getattr(module, "_modules", {}):
+            continue  # a bridge wrapper; its original is listed under the same plain name
+        plain_name = name.replace("._original_component", "").removesuffix("_original_component")
+        out[plain_name.rstrip(".")] = module
+    return out
 
-    return {name: chain_parts(name, parts, ctx) for name, parts in grouped.items()}
 
+def _refresh_fused_qkv(loaded: LoadedModel) -> None:
+    """Write the bridge's processed split q/k/v weights back into the fused projection
+    they were split from, in place (see the module docstring)."""
+    import torch
 
-def check_backend(backend: str) -> None:
-    if backend not in BACKENDS:
-        raise BadInputError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
-
-
-def select(
-    loaded: LoadedModel, hook_names: list[str], backend: str
-) -> tuple[PlainModel | None, str | None]:
-    """The plain model to generate with, or None and why the bridge is used instead."""
-    check_backend(backend)
-    if backend == "bridge":
-        return None, "asked for"
-    try:
-        plain = PlainModel.load(loaded)
-        for name in hook_names:
-            plain.site_map(name)
-    except FastPathUnavailable as exc:
-        if backend == "hf":
-            raise FastPathUnavailable(f"the hf backend cannot run this: {exc}") from exc
-        return None, str(exc)
-    return plain, None
+    dims = loaded.dims
+    fused_blocks = []
+    for block in loaded.bridge.blocks:
+        parts: list[Any] = [getattr(block.attn, k, None) for k in ("q", "k", "v", "qkv")]
+        if all(getattr(p, "original_component", None) is not None for p in parts):
+            fused_blocks.append([p.original_component for p in parts])
+    if fused_blocks:
+        # The fingerprint hashes the weights as loaded, the stale fused tensors included;
+        # taken before they change, it stays what memory files made on this model recorded.
+        loaded.fingerprint()
+    for q, k, v, fused in fused_blocks:
+        with torch.no_grad():
+            if type(fused).__name__ == "Conv1D":  # GPT-2: x @ W, W = [d_in, q | k | v]
+                fused.weight.copy_(torch.cat([q.weight.T, k.weight.T, v.weight.T], dim=1))
+                if fused.bias is not None:
+                    fused.bias.copy_(torch.cat([q.bias, k.bias, v.bias]))
+            elif isinstance(fused, torch.nn.Linear):  # GPT-NeoX: per head, [q; k; v]
+                n, d_head = dims.n_heads, fused.weight.shape[0] // (3 * dims.n_heads)
+                w = torch.stack([t.weight.reshape(n, d_head, -1) for t in (q, k, v)], dim=1)
+                fused.weight.copy_(w.reshape(fused.weight.shape))
+                if fused.bias is not None:
+                    b = torch.stack([t.bias.reshape(n, d_head) for t in (q, k, v)], dim=1)
+                    fused.bias.copy_(b.reshape(fused.bias.shape))
+            else:
+                raise BackendUnavailable(
+                    f"the fused attention projection {type(fused).__name__} has no known layout"
+                )
