@@ -269,7 +269,7 @@ SAME_TOKENS: dict[str, bool] = {}
 # -- memory and whole process -------------------------------------------------------------
 
 CHILD_HF = r"""
-import resource, sys, time, torch
+import sys, time, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 path, bos = sys.argv[1], sys.argv[2] == "1"
 tok = AutoTokenizer.from_pretrained(path)
@@ -282,18 +282,20 @@ with torch.no_grad():
     out = model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False,
                          pad_token_id=tok.eos_token_id)
 print(tok.decode(out[0, ids.shape[1]:]))
-print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print("PEAK", next(int(x.split()[1]) for x in open("/proc/self/status")
+                  if x.startswith("VmHWM")) / 1024)
 """
 
 CHILD_OURS = r"""
-import json, resource, sys
+import json, sys
 from meminject.generation import generate
 from meminject.models import load_model
 model = load_model(sys.argv[1])
 result = generate(model, "The capital city of Nepal is located in", json.loads(sys.argv[2]),
                   max_new_tokens=64, stop_at_eos=False, backend="hf")
 print(result.completion)
-print("PEAK", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print("PEAK", next(int(x.split()[1]) for x in open("/proc/self/status")
+                  if x.startswith("VmHWM")) / 1024)
 """
 
 
@@ -395,6 +397,7 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=HERE / "generation.md")
     parser.add_argument("--skip-process", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--repeats", type=int, default=None, help="default 5 (--quick: 2)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -405,7 +408,8 @@ def main() -> None:
     throughput, process = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name, (target, hf_dir) in dirs.items():
-            throughput += bench_throughput(name, target, hf_dir, repeats, args.peers)
+            if not args.skip_throughput:
+                throughput += bench_throughput(name, target, hf_dir, repeats, args.peers)
             if not args.skip_process:
                 process += bench_process(name, target, hf_dir, max(2, repeats // 2), Path(tmp))
     import torch
@@ -443,7 +447,9 @@ def main() -> None:
         lines += [
             "## Peak memory and whole process",
             "",
-            "One child process per run (median of repeats); the ratio is to the plain HF row.",
+            "One child process per run (median of repeats); the ratio is to the plain HF row. "
+            "Peak RSS is the child's VmHWM (ru_maxrss would carry the benchmark process's "
+            "own peak across fork and exec).",
             "",
             "| model | run | wall time | peak RSS | ratio | target |",
             "| --- | --- | ---: | ---: | ---: | --- |",
