@@ -12,6 +12,7 @@ validated against it without a model.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -111,6 +112,34 @@ SITES: dict[str, SiteInfo] = {
         ),
     )
 }
+
+#: The attention's own output, the sum of its heads before any post-attention norm (on
+#: Gemma 2/3, ``attn_out`` is that sum normalised). Not a site a memory file names: the
+#: add strategy lowers per-head memories onto it there, and backends serve it.
+HEADS_SUM = SiteInfo(
+    "attn_heads_sum",
+    "blocks.{layer}.attn.hook_out",
+    "d_model",
+    per_head=False,
+    writes_residual=True,
+    description="The sum of the attention heads' results, before any post-attention norm.",
+)
+
+_HOOK_PATTERNS = [
+    (re.compile("^" + re.escape(s.hook).replace(re.escape("{layer}"), r"(\d+)") + "$"), s)
+    for s in (*SITES.values(), HEADS_SUM)
+]
+
+
+def parse_hook_name(name: str) -> tuple[SiteInfo, int] | None:
+    """The site and layer behind a hook point (``blocks.3.hook_mlp_out`` → mlp_out, 3),
+    for the sites above and :data:`HEADS_SUM`; None for any other hook point."""
+    for pattern, info in _HOOK_PATTERNS:
+        match = pattern.match(name)
+        if match is not None:
+            return info, int(match.group(1))
+    return None
+
 
 #: Sites whose activation (per head, for ``attn_result``) has the model's width, so a
 #: text's encoding fits them.

@@ -20,7 +20,7 @@ from meminject.extension import Addition, CompileContext, InjectionContext, Site
 from meminject.heads import through_head
 from meminject.hookspecs import hookimpl
 from meminject.schema import AddMemory, GatedMemory
-from meminject.sites import hook_name
+from meminject.sites import HEADS_SUM, hook_name
 
 if TYPE_CHECKING:
     from jaxtyping import Float
@@ -95,8 +95,8 @@ class AddStrategy(Strategy):
 
 
 def _hook_name(site: str, layer: int) -> str:
-    if site == "attn_heads_sum":
-        return f"blocks.{layer}.attn.hook_out"
+    if site == HEADS_SUM.name:
+        return HEADS_SUM.hook.format(layer=layer)
     return hook_name(site, layer)
 
 

@@ -32,13 +32,13 @@ falls back to the bridge.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from meminject.backends import BackendUnavailable, Body, Step
+from meminject.sites import SiteInfo, parse_hook_name
 
 if TYPE_CHECKING:
     from jaxtyping import Float
@@ -46,22 +46,25 @@ if TYPE_CHECKING:
 
     from meminject.models import LoadedModel
 
-#: Hook points the plain model can serve, by the part of the name after ``blocks.{l}.``.
-_HOOK = re.compile(
-    r"^blocks\.(\d+)\.(hook_resid_pre|hook_resid_mid|hook_resid_post|hook_attn_out"
-    r"|hook_mlp_out|attn\.hook_z|attn\.hook_out|mlp\.hook_post)$"
-)
-#: Sites whose processed value is centred over d_model in a LayerNorm model.
-_RESIDUAL_WRITERS = frozenset(
+#: The sites (:mod:`meminject.sites`) whose modules the plain model can hook; per-head
+#: results (``attn_result``) exist only inside the bridge.
+_SERVED = frozenset(
     {
-        "hook_resid_pre",
-        "hook_resid_mid",
-        "hook_resid_post",
-        "hook_attn_out",
-        "hook_mlp_out",
-        "attn.hook_out",
+        "resid_pre",
+        "resid_mid",
+        "resid_post",
+        "attn_out",
+        "attn_heads_sum",
+        "mlp_out",
+        "attn_z",
+        "mlp_post",
     }
 )
+
+
+def _served(name: str) -> tuple[SiteInfo, int] | None:
+    parsed = parse_hook_name(name)
+    return parsed if parsed is not None and parsed[0].name in _SERVED else None
 
 
 @dataclass(frozen=True)
@@ -192,10 +195,10 @@ class HFBackend:
                 handle.remove()
 
     def _install(self, name: str, body: Body, site_map: SiteMap) -> list[Any]:
-        match = _HOOK.match(name)
-        if match is None:
+        served = _served(name)
+        if served is None:
             raise BackendUnavailable(f"hook point '{name}' has no plain-model equivalent")
-        layer, kind = int(match.group(1)), match.group(2)
+        kind, layer = served[0].name, served[1]
         mods = self._blocks[layer]
 
         def on_output(module: Any, args: Any, output: Any) -> Any:
@@ -208,19 +211,19 @@ class HFBackend:
             kwargs["hidden_states"] = _apply(site_map, body, kwargs["hidden_states"])
             return args, kwargs
 
-        if kind == "hook_resid_pre":
+        if kind == "resid_pre":
             return [mods.block.register_forward_pre_hook(on_input, with_kwargs=True)]
-        if kind == "hook_resid_post":
+        if kind == "resid_post":
             return [mods.block.register_forward_hook(on_output)]
-        if kind == "hook_attn_out":
+        if kind == "attn_out":
             return [mods.attn_contribution.register_forward_hook(on_output)]
-        if kind == "attn.hook_out":
+        if kind == "attn_heads_sum":
             return [mods.attn.register_forward_hook(on_output)]
-        if kind == "hook_mlp_out":
+        if kind == "mlp_out":
             return [mods.mlp_contribution.register_forward_hook(on_output)]
-        if kind == "mlp.hook_post":
+        if kind == "mlp_post":
             return [mods.mlp_out_proj.register_forward_pre_hook(on_input, with_kwargs=True)]
-        if kind == "attn.hook_z":
+        if kind == "attn_z":
             return [self._install_z(mods, body, site_map)]
         return self._install_resid_mid(mods, body, site_map)
 
@@ -300,10 +303,11 @@ class HFBackend:
     def _measure(self, name: str) -> SiteMap | str:
         import torch
 
-        match = _HOOK.match(name)
-        if match is None:
+        served = _served(name)
+        if served is None:
             return f"hook point '{name}' has no plain-model equivalent"
-        if match.group(2) == "hook_resid_mid" and self.parallel:
+        site = served[0]
+        if site.name == "resid_mid" and self.parallel:
             return "a parallel-attention block has no resid_mid to hook"
         probe = self._probe()
         captured: list[Tensor] = []
@@ -322,9 +326,9 @@ class HFBackend:
         if reference.shape != raw.shape:
             return f"hook point '{name}' has shape {tuple(raw.shape)} in the plain model"
         candidates = [SiteMap("identity")]
-        if match.group(2) in _RESIDUAL_WRITERS:
+        if site.writes_residual:
             candidates.append(SiteMap("centre"))
-        if match.group(2) == "attn.hook_z":
+        if site.name == "attn_z":
             offset = (raw - reference).mean(dim=(0, 1)).to(self.loaded.dtype)
             candidates.append(SiteMap("offset", offset))
         tolerance = self._tolerance(reference)
