@@ -221,12 +221,20 @@ def _run_file(
     allow_outside_paths: bool,
     common: dict[str, Any],
 ) -> None:
+    import dataclasses
+
     from meminject.engine import compile_memories
-    from meminject.generation import generate_batch, with_options
+    from meminject.generation import generate_batch
 
     compiled_by_names: dict[tuple[str, ...] | None, Any] = {}
-    per_prompt = []
+    per_prompt, per_options = [], []
     for line in requests:
+        try:
+            opt = dataclasses.replace(options, **line.request.overrides())
+            opt.check(model.dims.d_vocab)  # here, so the error names the line
+        except BadInputError as exc:
+            raise BadInputError(f"{line.where}: {exc}") from None
+        per_options.append(opt)
         names = line.request.memories
         key = tuple(sorted(names)) if names is not None else None
         if key not in compiled_by_names:
@@ -238,14 +246,6 @@ def _run_file(
                     model, chosen, allow_outside_paths=allow_outside_paths
                 )
         per_prompt.append(compiled_by_names[key])
-    per_options = []
-    for line in requests:
-        try:
-            opt = with_options(options, **line.request.overrides())
-            opt.check(model.dims.d_vocab)
-        except BadInputError as exc:
-            raise BadInputError(f"{line.where}: {exc}") from None
-        per_options.append(opt)
     results = generate_batch(
         model,
         [line.request.prompt for line in requests],

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meminject.engine import CompiledHook, MemoriesArg, as_compiled, chain_parts, group_by_hook
@@ -376,7 +376,7 @@ class _Forward:
     start = 0
 
 
-def _row_bodies(chunk: list[_Row], pads: list[int], state: _Forward) -> dict[str, Any]:
+def _row_bodies(chunk: list[_Row], pads: list[int], state: _Forward, device: Any) -> dict[str, Any]:
     """One body per hook point that runs each (set, padding) group's chain on its rows,
     on the columns that are real tokens, with the group's own positions context.
 
@@ -410,7 +410,9 @@ def _row_bodies(chunk: list[_Row], pads: list[int], state: _Forward) -> dict[str
                 return chain(activation)
 
             return whole
-        indices = {id(entry): torch.tensor(entry[0], dtype=torch.long) for entry in entries}
+        indices = {
+            id(entry): torch.tensor(entry[0], dtype=torch.long, device=device) for entry in entries
+        }
 
         def body(activation: Tensor) -> Tensor:
             width = activation.shape[1]
@@ -421,7 +423,7 @@ def _row_bodies(chunk: list[_Row], pads: list[int], state: _Forward) -> dict[str
                 if lo >= width:
                     continue
                 ctx.offset = state.start + lo - (pad or 0)
-                rows = indices[id(entry)].to(activation.device)
+                rows = indices[id(entry)]
                 out[rows, lo:] = chain(activation[rows, lo:])
             return out
 
@@ -468,7 +470,7 @@ def _run_chunk(
     n_ctx = model.dims.n_ctx
     state = _Forward()
     steps = max(max(r.options.max_new_tokens, 1 if r.options.show_top else 0) for r in chunk)
-    with _scope(backend, _row_bodies(chunk, pads, state)), torch.no_grad():
+    with _scope(backend, _row_bodies(chunk, pads, state, device)), torch.no_grad():
         past = None
         for step in range(steps):
             if all(row.finish_reason is not None for row in chunk):
@@ -603,8 +605,3 @@ def _scope(backend: Backend, bodies: dict[str, Any]) -> Iterator[None]:
         return
     with backend.hooks(bodies):
         yield
-
-
-def with_options(options: DecodeOptions, **changes: Any) -> DecodeOptions:
-    """``options`` with some fields changed (a JSONL line's overrides)."""
-    return replace(options, **changes)
