@@ -80,8 +80,11 @@ def main() -> None:
                 lines.append(f"| {source.name} | not installed | | | | |")
                 continue
             cache = Path(tmp) / source.name
-            for step, mode in (("first load", "load"), ("cached load", "load"),
-                               ("cached load + generate", "generate")):
+            for step, mode in (
+                ("first load", "load"),
+                ("cached load", "load"),
+                ("cached load + generate", "generate"),
+            ):
                 r = child(source.name, cache, mode)
                 tok = f"{r['tok_per_s']:.1f}" if "tok_per_s" in r else ""
                 lines.append(

@@ -4,7 +4,7 @@
 
 Reads the tidy records ``meminject sweep --out`` wrote and writes
 ``experiments/results/<name>.md`` (the tables) and ``<name>_summary.csv`` (one row per
-cell: the statistics of :mod:`meminject.sweep_stats`). Neither holds a prompt or a
+cell: the statistics of :mod:`meminject.sweep.stats`). Neither holds a prompt or a
 memory text, so they can be committed while the datasets stay outside the repository.
 
 With ``--memory PATH --model-name NAME`` it also writes the best cell as a memory file
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from meminject.sweep import read_records
-from meminject.sweep_stats import best_cell, held_out_check, ranked, summarize
+from meminject.sweep.stats import best_cell, held_out_check, ranked, summarize
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -215,7 +215,7 @@ def main() -> None:
     records = read_records(args.records)
     text, summary = report(records, args.top)
     if args.plot is not None:
-        from meminject.sweep import plot_heatmap
+        from meminject.plots import plot_heatmap
 
         plot_heatmap(summary, args.plot, title=args.title, force=True)
     if args.memory is not None:

@@ -7,7 +7,9 @@ new one, never a prefix. Shared by every command that writes results.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from meminject.errors import BadInputError
@@ -41,3 +43,16 @@ def _umask() -> int:
 
 def write_text_atomic(path: Path | str, text: str, *, overwrite: bool = False) -> None:
     write_bytes_atomic(path, text.encode("utf-8"), overwrite=overwrite)
+
+
+def publish_dir(work: Path, target: Path, is_whole: Callable[[Path], bool]) -> Path:
+    """Rename the finished directory ``work`` into place as ``target``, so a reader sees
+    a whole directory or none. When another process got there first with a whole one,
+    ``work`` is dropped and theirs kept; a half-made ``target`` is replaced."""
+    if target.exists():
+        if is_whole(target):
+            shutil.rmtree(work, ignore_errors=True)
+            return target
+        shutil.rmtree(target)
+    os.rename(work, target)
+    return target

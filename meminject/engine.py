@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,19 +100,44 @@ class _Compiler:
         cached = self.model.encodings.get(key)
         if cached is not None:
             return cached
-        entry = self.registry.encoders[memory.encoding]
-        request = EncodeRequest(self.model, memory, params)
-        try:
-            vector = entry.encoder(request)
-        except MeminjectError as exc:
-            raise self.error(memory, str(exc), "text") from exc
-        except Exception as exc:
-            raise PluginError(
-                entry.plugin, f"encoder '{entry.name}' failed on memory '{memory.name}': {exc!r}"
-            ) from exc
-        vector = checked_encoding(vector, self.model, entry, self.entry(memory).location().render())
+        vector = run_encoder(
+            self.model,
+            memory,
+            self.registry,
+            subject=f"memory '{memory.name}'",
+            where=self.entry(memory).location().render(),
+            bad_input=lambda exc: self.error(memory, str(exc), "text"),
+        )
         self.model.encodings[key] = vector
         return vector
+
+
+def run_encoder(
+    model: LoadedModel,
+    memory: Any,
+    registry: Registry,
+    *,
+    subject: str,
+    where: str,
+    bad_input: Callable[[MeminjectError], Exception] | None = None,
+) -> torch.Tensor:
+    """``memory``'s vector from its registered encoder, the one way meminject encodes
+    (memory files and the sweep's texts alike): an encoder's crash is its plugin's error
+    (naming ``subject``), a vector that breaks the contract too (naming ``where``), and
+    an input it refuses goes through ``bad_input`` (to name the memory file's field)."""
+    entry = registry.encoders[memory.encoding]
+    request = EncodeRequest(model, memory, memory.encoder_params())
+    try:
+        vector = entry.encoder(request)
+    except MeminjectError as exc:
+        if bad_input is None:
+            raise
+        raise bad_input(exc) from exc
+    except Exception as exc:
+        raise PluginError(
+            entry.plugin, f"encoder '{entry.name}' failed on {subject}: {exc!r}"
+        ) from exc
+    return checked_encoding(vector, model, entry, where)
 
 
 def checked_encoding(vector: Any, model: LoadedModel, entry: Any, where: str) -> torch.Tensor:
@@ -223,7 +248,7 @@ def bridge_fwd_hooks(
             lowered.append((name, fn))
         else:
             mids[int(match.group(1))].append(fn)
-    if mids and getattr(model.cfg, "parallel_attn_mlp", False):
+    if mids and model.facts.parallel_attn_mlp:
         raise BadInputError(
             f"model '{model.name}' runs attention and MLP in parallel, so it has no resid_mid"
         )

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from meminject.atomic import publish_dir
 from meminject.errors import ModelLoadError
 
 CACHE_ENV = "MEMINJECT_CACHE"
@@ -125,12 +126,8 @@ def dequantized_dir(path: str | os.PathLike[str], root: Path | None = None) -> P
             "architecture": architecture,
         }
         (work / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
-        if target.exists():  # a half-made directory from an older meminject, or a race
-            if is_converted(target):
-                shutil.rmtree(work, ignore_errors=True)
-                return target
-            shutil.rmtree(target)
-        os.rename(work, target)
+        # A half-made target is from an older meminject; a whole one, from a race.
+        publish_dir(work, target, is_converted)
     except OSError as exc:
         shutil.rmtree(work, ignore_errors=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -547,9 +547,9 @@ def gated_top1(
     the same hook body as the ``gated`` strategy."""
     import torch
 
+    from meminject.default_plugins.strategies import gate_body
     from meminject.engine import CompiledHook, inject
     from meminject.extension import InjectionContext
-    from meminject.strategies import gate_body
 
     device = model.device
     body = gate_body(

@@ -13,47 +13,173 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meminject import gguf_cache
 from meminject.errors import BadInputError, ModelLoadError
-from meminject.hookspecs import hookimpl
 from meminject.memfile import ModelDims
 
 if TYPE_CHECKING:
     import torch
-    from jaxtyping import Int
+    from jaxtyping import Float, Int
     from torch import Tensor
     from transformer_lens.model_bridge import TransformerBridge
+
+    from meminject.snapshots import Served
 
 DTYPES = ("float32", "float16", "bfloat16")
 COORDINATES = ("processed", "raw")
 
 
-@dataclass(eq=False)
-class LoadedModel:
-    """A bridge plus what meminject needs beside it: its name, coordinates and the
-    per-(memory, model) encoding cache (encodings are computed once, never in a hook)."""
+@dataclass(frozen=True)
+class ModelFacts:
+    """What meminject reads from a model's configuration, kept apart from the bridge so
+    that a model loaded from a served snapshot (:mod:`meminject.snapshots`) answers
+    without TransformerLens."""
 
-    bridge: TransformerBridge
-    name: str
-    coordinates: str
+    dims: ModelDims
+    d_head: int
+    d_mlp: int | None
+    parallel_attn_mlp: bool
+    #: Gemma 2/3: each block normalises its attention and MLP outputs before adding them.
+    post_sublayer_norms: bool
+
+    @classmethod
+    def of_bridge(cls, bridge: Any) -> ModelFacts:
+        cfg = bridge.cfg
+        mapping = getattr(bridge.adapter, "component_mapping", None) or {}
+        blocks = mapping.get("blocks") if hasattr(mapping, "get") else None
+        subs = getattr(blocks, "submodules", None) or {}
+        dims = ModelDims(
+            n_layers=int(cfg.n_layers),
+            n_heads=int(cfg.n_heads),
+            d_model=int(cfg.d_model),
+            d_vocab=int(cfg.d_vocab),
+            n_ctx=int(cfg.n_ctx),
+        )
+        return cls(
+            dims=dims,
+            d_head=int(cfg.d_head or dims.d_model // dims.n_heads),
+            d_mlp=int(cfg.d_mlp) if cfg.d_mlp else None,
+            parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
+            post_sublayer_norms="ln1_post" in subs or "ln2_post" in subs,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **{k: getattr(self.dims, k) for k in ("n_layers", "n_heads", "d_model", "d_vocab")},
+            "n_ctx": self.dims.n_ctx,
+            "d_head": self.d_head,
+            "d_mlp": self.d_mlp,
+            "parallel_attn_mlp": self.parallel_attn_mlp,
+            "post_sublayer_norms": self.post_sublayer_norms,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelFacts:
+        dims = ModelDims(**{k: int(data[k]) for k in ModelDims.__dataclass_fields__})
+        d_mlp = data.get("d_mlp")
+        return cls(
+            dims=dims,
+            d_head=int(data["d_head"]),
+            d_mlp=int(d_mlp) if d_mlp else None,
+            parallel_attn_mlp=bool(data["parallel_attn_mlp"]),
+            post_sublayer_norms=bool(data["post_sublayer_norms"]),
+        )
+
+
+@dataclass(frozen=True)
+class BridgeRecipe:
+    """How to boot the bridge later, for a model loaded without it."""
+
     source: str
-    encodings: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False)
-    _fingerprint: str | None = field(default=None, repr=False)
-    #: Backends built for this model (:mod:`meminject.backends`), by name, or the reason
-    #: one could not be built; filled on first use.
-    backends: dict[str, Any] = field(default_factory=dict, repr=False)
-    #: Whether prompts get the BOS token first (see :func:`load_model` for the default).
-    prepend_bos: bool = True
-    #: What the user named, when the weights came from elsewhere (a GGUF file).
-    origin: str | None = None
+    device: str
+    dtype: str
+
+
+class LoadedModel:
+    """A model as meminject runs it: the bridge (TransformerBridge) for analysis and
+    per-head work, plus its name, coordinates and the per-(memory, model) encoding cache
+    (encodings are computed once, never in a hook).
+
+    A model loaded from a served snapshot (``load_model(..., light=True)``) starts with
+    only the plain Hugging Face model that generation runs on; the bridge is booted the
+    first time something asks for it (an analysis, a per-head memory, a plugin)."""
+
+    def __init__(
+        self,
+        bridge: TransformerBridge | None,
+        name: str,
+        coordinates: str,
+        source: str,
+        *,
+        prepend_bos: bool = True,
+        origin: str | None = None,
+        facts: ModelFacts | None = None,
+        served: Served | None = None,
+        fingerprint: str | None = None,
+        bridge_recipe: BridgeRecipe | None = None,
+    ):
+        if bridge is None and (served is None or facts is None):
+            raise ValueError("a LoadedModel needs a bridge, or a served model and its facts")
+        self._bridge = bridge
+        self.name = name
+        self.coordinates = coordinates
+        self.source = source
+        #: Whether prompts get the BOS token first (see :func:`load_model` for the default).
+        self.prepend_bos = prepend_bos
+        #: What the user named, when the weights came from elsewhere (a GGUF file).
+        self.origin = origin
+        self.facts = facts if facts is not None else ModelFacts.of_bridge(bridge)
+        #: The served snapshot this model was loaded from (:mod:`meminject.snapshots`).
+        self.served = served
+        self.encodings: dict[Any, torch.Tensor] = {}
+        #: Backends built for this model (:mod:`meminject.backends`), by name, or the
+        #: reason one could not be built; filled on first use.
+        self.backends: dict[str, Any] = {}
+        self._fingerprint = fingerprint
+        self.bridge_recipe = bridge_recipe
+        #: What ``prepend_bos=None`` resolved to at load (a snapshot records it).
+        self.prepend_bos_default = prepend_bos
+
+    def __repr__(self) -> str:
+        how = "bridge" if self._bridge is not None else "served snapshot"
+        return f"LoadedModel(name={self.name!r}, coordinates={self.coordinates!r}, {how})"
+
+    def _served(self) -> Served:
+        assert self.served is not None  # a model without a bridge has a served one
+        return self.served
+
+    @property
+    def bridge(self) -> TransformerBridge:
+        """The TransformerBridge; booted on first use for a model loaded light."""
+        if self._bridge is None:
+            self._bridge = self._boot_bridge()
+        return self._bridge
+
+    @property
+    def has_bridge(self) -> bool:
+        return self._bridge is not None
+
+    def _boot_bridge(self) -> TransformerBridge:
+        recipe = self.bridge_recipe
+        if recipe is None:
+            raise ModelLoadError(f"model '{self.name}' has no source to boot TransformerLens from")
+        _quiet_libraries()
+        bridge = _boot(recipe.source, recipe.device, resolve_dtype(recipe.dtype))
+        if self.coordinates == "processed":
+            bridge.enable_compatibility_mode(disable_warnings=True)
+            _return_freed_memory()
+        bridge.eval()
+        bridge.cfg.default_prepend_bos = self.prepend_bos
+        return bridge
 
     def fingerprint(self) -> str:
         """A hash of the weights as loaded (coordinates included), so a key/delta memory
-        made on one model is refused on another. Computed once, on first use."""
+        made on one model is refused on another. Computed once, on first use (a served
+        snapshot carries the one its bridge had)."""
         if self._fingerprint is None:
             import hashlib
 
@@ -77,26 +203,39 @@ class LoadedModel:
     def device(self) -> torch.device:
         import torch
 
-        return torch.device(self.bridge.cfg.device or "cpu")
+        if self._bridge is None:
+            return torch.device(self._served().device)
+        return torch.device(self._bridge.cfg.device or "cpu")
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.bridge.parameters()).dtype
+        if self._bridge is None:
+            return self._served().dtype
+        return next(self._bridge.parameters()).dtype
 
     @property
     def tokenizer(self) -> Any:
-        return self.bridge.tokenizer
+        if self._bridge is None:
+            return self._served().tokenizer
+        return self._bridge.tokenizer
 
     @property
     def dims(self) -> ModelDims:
-        cfg = self.bridge.cfg
-        return ModelDims(
-            n_layers=int(cfg.n_layers),
-            n_heads=int(cfg.n_heads),
-            d_model=int(cfg.d_model),
-            d_vocab=int(cfg.d_vocab),
-            n_ctx=int(cfg.n_ctx),
-        )
+        return self.facts.dims
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        """The unembedding, in this model's coordinates."""
+        if self._bridge is None:
+            return self._served().hf.get_output_embeddings().weight.T
+        return self._bridge.W_U
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        """The token embedding, in this model's coordinates."""
+        if self._bridge is None:
+            return self._served().hf.get_input_embeddings().weight
+        return self._bridge.W_E
 
     def site_shape(self, site: str) -> tuple[int, ...]:
         """Shape of one position's activation at a site (what keys and deltas must have)."""
@@ -128,10 +267,7 @@ class LoadedModel:
         to the residual stream (Gemma 2/3). Then ``attn_out``/``mlp_out`` are those
         normalised contributions, and one head's result is no longer a summand of
         ``attn_out`` but of the attention's output before its norm (``attn.hook_out``)."""
-        mapping = getattr(self.bridge.adapter, "component_mapping", None) or {}
-        blocks = mapping.get("blocks") if hasattr(mapping, "get") else None
-        subs = getattr(blocks, "submodules", None) or {}
-        return "ln1_post" in subs or "ln2_post" in subs
+        return self.facts.post_sublayer_norms
 
     def tokenize(self, text: str, prepend_bos: bool | None = None) -> list[int]:
         """Token ids of ``text``; BOS follows the model's default unless told."""
@@ -258,6 +394,7 @@ def load_model(
     prepend_bos: bool | None = None,
     allow_pickle_weights: bool = False,
     registry: Any | None = None,
+    light: bool = False,
 ) -> LoadedModel:
     """Load a registered model (``toyworld``, ``smollm2-135m``), a local Hugging Face
     directory, a GGUF file (dequantized once into the cache, see
@@ -268,6 +405,9 @@ def load_model(
     file its tokenizer's, else TransformerLens's default (prepend, as the paper did).
     ``allow_pickle_weights``: a directory whose weights are only pickles
     (``pytorch_model.bin``) is refused unless this is set (meminject reads no pickle).
+    ``light``: load from this model's served snapshot when one is cached (the weights
+    generation computes with, written by an earlier run; :mod:`meminject.snapshots`):
+    no TransformerLens import and one copy of the weights. The bridge boots on first use.
     """
     from meminject.plugins import get_registry
 
@@ -307,33 +447,53 @@ def load_model(
     _quiet_libraries()
     device_name = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
+    dtype_name = dtype or "float32"
+    if light and source is not None:
+        from meminject import snapshots
+
+        served = snapshots.load_if_cached(
+            Path(source),
+            name=name,
+            device=device_name,
+            dtype=dtype_name,
+            coordinates=coordinates,
+            prepend_bos=prepend_bos,
+            origin=origin,
+            recipe=BridgeRecipe(source, device_name, dtype_name),
+        )
+        if served is not None:
+            return served
     from transformer_lens.model_bridge import TransformerBridge
 
     if isinstance(target, TransformerBridge):
         bridge = target
         source = name
+        recipe = None
     else:
         source = source or _official_name(str(target))
         bridge = _boot(source, device_name, torch_dtype)
+        recipe = BridgeRecipe(source, device_name, dtype_name)
     if coordinates == "processed":
         bridge.enable_compatibility_mode(disable_warnings=True)
         _return_freed_memory()
     bridge.eval()
-    if prepend_bos is None:
-        prepend_bos = bos_default
-    if prepend_bos is None and origin is not None:
-        prepend_bos = _tokenizer_adds_bos(bridge.tokenizer)
-    if prepend_bos is None:
-        prepend_bos = bool(getattr(bridge.cfg, "default_prepend_bos", True))
-    bridge.cfg.default_prepend_bos = prepend_bos
-    return LoadedModel(
+    default_bos = bos_default
+    if default_bos is None and origin is not None:
+        default_bos = _tokenizer_adds_bos(bridge.tokenizer)
+    if default_bos is None:
+        default_bos = bool(getattr(bridge.cfg, "default_prepend_bos", True))
+    bridge.cfg.default_prepend_bos = default_bos if prepend_bos is None else prepend_bos
+    loaded = LoadedModel(
         bridge=bridge,
         name=name,
         coordinates=coordinates,
         source=source,
-        prepend_bos=prepend_bos,
+        prepend_bos=bridge.cfg.default_prepend_bos,
         origin=origin,
+        bridge_recipe=recipe,
     )
+    loaded.prepend_bos_default = default_bos
+    return loaded
 
 
 #: Weight files that are Python pickles (torch.save); safetensors are not.
@@ -410,35 +570,3 @@ def _boot(source: str, device: str, dtype: torch.dtype) -> TransformerBridge:
         ) from exc
     except (ValueError, KeyError, NotImplementedError) as exc:
         raise ModelLoadError(f"could not load {source!r}: {exc}") from exc
-
-
-def _toyworld_loader(device: str | None = None, dtype: str | None = None) -> Path:
-    from meminject import toyworld
-
-    weights = Path(toyworld.WEIGHTS_DIR)
-    if not (weights / "model.safetensors").is_file():
-        raise ModelLoadError(
-            f"toyworld weights are missing from {weights}; run python -m meminject.toyworld.train"
-        )
-    return weights
-
-
-@hookimpl
-def register_models(register: Any) -> None:
-    from meminject import model_sources
-
-    register(
-        "toyworld",
-        _toyworld_loader,
-        "Embedded GPT-2-architecture model trained on a synthetic world (offline default).",
-        where=lambda: str(Path(__file__).parent / "toyworld" / "weights"),
-    )
-    for source in model_sources.SOURCES.values():
-        register(
-            source.name,
-            source.loader,
-            source.description,
-            where=source.where,
-            prepend_bos=source.prepend_bos,
-            pull=lambda echo=print, source=source: model_sources.pull(source, echo=echo),
-        )

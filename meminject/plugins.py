@@ -1,7 +1,8 @@
 """Plugin manager: loads built-in and installed plugins, and collects what they register.
 
-Built-ins go through exactly the same hooks as third-party plugins (the ``llm``
-way), so the built-in encoders and strategies are also the reference examples.
+Built-ins (:mod:`meminject.default_plugins`) go through exactly the same hooks as
+third-party plugins (the ``llm`` way), so the built-in encoders and strategies are also
+the reference examples.
 Each hook implementation is called on its own with a ``register`` callback bound
 to the plugin's name; that is how a clash, or an exception, names its plugin.
 """
@@ -29,12 +30,13 @@ from meminject.schema import MemoryBase, StrictModel, build_file_model
 
 ENV_VAR = "MEMINJECT_LOAD_PLUGINS"
 ENTRY_POINT_GROUP = "meminject"
+#: The built-in plugins (:mod:`meminject.default_plugins`), registered in this order.
 BUILTIN_MODULES = (
-    "meminject.encoders",
-    "meminject.strategies",
-    "meminject.models",
-    "meminject.datasets",
-    "meminject.backends",
+    "meminject.default_plugins.encoders",
+    "meminject.default_plugins.strategies",
+    "meminject.default_plugins.models",
+    "meminject.default_plugins.datasets",
+    "meminject.default_plugins.backends",
 )
 _NAME = re.compile(r"^[a-z][a-z0-9_\-]*$")
 _SUFFIX = re.compile(r"\.[\w.\-]+")

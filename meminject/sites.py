@@ -166,16 +166,16 @@ def site_shape(model: LoadedModel, site: str) -> tuple[int, ...]:
     """Shape of one position's activation at ``site`` in ``model`` (per head for a
     per-head site): what a key, a delta or an encoding used there must have."""
     info = site_info(site)
-    dims = model.dims
-    cfg = model.bridge.cfg
+    facts = model.facts
+    dims = facts.dims
     if info.width == "heads":
-        return (dims.n_heads, int(cfg.d_head or dims.d_model // dims.n_heads))
+        return (dims.n_heads, facts.d_head)
     if info.width == "d_mlp":
-        if not cfg.d_mlp:
+        if not facts.d_mlp:
             from meminject.errors import BadInputError
 
             raise BadInputError(f"model '{model.name}' does not report its MLP width (d_mlp)")
-        return (int(cfg.d_mlp),)
+        return (facts.d_mlp,)
     return (dims.d_model,)
 
 

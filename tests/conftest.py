@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 # MEMINJECT_LOAD_PLUGINS themselves (monkeypatch) to exercise discovery and filtering.
 os.environ.setdefault("MEMINJECT_LOAD_PLUGINS", "")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Served snapshots (meminject.snapshots) that tests' generate runs write go to a directory
+# of this session, never the user's cache; the CLI tests then exercise light loads too.
+_SNAPSHOTS = tempfile.mkdtemp(prefix="meminject-test-snapshots-")
+os.environ["MEMINJECT_SNAPSHOTS"] = _SNAPSHOTS
+atexit.register(shutil.rmtree, _SNAPSHOTS, ignore_errors=True)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "memory_injections_paper"
 

@@ -2,7 +2,8 @@
 
 The decoding loop (:mod:`meminject.generation`) only talks to the :class:`Backend`
 protocol, so it has no branch per backend. Backends are registered through the
-``register_backends`` plugin hook like everything else; the built-ins are
+``register_backends`` plugin hook like everything else; the built-ins
+(:mod:`meminject.default_plugins.backends`) are
 
 * ``hf``: the plain Hugging Face modules, sharing the bridge's weight tensors (one copy
   of the weights), hooked only at the memories' sites (:mod:`meminject.backends.hf`);
@@ -13,7 +14,8 @@ A backend states which hook points it can serve (``unsupported``) and what else 
 do (``features``); ``auto`` picks the first backend registered with ``auto=True`` that
 serves every hook point a generation needs, and says why the others were passed over.
 
-Importing this module is cheap (no torch): it is a built-in plugin module.
+Importing this module is cheap (no torch): backend factories, the built-ins' included,
+import it to build their backends.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from meminject.errors import BadInputError
-from meminject.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from jaxtyping import Float, Int
@@ -172,35 +173,6 @@ def _try(model: LoadedModel, name: str, hook_names: list[str], registry: Registr
         if reason is not None:
             return reason
     return backend
-
-
-def _hf_factory(model: LoadedModel) -> Backend:
-    from meminject.backends.hf import HFBackend
-
-    return HFBackend.build(model)
-
-
-def _bridge_factory(model: LoadedModel) -> Backend:
-    from meminject.backends.bridge import BridgeBackend
-
-    return BridgeBackend(model)
-
-
-@hookimpl
-def register_backends(register: Any) -> None:
-    register(
-        "hf",
-        _hf_factory,
-        "Plain Hugging Face modules sharing the bridge's weights, hooked only at the "
-        "memories' sites (fastest; every site verified against the bridge on a probe).",
-        auto=True,
-    )
-    register(
-        "bridge",
-        _bridge_factory,
-        "TransformerLens's TransformerBridge: every hook point, per-head ones included.",
-        auto=True,
-    )
 
 
 __all__ = [

@@ -41,6 +41,7 @@ from meminject.backends import BackendUnavailable, Body, Step
 from meminject.sites import SiteInfo, parse_hook_name
 
 if TYPE_CHECKING:
+    import torch
     from jaxtyping import Float
     from torch import Tensor
 
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
 
 #: The sites (:mod:`meminject.sites`) whose modules the plain model can hook; per-head
 #: results (``attn_result``) exist only inside the bridge.
-_SERVED = frozenset(
+SERVED_SITES = frozenset(
     {
         "resid_pre",
         "resid_mid",
@@ -64,7 +65,7 @@ _SERVED = frozenset(
 
 def _served(name: str) -> tuple[SiteInfo, int] | None:
     parsed = parse_hook_name(name)
-    return parsed if parsed is not None and parsed[0].name in _SERVED else None
+    return parsed if parsed is not None and parsed[0].name in SERVED_SITES else None
 
 
 @dataclass(frozen=True)
@@ -113,25 +114,79 @@ def _replace_first(output: Any, value: Tensor) -> Any:
     return (value, *output[1:]) if isinstance(output, tuple) else value
 
 
+@dataclass(frozen=True)
+class BlockPaths:
+    """Where a plain model keeps each block's modules (names from the bridge's
+    component mapping), so the backend can find them with or without the bridge."""
+
+    blocks: str
+    attn: str
+    attn_o: str
+    mlp: str
+    mlp_out: str
+    #: Gemma 2/3's norms on the attention and MLP outputs, inside each block.
+    ln1_post: str | None = None
+    ln2_post: str | None = None
+
+    @classmethod
+    def of_bridge(cls, bridge: Any) -> BlockPaths:
+        mapping = getattr(bridge.adapter, "component_mapping", None) or {}
+        try:
+            spec = mapping["blocks"]
+            subs = spec.submodules
+            attn, mlp = subs["attn"], subs["mlp"]
+            return cls(
+                blocks=spec.name,
+                attn=attn.name,
+                attn_o=attn.submodules["o"].name,
+                mlp=mlp.name,
+                mlp_out=mlp.submodules["out"].name,
+                ln1_post=subs["ln1_post"].name if "ln1_post" in subs else None,
+                ln2_post=subs["ln2_post"].name if "ln2_post" in subs else None,
+            )
+        except (KeyError, AttributeError, TypeError) as exc:
+            raise BackendUnavailable(
+                f"the plain model's blocks could not be matched to the bridge's ({exc!r})"
+            ) from exc
+
+    def to_json(self) -> dict[str, str | None]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> BlockPaths:
+        fields: dict[str, Any] = {k: data.get(k) for k in cls.__dataclass_fields__}
+        return cls(**fields)
+
+
 class HFBackend:
     """The plain Hugging Face model standing in for a loaded bridge."""
 
     name = "hf"
     features = frozenset({"kv_cache", "padded_batch", "python_hooks"})
 
-    def __init__(self, loaded: LoadedModel, hf_model: Any):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        hf_model: Any,
+        paths: BlockPaths,
+        maps: Mapping[str, SiteMap | str] | None = None,
+    ):
         self.loaded = loaded
         self.hf = hf_model
-        self.parallel = bool(getattr(loaded.cfg, "parallel_attn_mlp", False))
+        self.paths = paths
+        self.parallel = loaded.facts.parallel_attn_mlp
         self._blocks = self._find_blocks()
-        self._maps: dict[str, SiteMap | str] = {}  # hook name → map, or why it failed
+        #: hook name → verified map, or why it failed; a served snapshot brings its own.
+        self._maps: dict[str, SiteMap | str] = dict(maps or {})
         self.logits_error: float | None = None  # measured on the probe
 
     @classmethod
     def build(cls, loaded: LoadedModel) -> HFBackend:
         """The plain model over the bridge's own weight tensors, its logits checked
         against the bridge's on a probe (the registry's factory caches it on the model)."""
-        backend = cls(loaded, shared_hf_model(loaded))
+        if not loaded.has_bridge:
+            raise BackendUnavailable("the model was loaded without a bridge or a plain model")
+        backend = cls(loaded, shared_hf_model(loaded), BlockPaths.of_bridge(loaded.bridge))
         backend._check_logits()
         return backend
 
@@ -143,33 +198,28 @@ class HFBackend:
         return None
 
     def _find_blocks(self) -> list[_BlockModules]:
-        mapping = getattr(self.loaded.bridge.adapter, "component_mapping", None) or {}
+        paths = self.paths
+        found = []
         try:
-            blocks_spec = mapping["blocks"]
-            subs = blocks_spec.submodules
-            attn_spec, mlp_spec = subs["attn"], subs["mlp"]
-            blocks = self.hf.get_submodule(blocks_spec.name)
-            found = []
-            attn_post, mlp_post = subs.get("ln1_post"), subs.get("ln2_post")
-
-            def contribution(block: Any, norm: Any, module: Any) -> Any:
-                return block.get_submodule(norm.name) if norm is not None else module
-
-            for block in blocks:
-                attn = block.get_submodule(attn_spec.name)
-                mlp = block.get_submodule(mlp_spec.name)
+            for block in self.hf.get_submodule(paths.blocks):
+                attn = block.get_submodule(paths.attn)
+                mlp = block.get_submodule(paths.mlp)
                 found.append(
                     _BlockModules(
                         block=block,
                         attn=attn,
-                        attn_out_proj=attn.get_submodule(attn_spec.submodules["o"].name),
+                        attn_out_proj=attn.get_submodule(paths.attn_o),
                         mlp=mlp,
-                        mlp_out_proj=mlp.get_submodule(mlp_spec.submodules["out"].name),
-                        attn_contribution=contribution(block, attn_post, attn),
-                        mlp_contribution=contribution(block, mlp_post, mlp),
+                        mlp_out_proj=mlp.get_submodule(paths.mlp_out),
+                        attn_contribution=(
+                            block.get_submodule(paths.ln1_post) if paths.ln1_post else attn
+                        ),
+                        mlp_contribution=(
+                            block.get_submodule(paths.ln2_post) if paths.ln2_post else mlp
+                        ),
                     )
                 )
-        except (KeyError, AttributeError, TypeError) as exc:
+        except (AttributeError, TypeError) as exc:
             raise BackendUnavailable(
                 f"the plain model's blocks could not be matched to the bridge's ({exc!r})"
             ) from exc
@@ -261,7 +311,7 @@ class HFBackend:
 
     # -- verification ----------------------------------------------------------------
 
-    def _probe(self) -> Tensor:
+    def probe(self) -> Tensor:
         import torch
 
         dims = self.loaded.dims
@@ -269,7 +319,7 @@ class HFBackend:
         ids = (torch.arange(n) * 7919 + 13) % dims.d_vocab
         return ids.unsqueeze(0).to(self.loaded.device)
 
-    def _tolerance(self, reference: Tensor) -> float:
+    def tolerance(self, reference: Tensor) -> float:
         import torch
 
         rel = 1e-4 if self.loaded.dtype == torch.float32 else 2e-2
@@ -278,12 +328,12 @@ class HFBackend:
     def _check_logits(self) -> None:
         import torch
 
-        probe = self._probe()
+        probe = self.probe()
         with torch.no_grad():
             ours = torch.log_softmax(self.hf(probe, use_cache=False).logits.float(), -1)
             theirs = torch.log_softmax(self.loaded.bridge(probe, return_type="logits").float(), -1)
         error = float((ours - theirs).abs().max())
-        if error > self._tolerance(theirs.exp()) * 10:
+        if error > self.tolerance(theirs.exp()) * 10:
             raise BackendUnavailable(
                 f"the plain model's next-token log-probabilities differ from the bridge's "
                 f"by {error:.2e} on a probe"
@@ -292,46 +342,68 @@ class HFBackend:
 
     def site_map(self, name: str) -> SiteMap:
         """The verified map for one hook point, measured on the probe the first time."""
-        known = self._maps.get(name)
-        if known is None:
-            known = self._measure(name)
-            self._maps[name] = known
+        if name not in self._maps:
+            self.measure([name])
+        known = self._maps[name]
         if isinstance(known, str):
             raise BackendUnavailable(known)
         return known
 
-    def _measure(self, name: str) -> SiteMap | str:
+    def measure(self, names: list[str]) -> dict[str, SiteMap | str]:
+        """Measure the maps of ``names`` not yet known, all in one run of each model."""
         import torch
 
-        served = _served(name)
-        if served is None:
-            return f"hook point '{name}' has no plain-model equivalent"
-        site = served[0]
-        if site.name == "resid_mid" and self.parallel:
-            return "a parallel-attention block has no resid_mid to hook"
-        probe = self._probe()
-        captured: list[Tensor] = []
+        todo = [n for n in dict.fromkeys(names) if n not in self._maps]
+        ready = []
+        for name in todo:
+            served = _served(name)
+            if served is None:
+                self._maps[name] = f"hook point '{name}' has no plain-model equivalent"
+            elif served[0].name == "resid_mid" and self.parallel:
+                self._maps[name] = "a parallel-attention block has no resid_mid to hook"
+            elif not self.loaded.has_bridge:
+                self._maps[name] = (
+                    f"hook point '{name}' was not verified when the model's served snapshot "
+                    "was made"
+                )
+            else:
+                ready.append(name)
+        if ready:
+            probe = self.probe()
+            captured: dict[str, Tensor] = {}
 
-        def record(activation: Tensor) -> Tensor:
-            captured.append(activation.detach().float())
-            return activation
+            def recorder(name: str) -> Body:
+                def record(activation: Tensor) -> Tensor:
+                    captured[name] = activation.detach().float()
+                    return activation
 
-        with torch.no_grad():
-            _, cache = self.loaded.bridge.run_with_cache(probe, names_filter=[name])
-            with self.hooks({name: record}, maps={name: SiteMap("identity")}):
-                self.hf(probe, use_cache=False)
-        if name not in cache or not captured:
+                return record
+
+            identity = {name: SiteMap("identity") for name in ready}
+            with torch.no_grad():
+                _, cache = self.loaded.bridge.run_with_cache(probe, names_filter=ready)
+                with self.hooks({name: recorder(name) for name in ready}, maps=identity):
+                    self.hf(probe, use_cache=False)
+            for name in ready:
+                self._maps[name] = self._fit(name, cache, captured.get(name))
+        return {name: self._maps[name] for name in names}
+
+    def _fit(self, name: str, cache: Any, raw: Tensor | None) -> SiteMap | str:
+        """The map that turns the plain model's activation into the bridge's, if one does."""
+        if name not in cache or raw is None:
             return f"hook point '{name}' did not fire on the probe"
-        reference, raw = cache[name].float(), captured[0]
+        site = parse_hook_name(name)
+        assert site is not None
+        reference = cache[name].float()
         if reference.shape != raw.shape:
             return f"hook point '{name}' has shape {tuple(raw.shape)} in the plain model"
         candidates = [SiteMap("identity")]
-        if site.writes_residual:
+        if site[0].writes_residual:
             candidates.append(SiteMap("centre"))
-        if site.name == "attn_z":
+        if site[0].name == "attn_z":
             offset = (raw - reference).mean(dim=(0, 1)).to(self.loaded.dtype)
             candidates.append(SiteMap("offset", offset))
-        tolerance = self._tolerance(reference)
+        tolerance = self.tolerance(reference)
         best = min(
             (
                 SiteMap(c.kind, c.offset, float((c.to_bridge(raw) - reference).abs().max()))
@@ -345,6 +417,10 @@ class HFBackend:
                 f"(best map '{best.kind}' is off by {best.error:.2e})"
             )
         return best
+
+    def known_maps(self) -> dict[str, SiteMap | str]:
+        """Every map measured so far (what a served snapshot records)."""
+        return dict(self._maps)
 
     # -- running ---------------------------------------------------------------------
 
@@ -364,28 +440,9 @@ def shared_hf_model(loaded: LoadedModel) -> Any:
     tensor of the same name (no weight is copied; built on the meta device first)."""
     import copy
 
-    import torch
-    from transformers import AutoModelForCausalLM
-
     source = loaded.bridge.original_model
     originals = _original_modules(source)
-    config = copy.deepcopy(source.config)
-    try:
-        with torch.device("meta"):
-            # transformers' default attention (sdpa) where the architecture has it: the
-            # probe below checks it against the bridge's eager attention.
-            try:
-                plain: Any = AutoModelForCausalLM.from_config(
-                    config, dtype=loaded.dtype, attn_implementation="sdpa"
-                )
-            except ValueError:
-                plain = AutoModelForCausalLM.from_config(
-                    config, dtype=loaded.dtype, attn_implementation="eager"
-                )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BackendUnavailable(f"could not rebuild the plain model from its config: {exc}") from (
-            None
-        )
+    plain = plain_on_meta(copy.deepcopy(source.config), loaded.dtype)
     for name, module in plain.named_modules(remove_duplicate=False):
         theirs = originals.get(name)
         if theirs is None:
@@ -411,6 +468,29 @@ def shared_hf_model(loaded: LoadedModel) -> Any:
     if still_meta:
         raise BackendUnavailable(f"the plain model's '{still_meta[0]}' has no weights to share")
     return plain.eval()
+
+
+def plain_on_meta(config: Any, dtype: torch.dtype) -> Any:
+    """``AutoModelForCausalLM`` of ``config`` on the meta device (no memory), with
+    transformers' default attention (sdpa) where the architecture has it: the probe
+    checks it against the bridge's eager attention."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            try:
+                return AutoModelForCausalLM.from_config(
+                    config, dtype=dtype, attn_implementation="sdpa"
+                )
+            except ValueError:
+                return AutoModelForCausalLM.from_config(
+                    config, dtype=dtype, attn_implementation="eager"
+                )
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BackendUnavailable(f"could not rebuild the plain model from its config: {exc}") from (
+            None
+        )
 
 
 def _original_modules(source: Any) -> dict[str, Any]:

@@ -79,7 +79,7 @@ def test_a_plugin_backend_is_selected_by_name_and_batches_by_length(model_dirs):
         assert generate(model, PROMPT, MEMORIES, max_new_tokens=1).backend == "hf"
         listing = invoke_cli(["backends"], registry=registry)
         assert "unpadded  [unpadded]  hf without padding" in listing.output
-        assert "hf  [meminject.backends]  (auto)" in listing.output
+        assert "hf  [meminject.default_plugins.backends]  (auto)" in listing.output
 
 
 def test_backend_registration_mistakes_name_the_plugin():

@@ -173,7 +173,8 @@ def test_resume_mismatch_lists_tau_in_numeric_order_and_advises_force() -> None:
     import pandas as pd
 
     from meminject.errors import BadInputError
-    from meminject.sweep import SweepConfig, _finished_records
+    from meminject.sweep import SweepConfig
+    from meminject.sweep.records import finished_records
 
     done = pd.DataFrame(
         {
@@ -185,6 +186,6 @@ def test_resume_mismatch_lists_tau_in_numeric_order_and_advises_force() -> None:
         }
     )
     with pytest.raises(BadInputError) as info:
-        _finished_records(done, SweepConfig(layers=(0,), taus=(2.0, 4.0, 10.0)))
+        finished_records(done, SweepConfig(layers=(0,), taus=(2.0, 4.0, 10.0)))
     assert "tau: [2.0, 10.0] instead of [2.0, 4.0, 10.0]" in str(info.value)
     assert "pass --force instead of --resume" in str(info.value)

@@ -30,7 +30,7 @@ from click.testing import CliRunner, Result
 
 from meminject import learn as learning
 from meminject.cli import cli
-from meminject.datasets import load_csv
+from meminject.default_plugins.datasets import load_csv
 from meminject.errors import BadInputError
 from meminject.memfile import load_memory_set
 
@@ -55,7 +55,7 @@ def no_model(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr("meminject.cli.load_cli_model", refuse)
+    monkeypatch.setattr("meminject.cli.learn.load_cli_model", refuse)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from meminject.cli import _Group
-from meminject.cli_analysis import inspect as inspect_command
+from meminject.cli.inspect import inspect as inspect_command
 from meminject.errors import BadInputError
 from meminject.lens import project_attention
 

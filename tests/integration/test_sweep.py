@@ -14,8 +14,9 @@ import torch
 from click.testing import CliRunner
 
 from meminject.cli import _Group
-from meminject.cli_analysis import sweep as sweep_command
-from meminject.datasets import PromptRow, load_csv
+from meminject.cli.sweep import sweep as sweep_command
+from meminject.datasets import PromptRow
+from meminject.default_plugins.datasets import load_csv
 from meminject.errors import BadInputError
 from meminject.hookspecs import hookimpl
 from meminject.plugins import build_registry
@@ -340,7 +341,7 @@ class _DoubleEncoder:
     @staticmethod
     @hookimpl
     def register_encoders(register):
-        from meminject.encoders import encode_unembed
+        from meminject.default_plugins.encoders import encode_unembed
 
         def double(request):
             """Twice the unembedding sum."""
@@ -443,7 +444,7 @@ def test_cli_sweep_bad_input_is_one_line_exit_2(gpt2_dir, tmp_path):
 @pytest.mark.slow
 def test_toyworld_sweep_matches_reference(tmp_path):
     from meminject import toyworld
-    from meminject.datasets import load_toyworld
+    from meminject.default_plugins.datasets import load_toyworld
     from meminject.models import load_model
 
     if not (Path(toyworld.WEIGHTS_DIR) / "model.safetensors").is_file():
@@ -564,8 +565,8 @@ def test_cli_resume_continues_from_the_partial_file(gpt2, gpt2_dir, tmp_path):
 def test_cli_head_sweep_on_toyworld_reports_shares_and_a_held_out_check(toyworld, tmp_path):
     """A head sweep over toyworld's 224 held-out prompts: one row per head, the share of
     the memory each head can write, and the winner's held-out check, whose numbers are
-    those of sweep_stats.held_out_check on the written records."""
-    from meminject.sweep_stats import held_out_check
+    those of sweep.stats.held_out_check on the written records."""
+    from meminject.sweep.stats import held_out_check
 
     out = tmp_path / "heads.parquet"
     args = [

@@ -314,3 +314,29 @@ def test_chat_template_of_the_instruct_model(smollm2) -> None:
     assert smollm2.decode(chat.prompt_tokens) == expected
     assert expected.endswith("<|im_start|>assistant\n")
     assert "Paris" in chat.completion, chat.completion
+
+
+def test_a_served_snapshot_answers_as_the_bridge_loaded_model(smollm2, tmp_path, monkeypatch):
+    """The snapshot of SmolLM2 (processed coordinates, GGUF origin, no BOS) gives the
+    shipped memories' answers, the gated memory's fingerprint check included, without
+    TransformerLens."""
+    from meminject import snapshots
+    from meminject.models import load_model
+
+    monkeypatch.setenv(snapshots.SNAPSHOTS_ENV, str(tmp_path / "snaps"))
+    assert snapshots.write(smollm2) is not None
+    light = load_model("smollm2-135m", light=True)
+    assert not light.has_bridge and light.prepend_bos is False
+    assert light.fingerprint() == smollm2.fingerprint()
+    tokyo = "The city of Tokyo lies in the country of"
+    for path, prompt in (
+        (SHIPPED / "kathmandu.toml", NEPAL),
+        (SHIPPED / "tokyo-kath.toml", tokyo),
+        (SHIPPED / "tokyo-kath.toml", "The capital of France is"),
+    ):
+        ours = generate(light, prompt, path, max_new_tokens=6)
+        assert ours.new_tokens == generate(smollm2, prompt, path, max_new_tokens=6).new_tokens
+    assert generate(
+        light, NEPAL, SHIPPED / "kathmandu.toml", max_new_tokens=3
+    ).completion.startswith(" Kathmandu")
+    assert not light.has_bridge

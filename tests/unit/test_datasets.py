@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from meminject.datasets import PromptRow, load_csv, load_toyworld, resolve_dataset
+from meminject.datasets import PromptRow, resolve_dataset
+from meminject.default_plugins.datasets import load_csv, load_toyworld
 from meminject.errors import BadInputError
 from meminject.hookspecs import hookimpl
 from meminject.plugins import build_registry
@@ -130,8 +131,9 @@ def test_ragged_row_and_empty_file(tmp_path):
 def test_built_in_datasets_are_registered_through_the_hook():
     registry = build_registry(load_entrypoints=False)
     assert {"csv", "toyworld"} <= set(registry.datasets)
-    assert registry.datasets["toyworld"].plugin == "meminject.datasets"
-    assert any(p.name == "meminject.datasets" and p.builtin for p in registry.plugins)
+    plugin = "meminject.default_plugins.datasets"
+    assert registry.datasets["toyworld"].plugin == plugin
+    assert any(p.name == plugin and p.builtin for p in registry.plugins)
 
 
 def test_resolve_by_path_by_name_and_unknown(tmp_path):

@@ -168,7 +168,7 @@ def test_datasets_command_lists_loaders_suffixes_and_options(rows_registry):
     assert "rows  [rows-plugin]  rows" in result.output
     assert "reads files ending .rows (or rows:PATH)" in result.output
     assert "-D answer_key: str = 'answer' — Key of the answer." in result.output
-    assert "csv  [meminject.datasets]" in result.output
+    assert "csv  [meminject.default_plugins.datasets]" in result.output
 
 
 # --------------------------------------------------------------------------- encoder params

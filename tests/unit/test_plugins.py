@@ -62,7 +62,7 @@ def test_builtins_register_through_the_same_hooks() -> None:
     assert list(registry.encoders) == ["unembed", "embed", "layer"]
     assert list(registry.strategies) == ["add", "gated"]
     assert "toyworld" in registry.models
-    assert {e.plugin for e in registry.encoders.values()} == {"meminject.encoders"}
+    assert {e.plugin for e in registry.encoders.values()} == {"meminject.default_plugins.encoders"}
 
 
 def test_entry_point_plugins_are_discovered(site_dir: Path) -> None:
@@ -148,7 +148,8 @@ def test_clashing_name_names_both_plugins() -> None:
     with pytest.raises(PluginError) as info:
         build_registry([("clash", Clash())], load_entrypoints=False)
     assert str(info.value) == (
-        "plugin 'clash': encoder 'embed' is already registered by plugin 'meminject.encoders'"
+        "plugin 'clash': encoder 'embed' is already registered by plugin "
+        "'meminject.default_plugins.encoders'"
     )
 
 
@@ -292,7 +293,7 @@ def test_plugins_command_lists_loaded_plugins(site_dir) -> None:
     finally:
         reset_registry()
     assert result.exit_code == 0
-    assert "meminject.encoders (built-in): register_encoders" in result.output
+    assert "meminject.default_plugins.encoders (built-in): register_encoders" in result.output
     assert "double (version 0.3): register_encoders" in result.output
     assert "double  [double]" in encoders.output
 
@@ -310,7 +311,7 @@ def test_no_plugins_flag_loads_built_ins_only(site_dir, capsys) -> None:
         reset_registry()
     assert exit_info.value.code == 0
     output = capsys.readouterr().out
-    assert "meminject.encoders (built-in)" in output
+    assert "meminject.default_plugins.encoders (built-in)" in output
     assert "double (" not in output  # not listed as loaded …
     not_loaded = output.splitlines()[-1]
     assert not_loaded.startswith("not loaded") and "double" in not_loaded  # … but as left out

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from meminject.errors import BadInputError
-from meminject.sweep_stats import (
+from meminject.sweep.stats import (
     bootstrap_median_ci,
     check_rank_stat,
     paired,
@@ -94,7 +94,7 @@ def test_the_default_ranking_and_the_best_cell_ignore_the_papers_outlier():
     summary = summarize(_records({1.0: HELPS, 8.0: DEGENERATE}))
     assert ranked(summary, "mean_pct").iloc[0]["tau"] == 8.0  # what the paper's metric crowns
     assert ranked(summary).iloc[0]["tau"] == 1.0
-    from meminject.sweep_stats import best_cell
+    from meminject.sweep.stats import best_cell
 
     assert best_cell(summary)["tau"] == 1.0
     # Asked for the paper's ranking, the best cell is still one where the median prompt
@@ -139,7 +139,7 @@ def test_held_out_check_exposes_a_lucky_winner():
     """τ 1 helps every prompt by e^0.5; τ 2 helps the selection half (even positions of
     the sorted row ids) by e^1 and hurts the other half by e^-1. The selection half
     crowns τ 2; the held-out half shows its median gain is −1 and τ 1 would have held."""
-    from meminject.sweep_stats import held_out_check, split_prompts
+    from meminject.sweep.stats import held_out_check, split_prompts
 
     n = 24
     steady = [(0.1, 0.1 * math.e**0.5, [0.1]) for _ in range(n)]
@@ -164,7 +164,7 @@ def test_held_out_check_exposes_a_lucky_winner():
 
 
 def test_held_out_check_needs_enough_prompts_and_says_when_nothing_helps():
-    from meminject.sweep_stats import HOLDOUT_MIN_PROMPTS, held_out_check
+    from meminject.sweep.stats import HOLDOUT_MIN_PROMPTS, held_out_check
 
     few = [(0.1, 0.2, [0.1]) for _ in range(2 * HOLDOUT_MIN_PROMPTS - 1)]
     assert held_out_check(_records({1.0: few})) is None

@@ -13,15 +13,64 @@ def _to_meta(ctx: click.Context, param: click.Parameter, value: Any) -> None:
     ctx.meta[f"meminject_{param.name}"] = value
 
 
-def files_model_option(f: Any) -> Any:
-    """``--model`` for commands that read memory files (their ``[model]`` is the default),
-    with every other model option."""
-    f = model_options(f)
+#: What ``--model`` defaults to, by the kind of command (see :func:`model_option`).
+_MODEL_DEFAULTS = {
+    "files": (
+        None,
+        "Model name, alias (gpt2-small) or local Hugging Face directory or GGUF "
+        "file (default: the memory files' [model], else toyworld).",
+    ),
+    "toyworld": (
+        "toyworld",
+        "Model name, alias (gpt2-small) or local Hugging Face directory or GGUF file.",
+    ),
+    "optional": (
+        None,
+        "Also check ranges and widths against this model (loads it): a name, "
+        "alias or local Hugging Face directory or GGUF file.",
+    ),
+}
+
+
+def model_option(default: str = "files") -> Any:
+    """``--model`` with every other model option: the one way a command takes a model.
+    ``default``: "files" for commands that read memory files (their ``[model]`` names
+    it, else toyworld), "toyworld" for those that read none, "optional" for ``validate``
+    (no model unless asked)."""
+    value, help_text = _MODEL_DEFAULTS[default]
+
+    def decorate(f: Any) -> Any:
+        f = model_options(f, memory_files=default != "toyworld")
+        return click.option(
+            "--model",
+            "model_name",
+            default=value,
+            show_default=value is not None,
+            help=help_text,
+        )(f)
+
+    return decorate
+
+
+def number_option(flag: str, default: Any, kind: Any, help: str) -> Any:
+    """A numeric option with its default shown."""
+    return click.option(flag, default=default, show_default=True, type=kind, help=help)
+
+
+def file_out_option(*decls: str, help: str) -> Any:
+    """An optional output file (a path, not a directory) the command writes."""
+    from pathlib import Path
+
     return click.option(
-        "--model",
-        "model_name",
-        default=None,
-        help="Model name, alias or local directory (default: the files' [model], else toyworld).",
+        *decls, type=click.Path(dir_okay=False, path_type=Path), default=None, help=help
+    )
+
+
+def outside_paths_option(f: Any) -> Any:
+    return click.option(
+        "--allow-outside-paths",
+        is_flag=True,
+        help="Let tensor files live outside their memory file's directory.",
     )(f)
 
 
@@ -84,9 +133,12 @@ def load_cli_model(
     dtype: str | None,
     coordinates: str | None,
     prepend_bos: bool | None,
+    *,
+    light: bool = False,
 ) -> Any:
     """The model a command runs on: ``--model``, else the files' ``[model] name``, else
-    toyworld; coordinates and BOS from the flags, else the files' ``[model]`` table."""
+    toyworld; coordinates and BOS from the flags, else the files' ``[model]`` table.
+    ``light``: from its served snapshot when one is cached (see ``load_model``)."""
     from meminject.models import load_model
 
     info = memory_set.model_info() if memory_set is not None else None
@@ -107,4 +159,5 @@ def load_cli_model(
         coordinates=coords,
         prepend_bos=prepend_bos,
         allow_pickle_weights=bool(meta.get("meminject_allow_pickle_weights", False)),
+        light=light,
     )

@@ -33,7 +33,7 @@ def encode_unembed(request: EncodeRequest) -> Float[Tensor, " d_model"]:
     import torch
 
     with torch.no_grad():
-        w_u = request.model.bridge.W_U
+        w_u = request.model.W_U
         return w_u[:, _tokens(request)].sum(dim=-1).detach().clone()
 
 
@@ -42,7 +42,7 @@ def encode_embed(request: EncodeRequest) -> Float[Tensor, " d_model"]:
     import torch
 
     with torch.no_grad():
-        w_e = request.model.bridge.W_E
+        w_e = request.model.W_E
         return w_e[_tokens(request)].sum(dim=0).detach().clone()
 
 
@@ -57,18 +57,44 @@ def encode_layer(request: EncodeRequest) -> Float[Tensor, " d_model"]:
             f"the text is {len(ids)} tokens, longer than the model's context of {model.dims.n_ctx}"
         )
     hook_name = f"blocks.{request.layer}.hook_attn_out"
-    captured: dict[str, Any] = {}
-
-    def capture(activation: Tensor, hook: Any) -> None:
-        captured["v"] = activation[0, -1].detach().clone()
-
     tokens = torch.tensor([ids], dtype=torch.long, device=model.device)
     with torch.no_grad():
-        model.bridge.run_with_hooks(
-            tokens, fwd_hooks=[(hook_name, capture)], stop_at_layer=request.layer + 1
-        )
-    vector: Tensor = captured["v"]
-    return vector
+        activation = capture_activation(model, tokens, hook_name, request.layer)
+    return activation[0, -1].detach().clone()
+
+
+class _Captured(Exception):
+    """Raised by a capturing hook to stop the forward once the activation is read."""
+
+
+def capture_activation(
+    model: Any, tokens: Tensor, hook_name: str, layer: int
+) -> Float[Tensor, "1 pos d_model"]:
+    """The activation at ``hook_name`` (bridge coordinates) when ``model`` reads
+    ``tokens``, running no further than ``layer``: through the bridge when the model has
+    one, else through the served plain model and its verified site map."""
+    captured: dict[str, Tensor] = {}
+    if model.has_bridge:
+
+        def keep(activation: Tensor, hook: Any) -> None:
+            captured["v"] = activation
+
+        model.bridge.run_with_hooks(tokens, fwd_hooks=[(hook_name, keep)], stop_at_layer=layer + 1)
+        return captured["v"]
+    from meminject.backends import Step, get_backend
+
+    backend = get_backend(model, "hf")
+
+    def stop(activation: Tensor) -> Tensor:
+        captured["v"] = activation
+        raise _Captured
+
+    try:
+        with backend.hooks({hook_name: stop}):
+            backend.forward(Step(tokens, use_cache=False))
+    except _Captured:
+        pass
+    return captured["v"]
 
 
 @hookimpl

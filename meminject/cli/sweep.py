@@ -1,15 +1,10 @@
-"""The analysis commands ``meminject sweep`` and ``meminject inspect`` (click).
-
-They live apart from :mod:`meminject.cli` so the main group can register them with
-``cli.add_command``; like every command they import torch, pandas and matplotlib
-only inside their bodies, so ``meminject --help`` stays light. Errors a user can
-cause are :class:`~meminject.errors.MeminjectError` and become one line and exit
-code 2 in the main group.
+"""The ``meminject sweep`` command: layers × τ (× encodings, × heads) over a dataset,
+with random controls, intervals and a held-out check of the best cell. It imports
+torch, pandas and matplotlib only inside its body, so ``meminject --help`` stays light.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from pathlib import Path
@@ -17,24 +12,13 @@ from typing import Any
 
 import click
 
-from meminject.cli_options import load_cli_model, model_options
-from meminject.sweep_stats import DEFAULT_RANK, RANK_STATS
-
-
-def _model_options(f: Any) -> Any:
-    f = model_options(f, memory_files=False)
-    return click.option(
-        "--model",
-        "model_name",
-        default="toyworld",
-        show_default=True,
-        help="Model name, alias (gpt2-small) or local Hugging Face directory.",
-    )(f)
+from meminject.cli.options import file_out_option, load_cli_model, model_option, number_option
+from meminject.sweep.stats import DEFAULT_RANK, RANK_STATS
 
 
 @click.command()
 @click.argument("dataset")
-@_model_options
+@model_option("toyworld")
 @click.option(
     "--layers", "layer_spec", default="all", show_default=True, help="Layers: 0-11, 0,3,5, 0-11:2."
 )
@@ -66,12 +50,11 @@ def _model_options(f: Any) -> Any:
     "value mix moves by τ·v·pinv(W_O[h]), so it writes the part of τ·v it can; one cell "
     "per head); omitted = the whole attention output.",
 )
-@click.option(
+@number_option(
     "--controls",
-    default=0,
-    show_default=True,
-    type=click.IntRange(0, 1000),
-    help="Random-token control memories per prompt (same token count as the memory).",
+    0,
+    click.IntRange(0, 1000),
+    "Random-token control memories per prompt (same token count as the memory).",
 )
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--shard", default="0/1", show_default=True, help="Take rows i, i+n, … (0-based).")
@@ -97,19 +80,10 @@ def _model_options(f: Any) -> Any:
 @click.option("--memory-column", default=None, help="CSV column of the memory text.")
 @click.option("--answer-column", default=None, help="CSV column of the answer.")
 @click.option("--explicit-column", default=None, help="CSV column of the explicit prompt.")
-@click.option(
-    "-o",
-    "--out",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Tidy records, one row per prompt × cell × memory (.csv or .parquet).",
+@file_out_option(
+    "-o", "--out", help="Tidy records, one row per prompt × cell × memory (.csv or .parquet)."
 )
-@click.option(
-    "--plot",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Layers × τ heatmap of the mean % increase (PNG).",
-)
+@file_out_option("--plot", help="Layers × τ heatmap of the mean % increase (PNG).")
 @click.option(
     "--plot-stat",
     type=click.Choice(list(RANK_STATS)),
@@ -176,6 +150,7 @@ def sweep(
     """
     from meminject.datasets import parse_options, resolve_dataset
     from meminject.errors import BadInputError
+    from meminject.plots import plot_heatmap
     from meminject.plugins import get_registry
     from meminject.specs import (
         parse_encoding_list,
@@ -188,7 +163,6 @@ def sweep(
         check_output_path,
         encoding_label,
         partial_path,
-        plot_heatmap,
         read_records,
         run_sweep,
     )
@@ -299,7 +273,7 @@ def _print_summary(
     from rich.console import Console
     from rich.table import Table
 
-    from meminject.sweep_stats import ranked
+    from meminject.sweep.stats import ranked
 
     # Not a terminal (a pipe, a log file): use a width the table fits in.
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -416,8 +390,8 @@ def _print_summary(
 
 def _print_held_out(console: Any, records: Any, rank_by: str) -> None:
     """The best of many cells is partly luck; say how the choice fares on prompts that
-    did not take part in it (sweep_stats.held_out_check)."""
-    from meminject.sweep_stats import held_out_check
+    did not take part in it (sweep.stats.held_out_check)."""
+    from meminject.sweep.stats import held_out_check
 
     check = held_out_check(records, rank_by)
     if check is None:
@@ -445,86 +419,3 @@ def _is_na(value: Any) -> bool:
     import pandas as pd
 
     return bool(pd.isna(value))
-
-
-@click.command()
-@click.argument("prompt")
-@_model_options
-@click.option("--heads", is_flag=True, help="Also project every head's result.")
-@click.option("--layers", "layer_spec", default="all", show_default=True, help="Layers: 0-11 …")
-@click.option("--top-k", default=5, show_default=True, type=click.IntRange(0), help="Tokens shown.")
-@click.option(
-    "--token",
-    default=None,
-    help="Rank this single token (mind the leading space: ' Paris') in every projection.",
-)
-@click.option(
-    "--plot",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Heatmap of --token's rank, layers × heads (PNG).",
-)
-@click.option("--force", is_flag=True, help="Overwrite the --plot file.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def inspect(
-    prompt: str,
-    model_name: str,
-    device: str | None,
-    dtype: str | None,
-    coordinates: str | None,
-    prepend_bos: bool | None,
-    heads: bool,
-    layer_spec: str,
-    top_k: int,
-    token: str | None,
-    plot: Path | None,
-    force: bool,
-    as_json: bool,
-) -> None:
-    """Show what each layer's attention (and with --heads each head) writes at PROMPT's
-    last position, projected onto the vocabulary through W_U (the paper's head latent
-    space projector)."""
-    from meminject.errors import BadInputError
-    from meminject.lens import plot_ranks, project_attention
-    from meminject.specs import parse_int_spec
-
-    if plot is not None and token is None:
-        raise click.UsageError("--plot draws the rank of --token; give --token too")
-    if plot is not None and plot.exists() and not force:
-        raise BadInputError(f"{plot} exists; pass --force to overwrite it")
-    model = load_cli_model(model_name, None, device, dtype, coordinates, prepend_bos)
-    layers = parse_int_spec(layer_spec, "layer", universe=range(model.dims.n_layers))
-    report = project_attention(model, prompt, layers=layers, heads=heads, top_k=top_k, token=token)
-    if plot is not None:
-        plot_ranks(report, plot, force=force)
-    if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False, allow_nan=False))
-        return
-    _print_lens(report, plot)
-
-
-def _print_lens(report: Any, plot: Path | None) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    console = Console(highlight=False, soft_wrap=True)
-    console.print(
-        f"last position {report.position} ({report.last_token!r}); projections x·W_U "
-        "(no final norm)"
-    )
-    table = Table(show_header=True, header_style="bold")
-    table.add_column("layer", justify="right")
-    table.add_column("head", justify="right")
-    table.add_column("top tokens (logit)")
-    if report.token is not None:
-        table.add_column(f"rank of {report.token!r}", justify="right")
-    for p in report.projections:
-        tokens = "  ".join(f"{escape(repr(t.token))} {t.logit:.2f}" for t in p.top)
-        row = [str(p.layer), "attn" if p.head is None else str(p.head), tokens]
-        if report.token is not None:
-            row.append(str(p.rank))
-        table.add_row(*row)
-    console.print(table)
-    if plot is not None:
-        console.print(f"heatmap: {plot}")

@@ -17,13 +17,13 @@ from typing import Any
 
 import click
 
-from meminject.cli_options import files_model_option, load_cli_model
+from meminject.cli.options import (
+    load_cli_model,
+    model_option,
+    number_option,
+    outside_paths_option,
+)
 from meminject.errors import BadInputError
-
-
-def _number(flag: str, default: Any, kind: Any, help: str) -> Any:
-    """A numeric option with its default shown."""
-    return click.option(flag, default=default, show_default=True, type=kind, help=help)
 
 
 @click.command()
@@ -51,18 +51,22 @@ def _number(flag: str, default: Any, kind: Any, help: str) -> Any:
     default=None,
     help="With --prompts: write the JSONL results here (atomically) instead of stdout.",
 )
-@_number("--batch-size", 8, click.IntRange(1, 4096), "Prompts per forward pass with --prompts.")
-@files_model_option
+@number_option(
+    "--batch-size", 8, click.IntRange(1, 4096), "Prompts per forward pass with --prompts."
+)
+@model_option("files")
 @click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(0, 4096))
-@_number("--temperature", 0.0, click.FloatRange(0), "0 is greedy decoding.")
-@_number("--top-k", 0, click.IntRange(0), "Sample only from the k most likely tokens (0: all).")
-@_number(
+@number_option("--temperature", 0.0, click.FloatRange(0), "0 is greedy decoding.")
+@number_option(
+    "--top-k", 0, click.IntRange(0), "Sample only from the k most likely tokens (0: all)."
+)
+@number_option(
     "--top-p",
     1.0,
     click.FloatRange(0, 1, min_open=True),
     "Sample only from the most likely tokens whose probabilities sum to p.",
 )
-@_number(
+@number_option(
     "--repetition-penalty",
     1.0,
     click.FloatRange(0, min_open=True),
@@ -76,7 +80,7 @@ def _number(flag: str, default: Any, kind: Any, help: str) -> Any:
     is_flag=True,
     help="Wrap the prompt in the tokenizer's chat template (for instruct models).",
 )
-@_number("--show-top", 5, click.IntRange(0), "How many most likely next tokens to show.")
+@number_option("--show-top", 5, click.IntRange(0), "How many most likely next tokens to show.")
 @click.option("--compare", is_flag=True, help="Show the baseline beside the injected run.")
 @click.option("--no-kv-cache", is_flag=True, help="Recompute the whole sequence each step.")
 @click.option(
@@ -88,11 +92,7 @@ def _number(flag: str, default: Any, kind: Any, help: str) -> Any:
     "backend by name; auto: the first that serves every site.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.option(
-    "--allow-outside-paths",
-    is_flag=True,
-    help="Let tensor files live outside their memory file's directory.",
-)
+@outside_paths_option
 def generate(
     prompt: str | None,
     memory_paths: Sequence[str],
@@ -136,7 +136,11 @@ def generate(
     memory_set = load_memory_set(memory_paths) if memory_paths else None
     if requests is not None:
         _check_names(requests, memory_set)
-    model = load_cli_model(model_name, memory_set, device, dtype, coordinates, prepend_bos)
+    # A served snapshot (written by an earlier run) loads without TransformerLens.
+    light = backend != "bridge"
+    model = load_cli_model(
+        model_name, memory_set, device, dtype, coordinates, prepend_bos, light=light
+    )
 
     import dataclasses
 
@@ -150,9 +154,13 @@ def generate(
         _run_file(
             model, memory_set, requests, options, batch_size, output, allow_outside_paths, common
         )
-        return
-    assert prompt is not None
-    _run_one(model, memory_set, prompt, options, compare, as_json, allow_outside_paths, common)
+    else:
+        assert prompt is not None
+        _run_one(model, memory_set, prompt, options, compare, as_json, allow_outside_paths, common)
+    if light and not model.served:
+        from meminject import snapshots
+
+        snapshots.write(model)  # for the next run; after the output, which is complete
 
 
 def _check_names(requests: list[Any], memory_set: Any) -> None:

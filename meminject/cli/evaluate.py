@@ -1,0 +1,125 @@
+"""The ``meminject evaluate`` command: an edit's report on its prompts, paraphrases,
+near misses and unrelated prompts."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from meminject.cli.options import load_cli_model, model_option, number_option, outside_paths_option
+
+
+@click.command()
+@click.argument("memory_paths", nargs=-1, required=True, type=click.Path())
+@model_option("files")
+@click.option("--target", required=True, help="What the edit should make the model say next.")
+@click.option("--prompt", "edit_prompts", multiple=True, help="A prompt the edit was made on.")
+@click.option("--positive", "positive_file", type=click.Path(), help="Paraphrases, one a line.")
+@click.option("--negative", "negative_file", type=click.Path(), help="Near misses, one a line.")
+@click.option("--neutral", "neutral_file", type=click.Path(), help="Unrelated prompts.")
+@number_option(
+    "--tokens",
+    5,
+    click.IntRange(0, 256),
+    "Greedy tokens generated per prompt, with and without the memories.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@outside_paths_option
+def evaluate(
+    memory_paths: Sequence[str],
+    model_name: str | None,
+    device: str | None,
+    dtype: str | None,
+    coordinates: str | None,
+    prepend_bos: bool | None,
+    target: str,
+    edit_prompts: Sequence[str],
+    positive_file: str | None,
+    negative_file: str | None,
+    neutral_file: str | None,
+    tokens: int,
+    as_json: bool,
+    allow_outside_paths: bool,
+) -> None:
+    """Edit metrics of MEMORIES: reliability (--prompt), generalization (--positive),
+    specificity (--negative) and the KL divergence on unrelated prompts (--neutral), with
+    each prompt's continuation before and after."""
+    from meminject.learn import read_prompt_lines
+    from meminject.memfile import load_memory_set
+
+    prompts: dict[str, Any] = {"edit": list(edit_prompts)}
+    for kind, path in (
+        ("positive", positive_file),
+        ("negative", negative_file),
+        ("neutral", neutral_file),
+    ):
+        prompts[kind] = read_prompt_lines(path) if path is not None else []
+    memory_set = load_memory_set(memory_paths)
+    model = load_cli_model(model_name, memory_set, device, dtype, coordinates, prepend_bos)
+
+    from meminject.engine import compile_memories
+    from meminject.evaluate import evaluate_edit
+
+    compiled = compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
+    report = evaluate_edit(model, compiled, target=target, prompts=prompts, tokens=tokens)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=False))
+        return
+    _print_edit_report(report)
+
+
+def _print_edit_report(report: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    table = Table(title=f"edit to {report.target!r} (first token {report.target_token!r})")
+    for column in ("kind", "ok", "prompt", "top-1 before → after", "p(target)", "KL"):
+        table.add_column(column, justify="left" if column in ("kind", "prompt") else "right")
+    table.add_column("continuation before → after", overflow="fold")
+    for row in report.rows:
+        table.add_row(
+            row.kind,
+            "yes" if row.ok else "NO",
+            _escape(row.prompt),
+            _escape(f"{row.top1_before!r} → {row.top1_after!r}"),
+            f"{row.p_target_before:.3f} → {row.p_target_after:.3f}",
+            f"{row.kl:.3g}",
+            _escape(f"{row.continuation_before!r} → {row.continuation_after!r}"),
+        )
+    console.print(table)
+    metrics = report.metrics
+    counts = metrics["counts"]
+
+    def share(name: str, kind: str, what: str) -> None:
+        value = metrics[name]
+        if value is not None:
+            n = counts[kind]
+            console.print(f"{name}: {value:.0%} of {n} {kind} prompt{'s' * (n != 1)} {what}")
+
+    share("reliability", "edit", "give the target")
+    share("generalization", "positive", "give the target")
+    share("specificity", "negative", "do not give the target")
+    share("neutral_top1_kept", "neutral", "keep their top-1 token")
+    for kind in ("negative", "neutral"):
+        value = metrics[f"{kind}_continuations_kept"]
+        if value is not None:
+            console.print(
+                f"{kind} continuations unchanged: {value:.0%} of {counts[kind]} "
+                f"(the next token is not all an edit can change)"
+            )
+    if metrics["neutral_kl_mean"] is not None:
+        console.print(
+            f"neutral KL(before ‖ after): mean {metrics['neutral_kl_mean']:.3g} nats, "
+            f"max {metrics['neutral_kl_max']:.3g}"
+        )
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

@@ -1,0 +1,80 @@
+"""``meminject validate`` (memory files against the schema, and a model when asked) and
+``meminject schema`` (the JSON Schema of the format): both light unless a model loads."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import click
+
+from meminject.cli.options import (
+    file_out_option,
+    load_cli_model,
+    model_option,
+    outside_paths_option,
+)
+
+
+@click.command()
+# Plain strings, not click.Path: click stats a Path argument itself and lets a NUL byte's
+# ValueError escape; the loader reports every bad name as a one-line error instead.
+@click.argument("paths", nargs=-1, required=True, type=str, metavar="PATHS...")
+@click.option(
+    "--all-problems",
+    is_flag=True,
+    help="List every schema problem of every file, one line each, instead of the first "
+    "(checks against --model still stop at the first).",
+)
+@model_option("optional")
+@outside_paths_option
+def validate(
+    paths: Sequence[str],
+    model_name: str | None,
+    all_problems: bool,
+    device: str | None,
+    dtype: str | None,
+    coordinates: str | None,
+    prepend_bos: bool | None,
+    allow_outside_paths: bool,
+) -> None:
+    """Check memory files and directories (schema only unless --model is given)."""
+    from meminject.errors import EXIT_BAD_INPUT
+    from meminject.memfile import load_memory_set, memory_set_problems
+
+    if all_problems:
+        problems = memory_set_problems(paths)
+        if problems:
+            for problem in problems:
+                click.echo(f"Error: {problem}", err=True)
+            click.get_current_context().exit(EXIT_BAD_INPUT)
+    memory_set = load_memory_set(paths)
+    checked = "schema"
+    if model_name is not None:
+        from meminject.engine import compile_memories
+
+        model = load_cli_model(model_name, memory_set, device, dtype, coordinates, prepend_bos)
+        compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
+        checked = f"schema and model '{model.name}'"
+    n_files = len(memory_set.files)
+    click.echo(
+        f"ok: {len(memory_set)} memor{'y' if len(memory_set) == 1 else 'ies'} in {n_files} "
+        f"file{'s' * (n_files != 1)} ({checked})"
+    )
+
+
+@click.command()
+@file_out_option("-o", "--out", help="Write to this file instead of standard output.")
+def schema(out: Path | None) -> None:
+    """Print the JSON Schema of memory files, including plugins' parameters."""
+    from meminject.plugins import get_registry
+    from meminject.schema import json_schema
+
+    text = json.dumps(json_schema(get_registry().file_model), indent=2, ensure_ascii=False) + "\n"
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        from meminject.atomic import write_text_atomic
+
+        write_text_atomic(out, text, overwrite=True)

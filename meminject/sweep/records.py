@@ -1,0 +1,245 @@
+"""A sweep's results as tidy records: :class:`SweepResult`, the records frame built from
+the per-row log-probabilities, the finished rows of an interrupted run (resume) and
+where its partial file lies, and records read and written as CSV or Parquet."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meminject.errors import BadInputError
+from meminject.sweep.stats import DEFAULT_RANK, best_cell, summarize
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
+    from meminject.datasets import PromptRow
+    from meminject.sweep.config import SweepConfig
+
+OUTPUT_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+@dataclass
+class SweepResult:
+    """The tidy per-(prompt, cell, memory) records and their per-cell summary."""
+
+    records: pd.DataFrame
+    config: SweepConfig
+    stats: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def summary(self) -> pd.DataFrame:
+        return summarize(self.records)
+
+    def best(self, by: str = DEFAULT_RANK) -> dict[str, Any] | None:
+        """The best cell by ``by`` among the cells that help (None when none does)."""
+        return best_cell(self.summary, by)
+
+
+def records_frame(
+    rows: Sequence[PromptRow],
+    texts: Sequence[Sequence[str]],
+    before: np.ndarray,
+    after: np.ndarray,
+    share: np.ndarray,
+    config: SweepConfig,
+) -> pd.DataFrame:
+    """Tidy records from the per-row log-probabilities: ``before`` [R], ``after``
+    [R, layers, heads, τ, encodings, 1+controls] (one head slot, None, without heads),
+    and the share of each memory a head can write, ``share`` [R, layers, heads,
+    encodings, 1+controls] (NaN without heads)."""
+    import numpy as np
+    import pandas as pd
+
+    n_rows, _, n_heads, _, _, n_var = after.shape
+    heads = list(config.heads) if config.heads is not None else [None]
+    shape = after.shape
+
+    def axis(values: Any, dim: int) -> np.ndarray:
+        arr = np.asarray(values)
+        view = [1] * len(shape)
+        view[dim] = len(arr)
+        return np.broadcast_to(arr.reshape(view), shape).ravel()
+
+    with np.errstate(all="ignore"):
+        p_before = np.exp(before.astype(np.float64))
+        p_after = np.exp(after.astype(np.float64))
+        pb = np.broadcast_to(p_before.reshape(n_rows, 1, 1, 1, 1, 1), shape).ravel()
+        pa = p_after.ravel()
+        lb = np.broadcast_to(
+            before.astype(np.float64).reshape(n_rows, 1, 1, 1, 1, 1), shape
+        ).ravel()
+        la = after.astype(np.float64).ravel()
+        change = pa - pb
+        pct = 100.0 * change / pb
+    memory_text = np.empty((n_rows, n_var), dtype=object)
+    for i, row_texts in enumerate(texts):
+        memory_text[i, :] = row_texts
+    variant = axis(np.arange(n_var), 5)
+    head_values = pd.array(heads, dtype="Int64")
+    control_values = pd.array([None, *range(n_var - 1)], dtype="Int64")
+    frame = pd.DataFrame(
+        {
+            "row_id": axis([r.row_id for r in rows], 0),
+            "layer": axis(list(config.layers), 1),
+            "head": head_values.take(axis(np.arange(n_heads), 2)),
+            "site": "attn_out" if config.heads is None else "attn_z",
+            "tau": axis(np.asarray(config.taus, dtype=np.float64), 3),
+            "encoding": pd.Categorical(axis(list(config.encodings), 4)),
+            "kind": pd.Categorical(
+                np.where(variant == 0, "memory", "control"), categories=["memory", "control"]
+            ),
+            "control": control_values.take(variant),
+            "memory": np.broadcast_to(memory_text.reshape(n_rows, 1, 1, 1, 1, n_var), shape)
+            .ravel()
+            .astype(str),
+            "metric": config.metric,
+            "tau_units": config.tau_units,
+            "resid_norm": axis(
+                [dict(config.resid_norms or ()).get(layer, np.nan) for layer in config.layers], 1
+            ).astype(np.float64),
+            "head_share": np.broadcast_to(share[:, :, :, None], shape).ravel(),
+            "p_before": pb,
+            "p_after": pa,
+            "logp_before": lb,
+            "logp_after": la,
+            "change": change,
+            "pct_change": pct,
+            "improved": pa > pb,
+        }
+    )
+    return frame
+
+
+def subset_records(
+    rows: Sequence[PromptRow],
+    texts: Sequence[Sequence[str]],
+    before: np.ndarray,
+    after: np.ndarray,
+    share: np.ndarray,
+    index: list[int],
+    config: SweepConfig,
+) -> pd.DataFrame:
+    return records_frame(
+        [rows[i] for i in index],
+        [texts[i] for i in index],
+        before[index],
+        after[index],
+        share[index],
+        config,
+    )
+
+
+def with_previous(previous: pd.DataFrame | None, records: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
+    if previous is None or previous.empty:
+        return records
+    merged = pd.concat([previous, records], ignore_index=True)
+    for column in ("encoding", "kind"):
+        merged[column] = merged[column].astype("category")
+    return merged
+
+
+def _listed(values: set[Any]) -> str:
+    """Numbers in numeric order (τ 2 before 10), anything else by its text."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    return str(sorted(values) if numbers else sorted(values, key=str))
+
+
+def finished_records(done: pd.DataFrame, config: SweepConfig) -> pd.DataFrame:
+    """The rows of an earlier run that are complete, after checking it used these settings."""
+    expected: dict[str, set[Any]] = {
+        "layer": set(config.layers),
+        "tau": {float(t) for t in config.taus},
+        "encoding": set(config.encodings),
+        "metric": {config.metric},
+    }
+    if "site" in done.columns or config.heads is not None:
+        # Records written before heads were routed through W_O had no site column; their
+        # head cells were attention-output additions, not these.
+        expected["site"] = {"attn_out" if config.heads is None else "attn_z"}
+        if "site" not in done.columns:
+            done = done.assign(site="attn_out")
+    if "tau_units" in done.columns or config.tau_units != "absolute":
+        # Records written before τ units existed are absolute.
+        expected["tau_units"] = {config.tau_units}
+        if "tau_units" not in done.columns:
+            done = done.assign(tau_units="absolute")
+    for column, values in expected.items():
+        found = {v.item() if hasattr(v, "item") else v for v in done[column].unique()}
+        if column == "tau":
+            found = {float(v) for v in found}
+        if done.empty or found != values:
+            raise BadInputError(
+                f"the partial results were made with other settings ({column}: "
+                f"{_listed(found)} instead of {_listed(values)}); pass --force instead of "
+                "--resume to discard them and start again"
+            )
+    heads = len(config.heads) if config.heads is not None else 1
+    per_row = (
+        len(config.layers)
+        * heads
+        * len(config.taus)
+        * len(config.encodings)
+        * (1 + config.controls)
+    )
+    counts = done.groupby("row_id").size()
+    complete = counts[counts == per_row].index
+    return done[done["row_id"].isin(complete)].reset_index(drop=True)
+
+
+def partial_path(out: Path) -> Path:
+    """Where a sweep that writes ``out`` keeps the rows it has finished while it runs."""
+    return out.with_name(f"{out.stem}.partial{out.suffix}")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def check_output_path(path: Path, force: bool) -> None:
+    """Fail before hours of compute, not after: known suffix, and no silent overwrite."""
+    if path.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise BadInputError(f"{path}: unknown output format; use .csv or .parquet")
+    if path.exists() and not force:
+        raise BadInputError(f"{path} exists; pass --force to overwrite it")
+
+
+def write_records(records: pd.DataFrame, path: Path | str, *, force: bool = False) -> None:
+    """Write tidy records as CSV or Parquet (by suffix), atomically."""
+    from meminject.atomic import write_bytes_atomic
+
+    path = Path(path)
+    check_output_path(path, force)
+    buffer = io.BytesIO()
+    if path.suffix.lower() == ".csv":
+        records.to_csv(buffer, index=False)
+    else:
+        records.to_parquet(buffer, index=False)
+    write_bytes_atomic(path, buffer.getvalue(), overwrite=force)
+
+
+def read_records(path: Path | str) -> pd.DataFrame:
+    """Read records written by :func:`write_records` (e.g. to merge shards)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInputError(f"{path}: no such file")
+    if path.suffix.lower() == ".csv":
+        # A memory text such as "NA", "null" or "" is the text injected, never a missing
+        # value; in every other column an empty field is one (no head, no control, no
+        # head share, absolute τ, and any column added later).
+        columns = pd.read_csv(path, nrows=0).columns
+        empty = {c: [""] for c in columns if c != "memory"}
+        frame = pd.read_csv(path, keep_default_na=False, na_values=empty)
+    else:
+        frame = pd.read_parquet(path)
+    frame["head"] = frame["head"].astype("Int64")
+    frame["control"] = frame["control"].astype("Int64")
+    return frame

@@ -1,0 +1,239 @@
+"""The sweep itself: :func:`run_sweep` over a shard's rows, batch by batch and cell by
+cell (what it computes, and why the fast path is exact: :mod:`meminject.sweep`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from meminject.errors import BadInputError
+from meminject.heads import through_head
+from meminject.sweep.encoding import LAYER_FREE, encode_batch, encoding_parts, parsed_label
+from meminject.sweep.records import (
+    SweepResult,
+    finished_records,
+    records_frame,
+    subset_records,
+    with_previous,
+)
+from meminject.sweep.replay import (
+    REPLAY_TOLERANCE,
+    Adder,
+    Batch,
+    head_shares,
+    injection_hook,
+    residual_norms,
+    to_norm,
+)
+from meminject.sweep.rows import control_texts, shard_rows, tokenize_row
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from torch import Tensor
+
+    from meminject.datasets import PromptRow
+    from meminject.models import LoadedModel
+    from meminject.plugins import Registry
+    from meminject.sweep.config import SweepConfig
+
+
+def _progress(enabled: bool) -> Any:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[bold]sweep[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("passes"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def run_sweep(
+    model: LoadedModel,
+    rows: Sequence[PromptRow],
+    config: SweepConfig,
+    *,
+    registry: Registry | None = None,
+    progress: bool = False,
+    force_full: bool = False,
+    done: pd.DataFrame | None = None,
+    checkpoint: Callable[[pd.DataFrame], None] | None = None,
+) -> SweepResult:
+    """Run the sweep over this shard's rows; what and how: see :mod:`meminject.sweep`.
+
+    ``force_full`` disables the replay (every cell runs a whole forward pass with the
+    injection hook); it exists for benchmarks and for diagnosing an architecture.
+    ``done`` holds records of an earlier, interrupted run with the same settings: rows
+    whose every cell is there are not computed again. ``checkpoint`` is called after
+    each batch with the records of every finished row so far (``done``'s included), so
+    an interruption loses at most one batch.
+    """
+    import numpy as np
+
+    from meminject.plugins import get_registry
+
+    registry = registry or get_registry()
+    dims = model.dims
+    for layer in config.layers:
+        if not 0 <= layer < dims.n_layers:
+            raise BadInputError(
+                f"layer {layer} is out of range; the model has {dims.n_layers} layers "
+                f"(0-{dims.n_layers - 1})"
+            )
+    for head in config.heads or ():
+        if not 0 <= head < dims.n_heads:
+            raise BadInputError(
+                f"head {head} is out of range; the model has {dims.n_heads} heads "
+                f"(0-{dims.n_heads - 1})"
+            )
+    for encoding in config.encodings:
+        encoding_parts(encoding, registry)  # a known encoder with valid parameters
+    hook_names = [injection_hook(model, layer, config.heads) for layer in config.layers]
+    missing = [name for name in hook_names if name not in model.bridge.hook_dict]
+    if missing:
+        raise BadInputError(f"model '{model.name}' has no hook point '{missing[0]}'")
+
+    started = time.perf_counter()
+    if config.tau_units == "resid_norm" and config.resid_norms is None:
+        # Over every row, not this shard's: shards must scale τ alike to be merged.
+        norms = residual_norms(model, rows, config.layers)
+        config = dataclasses.replace(config, resid_norms=tuple(sorted(norms.items())))
+    norm_of = dict(config.resid_norms or ())
+    mine = shard_rows(rows, config.shard)
+    previous = finished_records(done, config) if done is not None else None
+    if previous is not None:
+        finished_ids = set(previous["row_id"].tolist())
+        mine = [row for row in mine if row.row_id not in finished_ids]
+    tokenized = [tokenize_row(model, row, config.metric) for row in mine]
+    texts = [[row.memory, *control_texts(model, row, config.controls, config.seed)] for row in mine]
+    n_var = 1 + config.controls
+    n_rows = len(mine)
+    heads: list[int | None] = list(config.heads) if config.heads is not None else [None]
+    shape = (
+        n_rows,
+        len(config.layers),
+        len(heads),
+        len(config.taus),
+        len(config.encodings),
+        n_var,
+    )
+    before = np.zeros(n_rows, dtype=np.float64)
+    after = np.zeros(shape, dtype=np.float64)
+    share = np.full(shape[:3] + shape[4:], np.nan)  # [R, layers, heads, encodings, variants]
+    # Similar lengths together: less padding. Results go back to the rows' own slots.
+    order = sorted(range(n_rows), key=lambda i: (len(tokenized[i].input_ids), i))
+    batches = [order[i : i + config.batch_size] for i in range(0, n_rows, config.batch_size)]
+    zero_taus = [t for t in config.taus if t == 0.0]
+    passes_per_batch = (
+        len(config.layers)
+        * len(heads)
+        * (len(config.taus) - len(zero_taus))
+        * len(config.encodings)
+        * n_var
+    )
+    stats: dict[str, Any] = {
+        "rows": n_rows,
+        "cells": config.n_cells,
+        "base_passes": 0,
+        "replays": 0,
+        "full_passes": 0,
+        "fallback_batches": 0,
+        "resumed_rows": 0 if previous is None else previous["row_id"].nunique(),
+    }
+    finished: list[int] = []
+    keep = set(config.layers)
+    bridge = model.bridge
+    warned = False
+    with _progress(progress) as bar:
+        task = bar.add_task("sweep", total=len(batches) * passes_per_batch)
+        for members in batches:
+            batch = Batch(model, [tokenized[i] for i in members], keep)
+            base = batch.base()
+            stats["base_passes"] += 1
+            before[members] = base.double().cpu().numpy()
+            replay = batch.can_replay and not force_full
+            if replay:
+                try:
+                    check = batch.replay(min(keep))
+                    replay = float((check - base).abs().max()) <= REPLAY_TOLERANCE
+                except Exception:  # an architecture whose blocks cannot be re-entered
+                    replay = False
+            if not replay:
+                stats["fallback_batches"] += int(not force_full)
+            if not replay and not force_full and not warned:
+                warnings.warn(
+                    f"model '{model.name}': re-running layers from ℓ does not reproduce the "
+                    "full forward pass; falling back to full passes (correct, but slower)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                warned = True
+            layer_free: dict[str, Tensor] = {}
+            for li, layer in enumerate(config.layers):
+                # [encoding][variant, batch, d_model], computed before the hook goes in.
+                vectors = []
+                for encoding in config.encodings:
+                    entry = registry.encoders[parsed_label(encoding)[0]]
+                    if (entry.plugin, entry.name) in LAYER_FREE and encoding in layer_free:
+                        vectors.append(layer_free[encoding])
+                        continue
+                    stacked = encode_batch(model, texts, members, layer, encoding, registry)
+                    if (entry.plugin, entry.name) in LAYER_FREE:
+                        layer_free[encoding] = stacked
+                    vectors.append(stacked)
+                if config.tau_units == "resid_norm":
+                    vectors = [to_norm(v, norm_of[layer]) for v in vectors]
+                adder = Adder()
+                hook = (hook_names[li], adder)
+                with bridge.hooks(fwd_hooks=[hook]):
+                    for hi, via in enumerate(heads):
+                        for ei, stacked in enumerate(vectors):
+                            routed = stacked
+                            if via is not None:  # what the head can write (meminject.heads)
+                                routed = through_head(model, layer, via, stacked)
+                                share[members, li, hi, ei] = head_shares(routed, stacked).T
+                            for ti, tau in enumerate(config.taus):
+                                for v in range(n_var):
+                                    if tau == 0.0:  # the engine installs no hook for τ = 0
+                                        after[members, li, hi, ti, ei, v] = before[members]
+                                        continue
+                                    adder.delta = tau * routed[v]
+                                    if replay:
+                                        logp = batch.replay(layer)
+                                        stats["replays"] += 1
+                                    else:
+                                        logp = batch.full()
+                                        stats["full_passes"] += 1
+                                    adder.delta = None
+                                    after[members, li, hi, ti, ei, v] = logp.double().cpu().numpy()
+                                    bar.advance(task)
+            del batch, layer_free
+            finished.extend(members)
+            if checkpoint is not None:
+                checkpoint(
+                    with_previous(
+                        previous,
+                        subset_records(mine, texts, before, after, share, sorted(finished), config),
+                    )
+                )
+    stats["seconds"] = time.perf_counter() - started
+    if norm_of:
+        stats["resid_norms"] = norm_of
+    records = with_previous(previous, records_frame(mine, texts, before, after, share, config))
+    return SweepResult(records=records, config=config, stats=stats)
