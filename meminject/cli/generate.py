@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from meminject.cli.options import (
+    file_in_option,
     load_cli_model,
     model_option,
     number_option,
@@ -36,19 +37,15 @@ from meminject.errors import BadInputError
     type=click.Path(),
     help="Memory file or directory (repeatable).",
 )
-@click.option(
+@file_in_option(
     "--prompts",
     "prompts_file",
-    type=click.Path(),
-    default=None,
     help='A JSONL file, one request a line: {"prompt": …, "memories": [names], '
     "options…}; prints one JSON result a line (instead of PROMPT).",
 )
-@click.option(
+@file_in_option(
     "-o",
     "--output",
-    type=click.Path(),
-    default=None,
     help="With --prompts: write the JSONL results here (atomically) instead of stdout.",
 )
 @number_option(

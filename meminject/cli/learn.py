@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from meminject.cli.options import load_cli_model, model_option, number_option
+from meminject.cli.options import file_in_option, load_cli_model, model_option, number_option
 from meminject.sites import LAYER_SITES
 
 
@@ -38,19 +38,11 @@ from meminject.sites import LAYER_SITES
     "are tried when no step size works with one.",
 )
 @click.option("--teacher-force", is_flag=True, help="Fit all target tokens, not only the first.")
-@click.option(
-    "--positive",
-    "positive_file",
-    type=click.Path(),
-    default=None,
-    help="Prompts (one per line) that must produce the target.",
+@file_in_option(
+    "--positive", "positive_file", help="Prompts (one per line) that must produce the target."
 )
-@click.option(
-    "--negative",
-    "negative_file",
-    type=click.Path(),
-    default=None,
-    help="Prompts (one per line) that must not produce the target.",
+@file_in_option(
+    "--negative", "negative_file", help="Prompts (one per line) that must not produce the target."
 )
 @click.option(
     "--hardness", default=3.0, show_default=True, type=float, help="Gate hardness (finite, > 0)."

@@ -57,6 +57,11 @@ def number_option(flag: str, default: Any, kind: Any, help: str) -> Any:
     return click.option(flag, default=default, show_default=True, type=kind, help=help)
 
 
+def file_in_option(*decls: str, help: str) -> Any:
+    """An optional file the command reads (checked by meminject's readers, not click)."""
+    return click.option(*decls, type=click.Path(), default=None, help=help)
+
+
 def file_out_option(*decls: str, help: str) -> Any:
     """An optional output file (a path, not a directory) the command writes."""
     from pathlib import Path
