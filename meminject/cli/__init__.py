@@ -17,7 +17,16 @@ from typing import Any
 
 import click
 
-from meminject.cli import evaluate, generate, inspect, learn, listings, sweep, validate
+from meminject.cli import (
+    evaluate,
+    export,
+    generate,
+    inspect,
+    learn,
+    listings,
+    sweep,
+    validate,
+)
 from meminject.errors import EXIT_RUNTIME, MeminjectError
 
 _DEBUG_ENV = "MEMINJECT_DEBUG"
@@ -76,6 +85,7 @@ for _command in (
     learn.learn,
     validate.validate,
     evaluate.evaluate,
+    export.export,
     sweep.sweep,
     inspect.inspect,
     listings.plugins,

@@ -32,10 +32,6 @@ from meminject.cli.options import load_cli_model, model_option, number_option, o
 def evaluate(
     memory_paths: Sequence[str],
     model_name: str | None,
-    device: str | None,
-    dtype: str | None,
-    coordinates: str | None,
-    prepend_bos: bool | None,
     target: str,
     edit_prompts: Sequence[str],
     positive_file: str | None,
@@ -59,7 +55,7 @@ def evaluate(
     ):
         prompts[kind] = read_prompt_lines(path) if path is not None else []
     memory_set = load_memory_set(memory_paths)
-    model = load_cli_model(model_name, memory_set, device, dtype, coordinates, prepend_bos)
+    model = load_cli_model(model_name, memory_set)
 
     from meminject.engine import compile_memories
     from meminject.evaluate import evaluate_edit

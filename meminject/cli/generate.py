@@ -97,10 +97,6 @@ def generate(
     output: str | None,
     batch_size: int,
     model_name: str | None,
-    device: str | None,
-    dtype: str | None,
-    coordinates: str | None,
-    prepend_bos: bool | None,
     max_new_tokens: int,
     temperature: float,
     top_k: int,
@@ -135,9 +131,7 @@ def generate(
         _check_names(requests, memory_set)
     # A served snapshot (written by an earlier run) loads without TransformerLens.
     light = backend != "bridge"
-    model = load_cli_model(
-        model_name, memory_set, device, dtype, coordinates, prepend_bos, light=light
-    )
+    model = load_cli_model(model_name, memory_set, light=light)
 
     import dataclasses
 

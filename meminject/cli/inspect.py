@@ -29,10 +29,6 @@ from meminject.cli.options import file_out_option, load_cli_model, model_option
 def inspect(
     prompt: str,
     model_name: str,
-    device: str | None,
-    dtype: str | None,
-    coordinates: str | None,
-    prepend_bos: bool | None,
     heads: bool,
     layer_spec: str,
     top_k: int,
@@ -52,7 +48,7 @@ def inspect(
         raise click.UsageError("--plot draws the rank of --token; give --token too")
     if plot is not None and plot.exists() and not force:
         raise BadInputError(f"{plot} exists; pass --force to overwrite it")
-    model = load_cli_model(model_name, None, device, dtype, coordinates, prepend_bos)
+    model = load_cli_model(model_name, None)
     layers = parse_int_spec(layer_spec, "layer", universe=range(model.dims.n_layers))
     report = project_attention(model, prompt, layers=layers, heads=heads, top_k=top_k, token=token)
     if plot is not None:

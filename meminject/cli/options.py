@@ -81,8 +81,10 @@ def outside_paths_option(f: Any) -> Any:
 
 def model_options(f: Any = None, *, memory_files: bool = True) -> Any:
     """--device, --dtype, --coordinates, --prepend-bos, --threads and
-    --allow-pickle-weights, as every model-loading command takes them. ``memory_files``:
-    whether the command reads memory files, whose ``[model]`` table gives defaults."""
+    --allow-pickle-weights, as every model-loading command takes them. Their values go to
+    the click context for :func:`load_cli_model`, so a command's body names none of them.
+    ``memory_files``: whether the command reads memory files, whose ``[model]`` table
+    gives defaults."""
     files = "the memory files' [model], else " if memory_files else ""
 
     def decorate(f: Any) -> Any:
@@ -109,6 +111,8 @@ def model_options(f: Any = None, *, memory_files: bool = True) -> Any:
             "--prepend-bos/--no-prepend-bos",
             "prepend_bos",
             default=None,
+            expose_value=False,
+            callback=_to_meta,
             help=f"Put the BOS token before prompts (default: {files}the model source's "
             "convention; TransformerLens's 'prepend' for other models).",
         )(f)
@@ -116,6 +120,8 @@ def model_options(f: Any = None, *, memory_files: bool = True) -> Any:
             "--coordinates",
             type=click.Choice(["processed", "raw"]),
             default=None,
+            expose_value=False,
+            callback=_to_meta,
             help="Weight coordinates: processed (the paper's HookedTransformer: LayerNorm "
             f"folded, weights centred) or raw (default: {files}processed).",
         )(f)
@@ -123,35 +129,37 @@ def model_options(f: Any = None, *, memory_files: bool = True) -> Any:
             "--dtype",
             type=click.Choice(["float32", "float16", "bfloat16"]),
             default=None,
+            expose_value=False,
+            callback=_to_meta,
             help="Model dtype (default float32).",
         )(f)
-        f = click.option("--device", default=None, help="cpu, cuda, cuda:1 … (default: auto).")(f)
+        f = click.option(
+            "--device",
+            default=None,
+            expose_value=False,
+            callback=_to_meta,
+            help="cpu, cuda, cuda:1 … (default: auto).",
+        )(f)
         return f
 
     return decorate(f) if f is not None else decorate
 
 
-def load_cli_model(
-    model_name: str | None,
-    memory_set: Any,
-    device: str | None,
-    dtype: str | None,
-    coordinates: str | None,
-    prepend_bos: bool | None,
-    *,
-    light: bool = False,
-) -> Any:
+def load_cli_model(model_name: str | None, memory_set: Any, *, light: bool = False) -> Any:
     """The model a command runs on: ``--model``, else the files' ``[model] name``, else
     toyworld; coordinates and BOS from the flags, else the files' ``[model]`` table.
     ``light``: from its served snapshot when one is cached (see ``load_model``)."""
     from meminject.models import load_model
 
+    meta = click.get_current_context().meta
+    device, dtype = meta.get("meminject_device"), meta.get("meminject_dtype")
+    coordinates = meta.get("meminject_coordinates")
+    prepend_bos = meta.get("meminject_prepend_bos")
     info = memory_set.model_info() if memory_set is not None else None
     name = model_name or (info.name if info and info.name else None) or "toyworld"
     coords = coordinates or (info.coordinates if info and info.coordinates else "processed")
     if prepend_bos is None and info is not None:
         prepend_bos = info.prepend_bos
-    meta = click.get_current_context().meta
     threads = meta.get("meminject_threads")
     if threads is not None:
         import torch

@@ -112,10 +112,6 @@ from meminject.sweep.stats import DEFAULT_RANK, RANK_STATS
 def sweep(
     dataset: str,
     model_name: str,
-    device: str | None,
-    dtype: str | None,
-    coordinates: str | None,
-    prepend_bos: bool | None,
     layer_spec: str,
     tau_spec: str,
     encoding_spec: str,
@@ -201,7 +197,7 @@ def sweep(
         explicit_column=explicit_column,
         limit=limit,
     )
-    model = load_cli_model(model_name, None, device, dtype, coordinates, prepend_bos)
+    model = load_cli_model(model_name, None)
     dims = model.dims
     layers = parse_int_spec(layer_spec, "layer", universe=range(dims.n_layers))
     heads = parse_int_spec(head_spec, "head", universe=range(dims.n_heads)) if head_spec else None

@@ -33,10 +33,6 @@ def validate(
     paths: Sequence[str],
     model_name: str | None,
     all_problems: bool,
-    device: str | None,
-    dtype: str | None,
-    coordinates: str | None,
-    prepend_bos: bool | None,
     allow_outside_paths: bool,
 ) -> None:
     """Check memory files and directories (schema only unless --model is given)."""
@@ -54,7 +50,7 @@ def validate(
     if model_name is not None:
         from meminject.engine import compile_memories
 
-        model = load_cli_model(model_name, memory_set, device, dtype, coordinates, prepend_bos)
+        model = load_cli_model(model_name, memory_set)
         compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
         checked = f"schema and model '{model.name}'"
     n_files = len(memory_set.files)

@@ -340,3 +340,34 @@ def test_a_served_snapshot_answers_as_the_bridge_loaded_model(smollm2, tmp_path,
         light, NEPAL, SHIPPED / "kathmandu.toml", max_new_tokens=3
     ).completion.startswith(" Kathmandu")
     assert not light.has_bridge
+
+
+def test_a_control_vector_export_reproduces_the_memory_on_the_raw_checkpoint(smollm2, tmp_path):
+    """The Kathmandu memory moved to block 12's output, exported for llama.cpp and added
+    back with a plain hook on the raw checkpoint (as llama.cpp runs it), gives the same
+    next-token distribution as meminject on the processed model (measured: 3.3e-05 nats
+    at most over the vocabulary; top-1 ' the' both ways, ' Kath' without the memory)."""
+    from click.testing import CliRunner
+
+    from meminject.cli import cli
+    from meminject.export_llama_cpp import read_control_vector
+    from tests.integration.test_export_llama_cpp import meminject_log_probs, raw_log_probs
+
+    path = _memory(
+        tmp_path, 'name = "k"\ntext = "Kathmandu"\nlayer = 12\nsite = "resid_post"\ntau = 6.0\n'
+    )
+    out = tmp_path / "kathmandu.gguf"
+    result = CliRunner().invoke(
+        cli, ["export", str(path), "--model", "smollm2-135m", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    meta, vectors = read_control_vector(out)
+    assert meta["controlvector.model_hint"] == "llama" and sorted(vectors) == [12]
+    ours = meminject_log_probs(smollm2, path, NEPAL)
+    baseline = meminject_log_probs(smollm2, None, NEPAL)
+    theirs = raw_log_probs(Path(smollm2.source), smollm2.tokenize(NEPAL), vectors)
+    error = float((ours - theirs).abs().max())
+    top = [smollm2.token_str(int(lp.argmax())) for lp in (ours, theirs, baseline)]
+    print(f"round-trip error {error:.2e} nats; top-1 {top}")
+    assert error < 1e-3, error
+    assert top[0] == top[1] != top[2]
