@@ -20,7 +20,7 @@ The loop only talks to :class:`meminject.backends.Backend`: there is no branch p
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,6 +49,22 @@ class TokenProb:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model (before temperature,
+    filters and penalty), and the ``logprobs`` most likely tokens at that step."""
+
+    token: str
+    token_id: int
+    logprob: float
+    top: tuple[tuple[str, int, float], ...] = ()  # (token, id, log-probability)
+
+
+#: Called after each row picks a token: (the prompt's index, the token id). Returning
+#: False ends that prompt there (finish reason ``cancelled``); the others go on.
+OnToken = Callable[[int, int], "bool | None"]
+
+
+@dataclass(frozen=True)
 class DecodeOptions:
     """How one prompt is decoded; the names and meanings follow ``transformers``.
 
@@ -57,6 +73,8 @@ class DecodeOptions:
     divides the positive scores (multiplies the negative ones) of tokens already in the
     prompt or the completion. ``stop``: the completion ends before the first of these
     strings. ``show_top``: how many most likely next tokens after the prompt to report.
+    ``logprobs``: report each generated token's log-probability and this many most
+    likely alternatives at its step (None: nothing; OpenAI's ``top_logprobs``).
     """
 
     max_new_tokens: int = 20
@@ -68,6 +86,7 @@ class DecodeOptions:
     stop: tuple[str, ...] = ()
     stop_at_eos: bool = True
     show_top: int = 0
+    logprobs: int | None = None
 
     def check(self, vocab: int) -> None:
         """Refuse what would otherwise fail deep inside torch."""
@@ -93,6 +112,8 @@ class DecodeOptions:
             raise BadInputError(
                 f"show_top must be between 0 and the vocabulary size {vocab}, not {self.show_top}"
             )
+        if self.logprobs is not None and not 0 <= self.logprobs <= min(vocab, 20):
+            raise BadInputError(f"logprobs must be between 0 and 20, not {self.logprobs}")
 
 
 @dataclass(frozen=True)
@@ -104,15 +125,21 @@ class Generation:
     top_next: list[TokenProb] = field(default_factory=list)  # after the prompt, before sampling
     backend: str = "bridge"  # the backend that ran the forward passes
     backend_note: str | None = None  # why backends tried before it were passed over
-    #: ``eos``, ``stop`` (a stop string), ``length`` (max_new_tokens) or ``context`` (n_ctx).
+    #: ``eos``, ``stop`` (a stop string), ``length`` (max_new_tokens), ``context``
+    #: (n_ctx) or ``cancelled`` (an ``on_token`` callback ended it).
     finish_reason: str = "length"
+    #: One per new token when ``DecodeOptions.logprobs`` is set, else empty.
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def text(self) -> str:
         return self.prompt + self.completion
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.token_logprobs:
+            del data["token_logprobs"]
+        return data
 
 
 def top_tokens(model: LoadedModel, logits: torch.Tensor, k: int) -> list[TokenProb]:
@@ -270,6 +297,7 @@ def generate_batch(
     use_kv_cache: bool = True,
     registry: Registry | None = None,
     backend: str = "auto",
+    on_token: OnToken | None = None,
 ) -> list[Generation]:
     """Generate a completion for each prompt, ``batch_size`` prompts per forward.
 
@@ -278,7 +306,8 @@ def generate_batch(
     object share its compiled hooks. ``options``: one :class:`DecodeOptions` for all,
     or one per prompt.
     Results come back in the order of ``prompts``; each equals the prompt run alone
-    (greedy tokens exactly; sampled ones too, given the same seed).
+    (greedy tokens exactly; sampled ones too, given the same seed). ``on_token`` sees
+    each token as it is picked (streaming) and may end a prompt early (a client gone).
     """
     from meminject.backends import select_backend
 
@@ -297,7 +326,7 @@ def generate_batch(
         if key not in compiled_by_id:
             compiled_by_id[key] = as_compiled(model, mems, registry)
         ids = prompt_ids(model, prompt, chat)
-        rows.append(_Row(index, prompt, ids, compiled_by_id[key], key, opt))
+        rows.append(_Row(index, prompt, ids, compiled_by_id[key], key, opt, on_token))
     hook_names = sorted({c.hook.hook_name for hooks in compiled_by_id.values() for c in hooks})
     chosen, note = select_backend(model, hook_names, backend, registry)
     results: list[Generation | None] = [None] * len(rows)
@@ -315,7 +344,9 @@ class _Row:
     compiled: list[CompiledHook]
     set_key: int
     options: DecodeOptions
+    on_token: OnToken | None = None
     new_tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     top: list[TokenProb] = field(default_factory=list)
     finish_reason: str | None = None
     completion: str | None = None  # set when a stop string cut it
@@ -544,7 +575,11 @@ def _step_row(
         scores = penalised(last, row.ids + row.new_tokens, opt.repetition_penalty)
         token = pick_token(scores, opt, generator)
     row.new_tokens.append(token)
-    if opt.stop_at_eos and eos is not None and token == eos:
+    if opt.logprobs is not None:
+        row.logprobs.append(_token_logprob(model, last, token, opt.logprobs))
+    if row.on_token is not None and row.on_token(row.index, token) is False:
+        row.finish_reason = "cancelled"
+    elif opt.stop_at_eos and eos is not None and token == eos:
         row.finish_reason = "eos"
     elif opt.stop and _cut_at_stop(model, row):
         row.finish_reason = "stop"
@@ -553,6 +588,19 @@ def _step_row(
     elif len(row.ids) + len(row.new_tokens) > n_ctx:
         row.finish_reason = "context"
     return token
+
+
+def _token_logprob(model: LoadedModel, last: Tensor, token: int, k: int) -> TokenLogprob:
+    import torch
+
+    logprobs = torch.log_softmax(last.float(), dim=-1)
+    top: tuple[tuple[str, int, float], ...] = ()
+    if k:
+        values, ids = torch.topk(logprobs, k)
+        top = tuple(
+            (model.token_str(i), i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True)
+        )
+    return TokenLogprob(model.token_str(token), token, float(logprobs[token]), top)
 
 
 def _cut_at_stop(model: LoadedModel, row: _Row) -> bool:
@@ -578,6 +626,7 @@ def _result(model: LoadedModel, row: _Row, backend: str, note: str | None) -> Ge
         backend=backend,
         backend_note=note,
         finish_reason=row.finish_reason or "length",
+        token_logprobs=list(row.logprobs),
     )
 
 

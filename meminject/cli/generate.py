@@ -138,7 +138,8 @@ def generate(
     from meminject.generation import DecodeOptions, decode_options
 
     params = click.get_current_context().params
-    names = {f.name for f in dataclasses.fields(DecodeOptions)} - {"stop_at_eos"}
+    # Per-token log-probabilities are for callers that read them (the Python API).
+    names = {f.name for f in dataclasses.fields(DecodeOptions)} - {"stop_at_eos", "logprobs"}
     options = decode_options(**{name: params[name] for name in names}, stop_at_eos=not ignore_eos)
     common: dict[str, Any] = dict(chat=chat, use_kv_cache=not no_kv_cache, backend=backend)
     if requests is not None:

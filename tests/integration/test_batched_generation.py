@@ -290,3 +290,51 @@ def test_gated_and_added_memories_at_one_site_batch_like_solo(tiny, tmp_path, ba
     assert [g.new_tokens for g in batch] == [g.new_tokens for g in alone]
     plain = generate(model, PROMPTS[0], None, max_new_tokens=6, stop_at_eos=False)
     assert batch[0].new_tokens != plain.new_tokens  # the gate fired for the keyed prompt
+
+
+def test_on_token_streams_each_rows_tokens_and_can_end_one_row(tiny):
+    """The callback sees every row's tokens in order as they are picked (what a server
+    streams); returning False ends that row there ("cancelled", a client gone) while
+    the rows beside it generate exactly what they generate alone."""
+    model = tiny["llama"]
+    sets = memory_sets("llama", '"all"')[:3]
+    prompts = PROMPTS[:3]
+    options = DecodeOptions(max_new_tokens=8, stop_at_eos=False)
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+
+    def stream(index: int, token: int) -> bool:
+        seen[index].append(token)
+        return not (index == 1 and len(seen[1]) == 3)
+
+    batch = generate_batch(
+        model, prompts, memories_per_prompt=sets, options=options, batch_size=3, on_token=stream
+    )
+    alone = [
+        generate_batch(model, [p], memories_per_prompt=[s], options=options)[0]
+        for p, s in zip(prompts, sets, strict=True)
+    ]
+    assert [seen[i] for i in range(3)] == [g.new_tokens for g in batch]
+    assert batch[1].finish_reason == "cancelled" and len(batch[1].new_tokens) == 3
+    assert batch[1].new_tokens == alone[1].new_tokens[:3]
+    for i in (0, 2):
+        assert batch[i].new_tokens == alone[i].new_tokens and batch[i].finish_reason == "length"
+
+
+def test_token_logprobs_are_the_models_log_softmax(tiny):
+    model = tiny["gpt2"]
+    result = generate(model, PROMPTS[0], max_new_tokens=4, stop_at_eos=False, logprobs=3)
+    assert [t.token_id for t in result.token_logprobs] == result.new_tokens
+    # Recompute each step's distribution with a plain forward over prompt + tokens so far.
+    ids = list(result.prompt_tokens)
+    for step in result.token_logprobs:
+        with torch.no_grad():
+            logits = model.bridge(torch.tensor([ids]))[0, -1]
+        expected = torch.log_softmax(logits.float(), -1)
+        assert abs(step.logprob - float(expected[step.token_id])) < 1e-4
+        assert [t[1] for t in step.top] == expected.topk(3).indices.tolist()
+        assert step.top[0][1] == step.token_id  # greedy: the chosen token is the top one
+        ids.append(step.token_id)
+    assert "token_logprobs" in result.to_dict()
+    assert "token_logprobs" not in generate(model, PROMPTS[0], max_new_tokens=2).to_dict()
+    with pytest.raises(BadInputError, match="logprobs must be between 0 and 20"):
+        generate(model, PROMPTS[0], max_new_tokens=2, logprobs=21)
