@@ -20,7 +20,7 @@ The loop only talks to :class:`meminject.backends.Backend`: there is no branch p
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -209,30 +209,43 @@ def pick_token(
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
-def prompt_ids(model: LoadedModel, prompt: str, chat: bool = False) -> list[int]:
+#: A prompt: text, or chat messages (``{"role": …, "content": …}``) for the chat template.
+Prompt = str | Sequence[Mapping[str, str]]
+
+
+def prompt_ids(model: LoadedModel, prompt: Prompt, chat: bool = False) -> list[int]:
     """The prompt's token ids: BOS as the model is loaded, or the tokenizer's chat
-    template (one user turn and the assistant's opening) with ``chat``."""
+    template with ``chat`` (one user turn and the assistant's opening) or when the
+    prompt is a list of messages (the whole conversation)."""
+    if isinstance(prompt, str):
+        _check_utf8(prompt)
+        if not chat:
+            return model.check_prompt_ids(model.tokenize(prompt))
+        messages: list[Mapping[str, str]] = [{"role": "user", "content": prompt}]
+    else:
+        messages = list(prompt)
+        for message in messages:
+            _check_utf8(str(message.get("content", "")))
+    tokenizer = model.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise BadInputError(
+            f"model '{model.name}' has no chat template in its tokenizer; drop --chat"
+        )
+    out = tokenizer.apply_chat_template(
+        [dict(m) for m in messages], add_generation_prompt=True, tokenize=True
+    )
+    ids = out["input_ids"] if hasattr(out, "keys") else out
+    return model.check_prompt_ids([int(t) for t in ids])
+
+
+def _check_utf8(text: str) -> None:
     try:
-        prompt.encode("utf-8")
+        text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise BadInputError(
             f"the prompt is not valid UTF-8 (byte {exc.object[exc.start]!r} at character "
             f"{exc.start})"
         ) from exc
-    if not chat:
-        ids = model.tokenize(prompt)
-    else:
-        tokenizer = model.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise BadInputError(
-                f"model '{model.name}' has no chat template in its tokenizer; drop --chat"
-            )
-        out = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
-        )
-        ids = out["input_ids"] if hasattr(out, "keys") else out
-        ids = [int(t) for t in ids]
-    return model.check_prompt_ids(ids)
 
 
 def decode_options(**options: Any) -> DecodeOptions:
@@ -287,7 +300,7 @@ def generate(
 
 def generate_batch(
     model: LoadedModel,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     memories: MemoriesArg | None = None,
     *,
     memories_per_prompt: Sequence[MemoriesArg | None] | None = None,
@@ -326,7 +339,8 @@ def generate_batch(
         if key not in compiled_by_id:
             compiled_by_id[key] = as_compiled(model, mems, registry)
         ids = prompt_ids(model, prompt, chat)
-        rows.append(_Row(index, prompt, ids, compiled_by_id[key], key, opt, on_token))
+        text = prompt if isinstance(prompt, str) else model.decode(ids)
+        rows.append(_Row(index, text, ids, compiled_by_id[key], key, opt, on_token))
     hook_names = sorted({c.hook.hook_name for hooks in compiled_by_id.values() for c in hooks})
     chosen, note = select_backend(model, hook_names, backend, registry)
     results: list[Generation | None] = [None] * len(rows)

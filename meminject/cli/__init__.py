@@ -24,6 +24,7 @@ from meminject.cli import (
     inspect,
     learn,
     listings,
+    serve,
     sweep,
     validate,
 )
@@ -87,6 +88,7 @@ for _command in (
     evaluate.evaluate,
     export.export,
     sweep.sweep,
+    serve.serve,
     inspect.inspect,
     listings.plugins,
     listings.encoders,

@@ -20,6 +20,7 @@ import click
 from meminject.cli.options import (
     file_in_option,
     load_cli_model,
+    memories_option,
     model_option,
     number_option,
     outside_paths_option,
@@ -29,14 +30,7 @@ from meminject.errors import BadInputError
 
 @click.command()
 @click.argument("prompt", required=False)
-@click.option(
-    "-m",
-    "--memories",
-    "memory_paths",
-    multiple=True,
-    type=click.Path(),
-    help="Memory file or directory (repeatable).",
-)
+@memories_option("Memory file or directory (repeatable).")
 @file_in_option(
     "--prompts",
     "prompts_file",

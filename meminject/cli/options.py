@@ -71,6 +71,13 @@ def file_out_option(*decls: str, help: str) -> Any:
     )
 
 
+def memories_option(help: str) -> Any:
+    """``-m/--memories``: memory files or directories, repeatable."""
+    return click.option(
+        "-m", "--memories", "memory_paths", multiple=True, type=click.Path(), help=help
+    )
+
+
 def outside_paths_option(f: Any) -> Any:
     return click.option(
         "--allow-outside-paths",
