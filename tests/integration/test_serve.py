@@ -54,49 +54,59 @@ def served(model_dirs, tmp_path_factory):
     config["chat_template"] = CHAT_TEMPLATE
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     memories = write(root / "memories.toml", MEMORIES)
-    port = free_port()
-    log = (root / "server.log").open("w")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "meminject.cli",
-            "serve",
-            "--model",
-            str(directory),
-            "-m",
-            str(memories),
-            "--port",
-            str(port),
-            "--api-key",
-            KEY,
-            "--served-name",
-            "tiny",
-            "--batch-wait-ms",
-            "200",
-            "--batch-size",
-            "4",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=dict(os.environ),
+    process, base = start_server(
+        root,
+        directory,
+        memories,
+        "--api-key",
+        KEY,
+        "--served-name",
+        "tiny",
+        "--batch-wait-ms",
+        "200",
+        "--batch-size",
+        "4",
     )
+    yield {"base": base, "dir": directory, "memories": memories, "process": process}
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def start_server(root, directory, memories, *flags):
+    """``meminject serve`` in a child process on a free port, once it answers."""
+    port = free_port()
+    log_path = root / f"server-{port}.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "meminject.cli",
+                "serve",
+                "--model",
+                str(directory),
+                "-m",
+                str(memories),
+                "--port",
+                str(port),
+                *flags,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
+        )
     base = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 180
     while True:
         try:
             if httpx.get(f"{base}/models", headers=auth()).status_code == 200:
-                break
+                return process, base
         except httpx.TransportError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError((root / "server.log").read_text())
+            raise RuntimeError(log_path.read_text())
         time.sleep(0.3)
-    yield {"base": base, "dir": directory, "memories": memories, "process": process}
-    process.terminate()
-    process.wait(timeout=30)
-    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +304,35 @@ def test_bad_memory_files_stop_the_server_before_it_listens(model_dirs, tmp_path
     assert done.returncode == 2
     assert "bad.toml" in done.stderr and "layer" in done.stderr
     assert "serving" not in done.stderr
+
+
+def test_a_full_queue_answers_503_and_the_rest_are_served(served, tmp_path):
+    """One request at a time and one waiting: of eight sent at once, the ones that find
+    the queue full get 503 (code queue_full); every other gets its answer."""
+    process, base = start_server(
+        tmp_path,
+        served["dir"],
+        served["memories"],
+        "--batch-size",
+        "1",
+        "--batch-wait-ms",
+        "0",
+        "--max-queue",
+        "1",
+    )
+
+    def ask(_: int) -> httpx.Response:
+        body = {"prompt": PROMPT, "max_tokens": 60, "temperature": 0}
+        return httpx.post(f"{base}/completions", json=body, timeout=120)
+
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            replies = list(pool.map(ask, range(8)))
+        codes = sorted(r.status_code for r in replies)
+        assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
+        full = next(r for r in replies if r.status_code == 503).json()["error"]
+        assert full["code"] == "queue_full"
+        assert httpx.get(f"{base}/models").status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
