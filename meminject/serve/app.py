@@ -158,9 +158,9 @@ class Server:
         eos = self.model.tokenizer.eos_token_id
         return self.model.decode([t for t in tokens if t != eos])
 
-    async def stream(self, job: Job, chunk: Any, stops: tuple[str, ...]) -> AsyncIterator[str]:
+    async def stream(self, job: Job, chunk: Any, request: Any) -> AsyncIterator[str]:
         """Server-sent events: text deltas as tokens arrive, then the finish reason."""
-        holdback = max((len(s) for s in stops), default=1) - 1
+        holdback = max((len(s) for s in request.stops()), default=1) - 1
         try:
             sent, tokens = "", []
             while (token := await job.tokens.get()) is not None:
@@ -176,6 +176,8 @@ class Server:
             if result.completion.startswith(sent) and len(result.completion) > len(sent):
                 yield _event(chunk(result.completion[len(sent) :], None))
             yield _event(chunk("", _FINISH.get(result.finish_reason, "length")))
+            if request.include_usage():
+                yield _event({**chunk("", None), "choices": [], "usage": _usage(result)})
             yield "data: [DONE]\n\n"
         except Exception as exc:
             yield _event({"error": _error_body(exc)["error"]})
@@ -275,7 +277,7 @@ def create_app(server: Server) -> Starlette:
                     choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
                     return {**head, "choices": [choice]}
 
-                return _sse(server.stream(job, chunk, body.stops()))
+                return _sse(server.stream(job, chunk, body))
             result = await _wait(job)
             choice = {
                 "index": 0,
@@ -311,7 +313,7 @@ def create_app(server: Server) -> Starlette:
                     choice = {"index": 0, "delta": delta, "finish_reason": finish}
                     return {**head, "object": "chat.completion.chunk", "choices": [choice]}
 
-                return _sse(server.stream(job, chunk, body.stops()))
+                return _sse(server.stream(job, chunk, body))
             result = await _wait(job)
             choice = {
                 "index": 0,

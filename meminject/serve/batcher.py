@@ -60,7 +60,6 @@ class Batcher:
         self.allow_outside_paths = allow_outside_paths
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self._compiled: dict[tuple[Any, ...], Any] = {}
-        self.batches = 0  # how many generate_batch calls ran (for tests and logs)
         self._thread = threading.Thread(target=self._work, name="meminject-batcher", daemon=True)
         self._thread.start()
 
@@ -135,7 +134,6 @@ class Batcher:
                 backend=self.backend,
                 on_token=on_token,
             )
-            self.batches += 1
         except Exception as exc:  # one batch's failure is its requests' error, not the server's
             for job in jobs:
                 job.loop.call_soon_threadsafe(_fail, job, exc)

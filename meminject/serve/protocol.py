@@ -45,6 +45,10 @@ class _Sampling(_Strict):
     #: Names of loaded memories (or choices with overrides); None or [] for none.
     memories: list[str | MemoryChoice] | None = None
 
+    def include_usage(self) -> bool:
+        """``stream_options.include_usage``: a last chunk with the token counts."""
+        return bool((self.stream_options or {}).get("include_usage"))
+
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
             return ()

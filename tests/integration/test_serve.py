@@ -177,7 +177,10 @@ def test_a_request_can_override_tau(served, local):
 
 
 def test_streaming_joins_to_the_same_text(served, local):
-    chunks = complete(served, ["london"], stream=True)
+    chunks = list(complete(served, ["london"], stream=True, stream_options={"include_usage": True}))
+    *chunks, last = chunks
+    want_tokens = len(expected(local, served, PROMPT, ["london"]).new_tokens)
+    assert last.choices == [] and last.usage.completion_tokens == want_tokens
     parts = [(c.choices[0].text, c.choices[0].finish_reason) for c in chunks]
     assert (
         "".join(text for text, _ in parts) == expected(local, served, PROMPT, ["london"]).completion
