@@ -106,7 +106,7 @@ def bench_throughput(name: str, target: str, hf_dir: Path, repeats: int, peers: 
 
     from meminject.engine import compile_memories
     from meminject.generation import DecodeOptions, generate_batch
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     model = load_model(target)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
@@ -289,7 +289,7 @@ print("PEAK", next(int(x.split()[1]) for x in open("/proc/self/status")
 CHILD_OURS = r"""
 import json, sys
 from meminject.generation import generate
-from meminject.models import load_model
+from meminject.loading import load_model
 model = load_model(sys.argv[1], light=True)
 result = generate(model, "The capital city of Nepal is located in", json.loads(sys.argv[2]),
                   max_new_tokens=64, stop_at_eos=False, backend="hf")
@@ -327,7 +327,7 @@ def bench_process(name: str, target: str, hf_dir: Path, repeats: int, work: Path
     """Whole processes: plain HF, meminject's API and CLI on the model's served snapshot
     (written here first, as a first ``meminject generate`` would), and that first run."""
     from meminject import snapshots
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     os.environ[snapshots.SNAPSHOTS_ENV] = str(work / "served")
     memories = three_memories(load_model(target).dims.n_layers)

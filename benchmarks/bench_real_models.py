@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 CHILD = r"""
 import json, resource, sys, time
 start = time.perf_counter()
-from meminject.models import load_model
+from meminject.loading import load_model
 from meminject.generation import generate
 model = load_model(sys.argv[1])
 loaded = time.perf_counter() - start

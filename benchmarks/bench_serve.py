@@ -95,11 +95,10 @@ def load(base: str, jobs: list[tuple[str, list[str]]], memories: bool) -> tuple[
 def in_process(memory_file: Path, jobs: list[tuple[str, list[str]]]) -> tuple[float, int]:
     from meminject.engine import compile_memories
     from meminject.generation import DecodeOptions, generate_batch
-    from meminject.memfile import load_memory_set
-    from meminject.models import load_model
+    from meminject.loading import load_memories, load_model
 
     model = load_model("smollm2-135m", light=True)
-    memory_set = load_memory_set([memory_file])
+    memory_set = load_memories([memory_file])
     compiled = {
         tuple(names): compile_memories(model, memory_set.subset(names)) if names else None
         for names in SETS

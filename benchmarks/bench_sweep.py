@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import torch
 
-    from meminject.models import load_model
+    from meminject.loading import load_model
     from meminject.specs import parse_float_spec
     from meminject.sweep import SweepConfig, reference_cell, run_sweep
     from meminject.testing import build_tiny_model

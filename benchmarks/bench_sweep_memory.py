@@ -48,7 +48,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
     from bench_sweep import prompts  # this script's own folder is sys.path[0]
 
-    from meminject.models import load_model
+    from meminject.loading import load_model
     from meminject.sweep import SweepConfig, run_sweep
 
     torch.set_num_threads(args.threads)

@@ -94,7 +94,7 @@ def bench_generation(model_dir: Path, work: Path, repeats: int, rows: list[list[
 
     from meminject.engine import compile_memories
     from meminject.generation import generate
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     model = load_model(model_dir)
     plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()  # default attention (sdpa)

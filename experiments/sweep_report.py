@@ -223,11 +223,11 @@ def main() -> None:
         if body is None:
             print(f"no memory file written: no cell helps ({args.memory})")
         else:
-            from meminject.memfile import load_memory_set
+            from meminject.loading import load_memories
 
             args.memory.parent.mkdir(parents=True, exist_ok=True)
             args.memory.write_text(body, encoding="utf-8")
-            load_memory_set([args.memory])  # a file meminject reads back
+            load_memories([args.memory])  # a file meminject reads back
             print(f"memory file: {args.memory}")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{args.name}.md").write_text(text, encoding="utf-8")

@@ -19,9 +19,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_model": "meminject.models",
-    "LoadedModel": "meminject.models",
-    "load_memories": "meminject.memfile",
+    "load_model": "meminject.loading",
+    "LoadedModel": "meminject.model_handle",
+    "load_memories": "meminject.loading",
     "MemorySet": "meminject.memfile",
     "inject": "meminject.engine",
     "compile_memories": "meminject.engine",
@@ -41,4 +41,4 @@ def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'meminject' has no attribute {name!r}")
     module = import_module(_EXPORTS[name])
-    return getattr(module, "load_memory_set" if name == "load_memories" else name)
+    return getattr(module, name)

@@ -10,7 +10,6 @@ exception, and the bridge's ``use_attn_result`` flag is put back as it was.
 from __future__ import annotations
 
 import os
-import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -18,7 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
-from meminject.errors import BadInputError, InjectionError, MeminjectError, PluginError
+from meminject.backends.bridge import BridgeBackend
+from meminject.dtypes import dtype_name
+from meminject.errors import (
+    BadInputError,
+    InjectionError,
+    Location,
+    MeminjectError,
+    MemoryFileError,
+    PluginError,
+)
 from meminject.extension import EncodeRequest, InjectionContext, SiteHook
 from meminject.memfile import (
     MemoryEntry,
@@ -27,12 +35,12 @@ from meminject.memfile import (
     load_memory_set,
     memories_from_tables,
 )
+from meminject.plugins import Registry, get_registry
 
 if TYPE_CHECKING:
     import torch
 
-    from meminject.models import LoadedModel
-    from meminject.plugins import Registry
+    from meminject.model_handle import LoadedModel
 
 #: A loaded set; a path or paths to files and directories; or ``[[memory]]`` tables as
 #: dicts (one, or a list), validated as a file's would be.
@@ -52,6 +60,7 @@ def as_memory_set(memories: MemoriesLike, registry: Registry | None = None) -> M
     """Accept a loaded set, paths to files and directories, or memory tables (dicts)."""
     if isinstance(memories, MemorySet):
         return memories
+    registry = registry or get_registry()
     if isinstance(memories, (str, os.PathLike)):
         return load_memory_set([Path(memories)], registry)
     if isinstance(memories, Mapping):
@@ -153,7 +162,7 @@ def checked_encoding(vector: Any, model: LoadedModel, entry: Any, where: str) ->
     elif tuple(vector.shape) != (d_model,):
         problem = f"returned shape {tuple(vector.shape)}"
     elif not vector.is_floating_point():
-        problem = f"returned dtype {str(vector.dtype).removeprefix('torch.')}, not a float"
+        problem = f"returned dtype {dtype_name(vector.dtype)}, not a float"
     elif not bool(vector.isfinite().all()):
         problem = "returned non-finite values"
     if problem is not None:
@@ -163,6 +172,25 @@ def checked_encoding(vector: Any, model: LoadedModel, entry: Any, where: str) ->
             f"finite float tensor of shape ({d_model},), the model's d_model",
         )
     return vector
+
+
+def check_coordinates_of(memory_set: MemorySet, model: LoadedModel) -> None:
+    """Refuse a set whose ``[model] coordinates`` the model was not loaded in, unless the
+    caller chose the model's coordinates: on the command line the table would have
+    chosen them, so running the set in others silently would make the same file behave
+    differently from Python. ``load_model(..., memories=set)`` applies the table."""
+    info = memory_set.model_info()
+    if info is None or info.coordinates is None or info.coordinates == model.coordinates:
+        return
+    if model.coordinates_asked:
+        return
+    path = next(f.path for f in memory_set.files if f.model and f.model.coordinates)
+    raise MemoryFileError(
+        f"[model] coordinates = '{info.coordinates}', but model '{model.name}' is loaded in "
+        f"'{model.coordinates}' coordinates; load it with load_model(..., memories=…) or "
+        f"coordinates='{info.coordinates}'",
+        Location(path, None, None, "model.coordinates"),
+    )
 
 
 def compile_memories(
@@ -177,11 +205,10 @@ def compile_memories(
     ``allow_outside_paths`` lets tensor files live outside their memory file's
     directory (absolute paths, ``..``, symlinks); off by default for untrusted sets.
     """
-    from meminject.plugins import get_registry
-
     registry = registry or get_registry()
     memory_set = as_memory_set(memories, registry)
     check_against_model(memory_set, model.dims)
+    check_coordinates_of(memory_set, model)
     compiler = _Compiler(model, registry, memory_set.entries, allow_outside_paths)
     by_strategy: dict[str, list[Any]] = defaultdict(list)
     for entry in memory_set.entries:
@@ -222,56 +249,6 @@ def chain_parts(hook_name: str, parts: list[CompiledHook], ctx: InjectionContext
         return activation
 
     return run
-
-
-_RESID_MID = re.compile(r"^blocks\.(\d+)\.hook_resid_mid$")
-
-
-def bridge_fwd_hooks(
-    model: LoadedModel, fwd_hooks: Sequence[tuple[str, Any]]
-) -> list[tuple[str, Any]]:
-    """The hooks to give the bridge for ``fwd_hooks``, with ``resid_mid`` lowered.
-
-    TransformerBridge's ``hook_resid_mid`` is the input of the second LayerNorm: a
-    change made there reaches the MLP but never the residual stream, whereas DESIGN
-    §4's ``a ← a + τ·v`` at resid_mid (HookedTransformer's meaning) changes the stream
-    itself. In a sequential block resid_mid = resid_pre + attn_out, so the change is
-    made to the attention output instead: the block input is kept (after any
-    resid_pre hooks), and after any attn_out hooks the resid_mid hooks see
-    ``resid_pre + attn_out`` and their difference is added to the attention output.
-    """
-    lowered: list[tuple[str, Any]] = []
-    mids: dict[int, list[Any]] = defaultdict(list)
-    for name, fn in fwd_hooks:
-        match = _RESID_MID.match(name)
-        if match is None:
-            lowered.append((name, fn))
-        else:
-            mids[int(match.group(1))].append(fn)
-    if mids and model.facts.parallel_attn_mlp:
-        raise BadInputError(
-            f"model '{model.name}' runs attention and MLP in parallel, so it has no resid_mid"
-        )
-    for layer, fns in mids.items():
-        lowered.extend(_resid_mid_pair(layer, fns))
-    return lowered
-
-
-def _resid_mid_pair(layer: int, fns: list[Any]) -> list[tuple[str, Any]]:
-    kept: list[torch.Tensor] = []
-
-    def keep(resid_pre: torch.Tensor, hook: Any) -> torch.Tensor:
-        kept[:] = [resid_pre]
-        return resid_pre
-
-    def apply(attn_out: torch.Tensor, hook: Any) -> torch.Tensor:
-        mid = kept[0] + attn_out
-        new = mid
-        for fn in fns:
-            new = fn(new, hook)
-        return attn_out + (new - mid)
-
-    return [(f"blocks.{layer}.hook_resid_pre", keep), (f"blocks.{layer}.hook_attn_out", apply)]
 
 
 #: What ``inject`` and ``generate`` accept: a set, paths, or hooks compiled beforehand.
@@ -321,8 +298,6 @@ def inject(
     sits in the sequence; code that runs its own KV-cached loop updates
     ``ctx.offset`` (``generate`` does this for you).
     """
-    from meminject.backends.bridge import BridgeBackend
-
     ctx = context or InjectionContext()
     grouped = group_by_hook(as_compiled(model, memories, registry))
     backend = BridgeBackend(model)

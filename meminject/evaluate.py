@@ -30,7 +30,7 @@ from meminject.errors import BadInputError
 
 if TYPE_CHECKING:
     from meminject.engine import MemoriesArg
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
 
 KINDS = ("edit", "positive", "negative", "neutral")
 

@@ -39,7 +39,7 @@ from meminject.errors import BadInputError
 
 if TYPE_CHECKING:
     from meminject.memfile import MemoryEntry, MemorySet
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
 
 ARCHITECTURE = "controlvector"
 

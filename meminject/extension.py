@@ -12,13 +12,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from meminject.schema import MemoryBase, PositionMode
+from meminject.sites import hook_name, site_info
 
 if TYPE_CHECKING:
     import torch
     from pydantic import BaseModel
 
     from meminject.memfile import MemoryEntry
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,14 @@ class SiteHook:
     #: The same change as ``body``, as data, when it is nothing but additions; empty
     #: when the body does something else (a gate, a plugin's computation).
     additions: tuple[Addition, ...] = ()
+
+
+def site_hook(site: str, layer: int, body: HookBody) -> SiteHook:
+    """A :class:`SiteHook` running ``body`` at ``site`` of ``layer``, with the bridge asked
+    for per-head results when the site needs them. The one way a strategy should build
+    its hooks: it cannot misspell a hook point or forget the flag."""
+    info = site_info(site)
+    return SiteHook(hook_name(site, layer), body, needs_attn_result=info.per_head)
 
 
 class CompileContext(Protocol):

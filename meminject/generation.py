@@ -25,7 +25,15 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from meminject.engine import CompiledHook, MemoriesArg, as_compiled, chain_parts, group_by_hook
+from meminject.engine import (
+    CompiledHook,
+    MemoriesArg,
+    as_compiled,
+    as_memory_set,
+    chain_parts,
+    compile_memories,
+    group_by_hook,
+)
 from meminject.errors import BadInputError, InjectionError
 from meminject.extension import InjectionContext
 
@@ -35,7 +43,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from meminject.backends import Backend
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
     from meminject.plugins import Registry
 
 MAX_SEED = 2**64 - 1
@@ -213,14 +221,17 @@ def pick_token(
 Prompt = str | Sequence[Mapping[str, str]]
 
 
-def prompt_ids(model: LoadedModel, prompt: Prompt, chat: bool = False) -> list[int]:
-    """The prompt's token ids: BOS as the model is loaded, or the tokenizer's chat
-    template with ``chat`` (one user turn and the assistant's opening) or when the
-    prompt is a list of messages (the whole conversation)."""
+def prompt_ids(
+    model: LoadedModel, prompt: Prompt, chat: bool = False, prepend_bos: bool | None = None
+) -> list[int]:
+    """The prompt's token ids: BOS as ``prepend_bos`` says (None: as the model is
+    loaded), or the tokenizer's chat template with ``chat`` (one user turn and the
+    assistant's opening) or when the prompt is a list of messages (the whole
+    conversation)."""
     if isinstance(prompt, str):
         _check_utf8(prompt)
         if not chat:
-            return model.check_prompt_ids(model.tokenize(prompt))
+            return model.check_prompt_ids(model.tokenize(prompt, prepend_bos))
         messages: list[Mapping[str, str]] = [{"role": "user", "content": prompt}]
     else:
         messages = list(prompt)
@@ -333,12 +344,13 @@ def generate_batch(
     for opt in all_options:
         opt.check(vocab)
     compiled_by_id: dict[int, list[CompiledHook]] = {}
+    bos_by_id: dict[int, bool] = {}
     rows: list[_Row] = []
     for index, (prompt, mems, opt) in enumerate(zip(prompts, per_prompt, all_options, strict=True)):
         key = id(mems)
         if key not in compiled_by_id:
-            compiled_by_id[key] = as_compiled(model, mems, registry)
-        ids = prompt_ids(model, prompt, chat)
+            compiled_by_id[key], bos_by_id[key] = _compiled_and_bos(model, mems, registry)
+        ids = prompt_ids(model, prompt, chat, bos_by_id[key])
         text = prompt if isinstance(prompt, str) else model.decode(ids)
         rows.append(_Row(index, text, ids, compiled_by_id[key], key, opt, on_token))
     hook_names = sorted({c.hook.hook_name for hooks in compiled_by_id.values() for c in hooks})
@@ -348,6 +360,20 @@ def generate_batch(
         for row in _run_chunk(model, chosen, chunk, use_kv_cache):
             results[row.index] = _result(model, row, chosen.name, note)
     return [r for r in results if r is not None]
+
+
+def _compiled_and_bos(
+    model: LoadedModel, memories: MemoriesArg | None, registry: Registry | None
+) -> tuple[list[CompiledHook], bool]:
+    """A set's hooks, and whether its prompts start with BOS: the set's ``[model]
+    prepend_bos`` applies unless the caller chose, as on the command line."""
+    if memories is None or (
+        isinstance(memories, list) and all(isinstance(m, CompiledHook) for m in memories)
+    ):
+        return as_compiled(model, memories, registry), model.prepend_bos
+    memory_set = as_memory_set(memories, registry)  # type: ignore[arg-type]
+    bos = model.prepend_bos_for(memory_set.model_info())
+    return compile_memories(model, memory_set, registry), bos
 
 
 @dataclass
@@ -495,7 +521,7 @@ def _run_chunk(
     longest = max(len(r.ids) for r in chunk)
     pads = [longest - len(r.ids) for r in chunk]
     padded = any(pads)
-    pad_id = _pad_id(model)
+    pad_id = model.pad_token_id
     sequence = torch.tensor(
         [[pad_id] * pad + row.ids for pad, row in zip(pads, chunk, strict=True)],
         dtype=torch.long,
@@ -642,15 +668,6 @@ def _result(model: LoadedModel, row: _Row, backend: str, note: str | None) -> Ge
         finish_reason=row.finish_reason or "length",
         token_logprobs=list(row.logprobs),
     )
-
-
-def _pad_id(model: LoadedModel) -> int:
-    """What fills a left-padded row's empty columns (masked out, so any id would do)."""
-    tokenizer = model.tokenizer
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def _generator(model: LoadedModel, seed: int | None) -> torch.Generator | None:

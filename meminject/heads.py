@@ -3,7 +3,7 @@
 The paper injects memories into single heads. Read literally (add ``v`` to head h's
 result, ``attn.hook_result``), that is not a per-head operation at all: a head's result
 reaches the residual stream only through the sum over heads, so every head gives the
-same model, the one that adds ``v`` to the attention output (DESIGN §4; a test shows it).
+same model, the one that adds ``v`` to the attention output (docs/architecture.md#strategies).
 A head sweep on that site is a table of identical rows.
 
 What does differ between heads is *what they can write*. Head h writes
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from jaxtyping import Float
     from torch import Tensor
 
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
 
 #: Relative singular-value threshold below which a direction of ``W_O[h]`` counts as
 #: unwritable (the head's output projection is rank-deficient there).

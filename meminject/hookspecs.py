@@ -40,7 +40,7 @@ def register_strategies(register: Any) -> None:
     ``memory_model`` (a subclass of :class:`meminject.schema.MemoryBase` with a field
     ``strategy: Literal["<name>"]``) is the memory's table in a file and states the
     strategy's one name; its ``compile`` turns memories into hooks (build them with
-    :func:`meminject.sites.site_hook`).
+    :func:`meminject.extension.site_hook`).
     """
 
 
@@ -81,7 +81,7 @@ def register_backends(register: Any) -> None:
     """Register backends that run a model's forward passes during generation.
 
     Call ``register(name, factory, description="", *, auto=False)``. ``factory`` takes
-    the :class:`meminject.models.LoadedModel` and returns an object implementing
+    the :class:`meminject.model_handle.LoadedModel` and returns an object implementing
     :class:`meminject.backends.Backend` (``name``, ``features``, ``unsupported``,
     ``hooks``, ``forward``), or raises :class:`meminject.backends.BackendUnavailable`
     saying why it cannot run that model. It is called once per model, on first use.

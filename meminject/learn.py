@@ -1,4 +1,4 @@
-"""Learning gradient-derived local memories (DESIGN §5), and choosing their gate boundary.
+"""Learning gradient-derived local memories and their gate boundary (docs/local-memories.md).
 
 For a prompt and a target, the activation ``a`` at one site (layer ℓ, one position)
 is the memory's key, and the delta is found by gradient steps on the cross-entropy
@@ -25,17 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meminject.engine import bridge_fwd_hooks
+from meminject.backends.bridge import bridge_fwd_hooks
+from meminject.dtypes import dtype_name
 from meminject.errors import BadInputError, Location, MeminjectError, MemoryFileError, echo
+from meminject.extension import site_hook
 from meminject.fsread import FS_ERRORS, describe_mode, fs_reason, read_user_text
 from meminject.memfile import toml_value
 from meminject.schema import NAME_PATTERN, MemoryBase
-from meminject.sites import LAYER_SITES, hook_name, site_hook
+from meminject.sites import LAYER_SITES, hook_name
 
 if TYPE_CHECKING:
     from torch import Tensor
 
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
 
 LEARN_SITES = LAYER_SITES
 DEFAULT_GRID = tuple(round(0.05 * i, 4) for i in range(1, 41))  # 0.05 … 2.0
@@ -123,8 +125,9 @@ def check_output(
 
 def _check_appendable(out: Path, name: str, model: LoadedModel | None) -> None:
     from meminject.memfile import read_memory_file, tomllib
+    from meminject.plugins import get_registry
 
-    old = read_memory_file(out)  # errors name the file, line, memory and field
+    old = read_memory_file(out, get_registry())  # errors name the file, line, memory and field
     if name in {e.name for e in old.entries}:
         raise BadInputError(f"{out} already has a memory named '{name}'")
     source = old.entries[0].source if old.entries else out.read_text(encoding="utf-8")
@@ -384,7 +387,7 @@ def check_finite(tensor: Tensor, what: str, dtype: Any = None, hint: str = "") -
         raise BadInputError(f"the learned {what} is not finite (inf or nan){tail}")
     if dtype is not None and not bool(torch.isfinite(tensor.to(dtype)).all()):
         largest = float(tensor.abs().max())
-        name = str(dtype).removeprefix("torch.")
+        name = dtype_name(dtype)
         raise BadInputError(
             f"the learned {what} overflows {name} (largest entry {largest:.3g}){tail}"
         )
@@ -547,9 +550,9 @@ def gated_top1(
     the same hook body as the ``gated`` strategy."""
     import torch
 
-    from meminject.default_plugins.strategies import gate_body
     from meminject.engine import CompiledHook, inject
     from meminject.extension import InjectionContext
+    from meminject.gates import gate_body
 
     device = model.device
     body = gate_body(
@@ -700,8 +703,9 @@ def write_learned(
     old_has_model = False
     if exists and append:
         from meminject.memfile import read_memory_file
+        from meminject.plugins import get_registry
 
-        old_has_model = read_memory_file(out).model is not None
+        old_has_model = read_memory_file(out, get_registry()).model is not None
         old_text = out.read_text(encoding="utf-8").rstrip() + "\n"
     elif exists:
         previous_tensors = _tensor_files(out)
@@ -765,13 +769,14 @@ def _check_text(out: Path, text: str, name: str) -> None:
     import tempfile
 
     from meminject.memfile import load_memory_set
+    from meminject.plugins import get_registry
 
     try:
         with tempfile.TemporaryDirectory(prefix="meminject-learn-") as folder:
             staged = Path(folder) / out.name
             staged.write_text(text, encoding="utf-8")
             try:
-                load_memory_set([staged])
+                load_memory_set([staged], get_registry())
             except MemoryFileError as exc:
                 where = Location(None, None, exc.location.memory, exc.location.field).render()
                 detail = exc.message.replace(str(staged), str(out))
@@ -828,10 +833,11 @@ def _tensor_files(toml_path: Path) -> list[Path]:
     those inside its directory, by the same rule that governs reading them."""
     from meminject.errors import MemoryFileError
     from meminject.memfile import read_memory_file
+    from meminject.plugins import get_registry
     from meminject.tensorfile import resolve_path
 
     try:
-        loaded = read_memory_file(toml_path)
+        loaded = read_memory_file(toml_path, get_registry())
     except MemoryFileError:
         return []
     files = []

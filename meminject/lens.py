@@ -34,13 +34,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meminject.errors import BadInputError
+from meminject.sites import hook_name
 
 if TYPE_CHECKING:
     import numpy as np
     from jaxtyping import Float
     from torch import Tensor
 
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -141,9 +142,9 @@ def project_attention(
         )
     token_id = token_id_for(model, token) if token is not None else None
     tokens = model.to_tokens(prompt)
-    names = [f"blocks.{layer}.hook_attn_out" for layer in chosen]
+    names = [hook_name("attn_out", layer) for layer in chosen]
     if heads:
-        names += [f"blocks.{layer}.attn.hook_result" for layer in chosen]
+        names += [hook_name("attn_result", layer) for layer in chosen]
     wanted = set(names)
     bridge = model.bridge
     had_result = bool(getattr(bridge.cfg, "use_attn_result", False))
@@ -161,9 +162,9 @@ def project_attention(
         vectors = []
         for layer in chosen:
             rows.append((layer, None))
-            vectors.append(cache[f"blocks.{layer}.hook_attn_out"][0, -1])
+            vectors.append(cache[hook_name("attn_out", layer)][0, -1])
             if heads:
-                result = cache[f"blocks.{layer}.attn.hook_result"][0, -1]  # [head, d_model]
+                result = cache[hook_name("attn_result", layer)][0, -1]  # [head, d_model]
                 for h in range(result.shape[0]):
                     rows.append((layer, h))
                     vectors.append(result[h])

@@ -17,13 +17,16 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
 from meminject.errors import Location, MemoryFileError, echo, shorten
 from meminject.fsread import FS_ERRORS, ReadRefused, fs_reason, read_regular
 from meminject.schema import FORMAT_VERSION, NAME_PATTERN, FieldValueError, MemoryBase, ModelInfo
+
+if TYPE_CHECKING:
+    from meminject.model_handle import ModelDims
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -299,7 +302,25 @@ def _read_text(path: Path) -> str:
         return ""
 
 
-def _known_keys(registry: Any) -> list[str]:
+class FileRegistry(Protocol):
+    """What reading memory files needs of the plugin registry: the file model assembled
+    from the registered strategies and encoders, and their names for suggestions.
+    :class:`meminject.plugins.Registry` is one; the entry points that take no registry
+    (:func:`meminject.loading.load_memories`, the CLI) pass the default one."""
+
+    @property
+    def file_model(self) -> type[BaseModel]: ...
+
+    @property
+    def strategies(self) -> Mapping[str, Any]: ...
+
+    @property
+    def encoders(self) -> Mapping[str, Any]: ...
+
+    def plugins_off_note(self) -> str: ...
+
+
+def _known_keys(registry: FileRegistry) -> list[str]:
     keys = {"version", "model", "memory", *ModelInfo.model_fields}
     models: list[type[BaseModel]] = [
         e.strategy_cls.memory_model for e in registry.strategies.values()
@@ -315,12 +336,11 @@ def _known_keys(registry: Any) -> list[str]:
     return sorted(keys)
 
 
-def _plugins_off(registry: Any) -> str:
-    note = getattr(registry, "plugins_off_note", None)
-    return note() if note is not None else ""
+def _plugins_off(registry: FileRegistry) -> str:
+    return registry.plugins_off_note()
 
 
-def _describe(err: dict[str, Any], registry: Any) -> str:
+def _describe(err: dict[str, Any], registry: FileRegistry) -> str:
     kind = err["type"]
     msg = str(err["msg"])
     loc = err["loc"]
@@ -372,7 +392,7 @@ def _describe(err: dict[str, Any], registry: Any) -> str:
 
 
 def _location_of(
-    err: dict[str, Any], path: Path, data: dict[str, Any], source: str, registry: Any
+    err: dict[str, Any], path: Path, data: dict[str, Any], source: str, registry: FileRegistry
 ) -> Location:
     # Union branches show up in locations as labels like "literal['all','last']"; a
     # TOML path never contains brackets, so they are dropped.
@@ -451,7 +471,7 @@ def _parse(path: Path) -> tuple[str, dict[str, Any]]:
 
 
 def _validate(
-    path: Path, registry: Any, limit: int | None = None
+    path: Path, registry: FileRegistry, limit: int | None = None
 ) -> tuple[LoadedFile | None, list[MemoryFileError], int]:
     """A file's validated contents, or its problems: at most ``limit`` of them as errors
     (all when ``None``), and how many there are. Unknown keys come first: a typo shows up
@@ -462,7 +482,7 @@ def _validate(
 
 
 def _validate_data(
-    path: Path, source: str, data: dict[str, Any], registry: Any, limit: int | None = None
+    path: Path, source: str, data: dict[str, Any], registry: FileRegistry, limit: int | None = None
 ) -> tuple[LoadedFile | None, list[MemoryFileError], int]:
     try:
         validated: Any = registry.file_model.model_validate(data)
@@ -484,12 +504,10 @@ def _validate_data(
     return LoadedFile(path, validated.model, entries), duplicates, len(duplicates)
 
 
-def read_memory_file(path: Path | str, registry: Any | None = None) -> LoadedFile:
+def read_memory_file(path: Path | str, registry: FileRegistry) -> LoadedFile:
     """Read and validate one memory file; the first problem is raised, with a count of the
     others (:func:`memory_set_problems` lists them all)."""
-    from meminject.plugins import get_registry
-
-    loaded, problems, count = _validate(Path(path), registry or get_registry(), limit=1)
+    loaded, problems, count = _validate(Path(path), registry, limit=1)
     if problems:
         first, more = problems[0], count - 1
         if more and loaded is None:
@@ -524,8 +542,8 @@ PYTHON_SOURCE = "<python>"
 def memories_from_tables(
     tables: Mapping[str, Any] | Sequence[Mapping[str, Any]],
     *,
+    registry: FileRegistry,
     model: Mapping[str, Any] | None = None,
-    registry: Any | None = None,
 ) -> MemorySet:
     """A memory set from ``[[memory]]`` tables written as Python dicts, validated exactly
     as a file's (strategy, encoder ``params``, every field), so a script or notebook
@@ -537,8 +555,6 @@ def memories_from_tables(
     ``model`` is the optional ``[model]`` table. Errors name ``<python>``, the memory and
     the field. Relative tensor paths (gated memories) are relative to the working
     directory."""
-    from meminject.plugins import get_registry
-
     listed = [tables] if isinstance(tables, Mapping) else list(tables)
     if not all(isinstance(t, Mapping) for t in listed):
         raise MemoryFileError("each memory must be a table (a dict)", Location(PYTHON_SOURCE))
@@ -546,7 +562,7 @@ def memories_from_tables(
     if model is not None:
         data["model"] = dict(model)
     path = Path(PYTHON_SOURCE)
-    loaded, problems, count = _validate_data(path, "", data, registry or get_registry(), 1)
+    loaded, problems, count = _validate_data(path, "", data, registry, 1)
     if problems:
         more = count - 1
         first = problems[0]
@@ -665,7 +681,7 @@ def expand_paths(paths: Sequence[Path | str]) -> list[Path]:
     return out
 
 
-def load_memory_set(paths: Sequence[Path | str], registry: Any | None = None) -> MemorySet:
+def load_memory_set(paths: Sequence[Path | str], registry: FileRegistry) -> MemorySet:
     """Load files and directories into one set; memory names must be unique across it."""
     files = [read_memory_file(p, registry) for p in expand_paths(paths)]
     _check_unique(entry for f in files for entry in f.entries)
@@ -675,15 +691,12 @@ def load_memory_set(paths: Sequence[Path | str], registry: Any | None = None) ->
 
 
 def memory_set_problems(
-    paths: Sequence[Path | str], registry: Any | None = None
+    paths: Sequence[Path | str], registry: FileRegistry
 ) -> list[MemoryFileError]:
     """Every problem :func:`load_memory_set` would stop at, not only the first: in the
     order of ``paths``, a path that cannot be expanded, a file that cannot be parsed, each
     validation error and repeated name of each file; then names repeated across files and
     ``[model]`` disagreements."""
-    from meminject.plugins import get_registry
-
-    registry = registry or get_registry()
     problems: list[MemoryFileError] = []
     loaded: list[LoadedFile] = []
     seen: set[Path] = set()
@@ -719,17 +732,6 @@ def memory_set_problems(
     except MemoryFileError as exc:
         problems.append(exc)
     return problems
-
-
-@dataclass(frozen=True)
-class ModelDims:
-    """The numbers of a loaded model that memory files are checked against."""
-
-    n_layers: int
-    n_heads: int
-    d_model: int
-    d_vocab: int
-    n_ctx: int
 
 
 def check_against_model(memory_set: MemorySet, dims: ModelDims) -> None:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
     from meminject.plugins import Registry
 
 
@@ -59,7 +59,7 @@ class TinyModels:
 
     def __call__(self, arch: str = "gpt2", coordinates: str = "processed") -> LoadedModel:
         """The tiny ``arch`` model loaded through :func:`meminject.load_model`."""
-        from meminject.models import load_model
+        from meminject.loading import load_model
 
         key = (arch, coordinates)
         if key not in self._loaded:

@@ -1,4 +1,4 @@
-"""Pydantic models of the memory file format (DESIGN §3).
+"""Pydantic models of the memory file format (docs/memory-files.md).
 
 The file-level model is not static: which strategies exist, and which encoders
 take a parameter table, is only known once plugins are loaded. The static pieces

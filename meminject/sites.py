@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from meminject.extension import HookBody, SiteHook
-    from meminject.models import LoadedModel
+    pass
 
 Width = Literal["d_model", "d_mlp", "heads"]
 
@@ -39,9 +38,22 @@ class SiteInfo:
     #: a quantity the stream is later computed from).
     writes_residual: bool
     description: str
+    #: Where a plain Hugging Face block computes it, for backends that run without the
+    #: bridge: (the module's role in the block, how to read it there): ``input`` or
+    #: ``output`` of the module, ``heads_input`` (its input, split per head) or
+    #: ``resid_mid`` (the block's input plus that module's output). None: only the
+    #: bridge has it. Roles: block, attn (the attention's own output), attn_contribution
+    #: and mlp_contribution (what is added to the stream), attn_out_proj, mlp_out_proj.
+    plain: tuple[str, str] | None = None
+    #: Whether a change here reaches the residual stream only through the sum of the
+    #: heads, so strategies lower it onto :func:`heads_sum_site`.
+    through_heads: bool = False
+    #: Whether a memory file may name it (the heads' sum is for lowering only).
+    in_files: bool = True
 
 
-SITES: dict[str, SiteInfo] = {
+#: Every site, the ones memory files name and the heads' sum strategies lower onto.
+TABLE: dict[str, SiteInfo] = {
     s.name: s
     for s in (
         SiteInfo(
@@ -50,6 +62,7 @@ SITES: dict[str, SiteInfo] = {
             "d_model",
             per_head=True,
             writes_residual=False,
+            through_heads=True,
             description="One head's output, before the heads are summed ([n_heads, d_model] "
             "per position; a memory picks one head).",
         ),
@@ -59,6 +72,7 @@ SITES: dict[str, SiteInfo] = {
             "d_model",
             per_head=False,
             writes_residual=True,
+            plain=("attn_contribution", "output"),
             description="The attention layer's output, added to the residual stream.",
         ),
         SiteInfo(
@@ -67,6 +81,8 @@ SITES: dict[str, SiteInfo] = {
             "heads",
             per_head=False,
             writes_residual=False,
+            plain=("attn_out_proj", "heads_input"),
+            through_heads=True,
             description="Each head's value-weighted mix, before the output projection "
             "([n_heads, d_head] per position).",
         ),
@@ -76,6 +92,7 @@ SITES: dict[str, SiteInfo] = {
             "d_mlp",
             per_head=False,
             writes_residual=False,
+            plain=("mlp_out_proj", "input"),
             description="The MLP's hidden activation, after the nonlinearity ([d_mlp]).",
         ),
         SiteInfo(
@@ -84,6 +101,7 @@ SITES: dict[str, SiteInfo] = {
             "d_model",
             per_head=False,
             writes_residual=True,
+            plain=("mlp_contribution", "output"),
             description="The MLP's output, added to the residual stream.",
         ),
         SiteInfo(
@@ -92,6 +110,7 @@ SITES: dict[str, SiteInfo] = {
             "d_model",
             per_head=False,
             writes_residual=True,
+            plain=("block", "input"),
             description="The residual stream entering the block.",
         ),
         SiteInfo(
@@ -100,6 +119,7 @@ SITES: dict[str, SiteInfo] = {
             "d_model",
             per_head=False,
             writes_residual=True,
+            plain=("attn_contribution", "resid_mid"),
             description="The residual stream between attention and MLP (sequential blocks).",
         ),
         SiteInfo(
@@ -108,32 +128,52 @@ SITES: dict[str, SiteInfo] = {
             "d_model",
             per_head=False,
             writes_residual=True,
+            plain=("block", "output"),
             description="The residual stream leaving the block.",
+        ),
+        # The attention's own output, the sum of its heads before any post-attention
+        # norm (on Gemma 2/3, attn_out is that sum normalised). Not a site a memory file
+        # names: the add strategy lowers per-head memories onto it there.
+        SiteInfo(
+            "attn_heads_sum",
+            "blocks.{layer}.attn.hook_out",
+            "d_model",
+            per_head=False,
+            writes_residual=True,
+            description="The sum of the attention heads' results, before any post-attention norm.",
+            plain=("attn", "output"),
+            in_files=False,
         ),
     )
 }
 
-#: The attention's own output, the sum of its heads before any post-attention norm (on
-#: Gemma 2/3, ``attn_out`` is that sum normalised). Not a site a memory file names: the
-#: add strategy lowers per-head memories onto it there, and backends serve it.
-HEADS_SUM = SiteInfo(
-    "attn_heads_sum",
-    "blocks.{layer}.attn.hook_out",
-    "d_model",
-    per_head=False,
-    writes_residual=True,
-    description="The sum of the attention heads' results, before any post-attention norm.",
-)
+#: The sites a memory file may name.
+SITES: dict[str, SiteInfo] = {name: s for name, s in TABLE.items() if s.in_files}
+
+#: The heads' sum (see :func:`heads_sum_site`).
+HEADS_SUM = TABLE["attn_heads_sum"]
+
+#: Sites a plain Hugging Face model can hook (:attr:`SiteInfo.plain`).
+PLAIN_SITES: frozenset[str] = frozenset(name for name, s in TABLE.items() if s.plain is not None)
+
+
+def heads_sum_site(post_sublayer_norms: bool) -> SiteInfo:
+    """Where a change made through the heads (:attr:`SiteInfo.through_heads`) is added:
+    the attention output, or the heads' sum before the norm in blocks that normalise the
+    attention output before the residual add (Gemma 2/3), where the heads' results are
+    still exactly summands."""
+    return HEADS_SUM if post_sublayer_norms else TABLE["attn_out"]
+
 
 _HOOK_PATTERNS = [
     (re.compile("^" + re.escape(s.hook).replace(re.escape("{layer}"), r"(\d+)") + "$"), s)
-    for s in (*SITES.values(), HEADS_SUM)
+    for s in TABLE.values()
 ]
 
 
 def parse_hook_name(name: str) -> tuple[SiteInfo, int] | None:
     """The site and layer behind a hook point (``blocks.3.hook_mlp_out`` → mlp_out, 3),
-    for the sites above and :data:`HEADS_SUM`; None for any other hook point."""
+    for every site of :data:`TABLE`; None for any other hook point."""
     for pattern, info in _HOOK_PATTERNS:
         match = pattern.match(name)
         if match is not None:
@@ -152,7 +192,7 @@ LAYER_SITES: tuple[str, ...] = tuple(s.name for s in SITES.values() if not s.per
 def site_info(site: str) -> SiteInfo:
     """The table row of ``site``; a ValueError naming the known sites otherwise."""
     try:
-        return SITES[site]
+        return TABLE[site]
     except KeyError:
         raise ValueError(f"unknown site {site!r}; sites: {', '.join(SITES)}") from None
 
@@ -160,33 +200,6 @@ def site_info(site: str) -> SiteInfo:
 def hook_name(site: str, layer: int) -> str:
     """The TransformerLens hook point of ``site`` at ``layer``: ``blocks.3.hook_mlp_out``."""
     return site_info(site).hook.format(layer=int(layer))
-
-
-def site_shape(model: LoadedModel, site: str) -> tuple[int, ...]:
-    """Shape of one position's activation at ``site`` in ``model`` (per head for a
-    per-head site): what a key, a delta or an encoding used there must have."""
-    info = site_info(site)
-    facts = model.facts
-    dims = facts.dims
-    if info.width == "heads":
-        return (dims.n_heads, facts.d_head)
-    if info.width == "d_mlp":
-        if not facts.d_mlp:
-            from meminject.errors import BadInputError
-
-            raise BadInputError(f"model '{model.name}' does not report its MLP width (d_mlp)")
-        return (facts.d_mlp,)
-    return (dims.d_model,)
-
-
-def site_hook(site: str, layer: int, body: HookBody) -> SiteHook:
-    """A :class:`~meminject.extension.SiteHook` running ``body`` at ``site`` of ``layer``,
-    with the bridge asked for per-head results when the site needs them. The one way a
-    strategy should build its hooks: it cannot misspell a hook point or forget the flag."""
-    from meminject.extension import SiteHook
-
-    info = site_info(site)
-    return SiteHook(hook_name(site, layer), body, needs_attn_result=info.per_head)
 
 
 def table_rows() -> list[dict[str, Any]]:

@@ -31,13 +31,13 @@ snapshot is passed over and the model boots through the bridge as before.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,10 +49,10 @@ if TYPE_CHECKING:
     import torch
 
     from meminject.backends.hf import HFBackend
-    from meminject.models import BridgeRecipe, LoadedModel
+    from meminject.model_handle import BosRule, BridgeRecipe, LoadedModel
 
 SNAPSHOTS_ENV = "MEMINJECT_SNAPSHOTS"
-FORMAT = 1
+FORMAT = 2  # 2: the BOS convention recorded as the source's (None: TransformerLens's)
 MARKER = "meminject-served.json"
 WEIGHTS = "weights.safetensors"
 _PROBE = "meminject/probe_log_probs"
@@ -60,17 +60,6 @@ _OFFSET = "meminject/offset/"
 _VERSIONED = ("meminject", "transformer-lens", "transformers", "torch")
 
 log = logging.getLogger("meminject")
-
-
-@dataclass(eq=False)
-class Served:
-    """The plain model a light :class:`~meminject.models.LoadedModel` runs on."""
-
-    hf: Any
-    tokenizer: Any
-    device: str
-    dtype: torch.dtype
-    directory: Path
 
 
 def snapshots_root() -> Path | None:
@@ -106,10 +95,6 @@ def snapshot_dir(source_dir: Path, dtype: str, coordinates: str) -> Path | None:
     if root is None:
         return None
     return root / snapshot_key(source_dir, dtype, coordinates)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # -- writing ------------------------------------------------------------------------
@@ -156,12 +141,10 @@ def write(model: LoadedModel) -> Path | None:
 
 
 def _every_served_hook(model: LoadedModel) -> list[str]:
-    from meminject.backends.hf import SERVED_SITES
-    from meminject.sites import HEADS_SUM, SITES
+    from meminject.sites import PLAIN_SITES, TABLE, hook_name
 
-    infos = [info for info in (*SITES.values(), HEADS_SUM) if info.name in SERVED_SITES]
-    layers = range(model.dims.n_layers)
-    return [info.hook.format(layer=layer) for info in infos for layer in layers]
+    sites = [name for name in TABLE if name in PLAIN_SITES]
+    return [hook_name(site, layer) for site in sites for layer in range(model.dims.n_layers)]
 
 
 def _write_into(work: Path, model: LoadedModel, backend: HFBackend) -> None:
@@ -211,7 +194,7 @@ def _write_into(work: Path, model: LoadedModel, backend: HFBackend) -> None:
         "dtype": recipe.dtype,
         "coordinates": model.coordinates,
         "fingerprint": model.fingerprint(),
-        "prepend_bos_default": model.prepend_bos_default,
+        "bos_convention": model.bos.convention,
         "facts": model.facts.to_json(),
         "block_paths": backend.paths.to_json(),
         "logits_error": backend.logits_error,
@@ -239,7 +222,7 @@ def load_if_cached(
     device: str,
     dtype: str,
     coordinates: str,
-    prepend_bos: bool | None,
+    bos: BosRule,
     origin: str | None,
     recipe: BridgeRecipe,
 ) -> LoadedModel | None:
@@ -252,7 +235,7 @@ def load_if_cached(
         marker = json.loads((directory / MARKER).read_text(encoding="utf-8"))
         if marker.get("format") != FORMAT:
             return None
-        return _load(directory, marker, name, device, coordinates, prepend_bos, origin, recipe)
+        return _load(directory, marker, name, device, coordinates, bos, origin, recipe)
     except SnapshotRefused as exc:
         log.warning("meminject: served snapshot %s not used: %s", directory, exc)
         return None
@@ -271,7 +254,7 @@ def _load(
     name: str,
     device: str,
     coordinates: str,
-    prepend_bos: bool | None,
+    bos: BosRule,
     origin: str | None,
     recipe: BridgeRecipe,
 ) -> LoadedModel:
@@ -280,7 +263,7 @@ def _load(
     from transformers import AutoConfig, AutoTokenizer
 
     from meminject.backends.hf import BlockPaths, HFBackend, SiteMap, plain_on_meta
-    from meminject.models import LoadedModel, ModelFacts
+    from meminject.model_handle import LoadedModel, ModelFacts, Served
 
     tensors = load_file(str(directory / WEIGHTS), device=device)
     config = AutoConfig.from_pretrained(str(directory))
@@ -317,20 +300,19 @@ def _load(
         dtype=dtype,
         directory=directory,
     )
-    default_bos = bool(marker["prepend_bos_default"])
+    convention = marker["bos_convention"]
     loaded = LoadedModel(
         bridge=None,
         name=name,
         coordinates=coordinates,
         source=recipe.source,
-        prepend_bos=default_bos if prepend_bos is None else prepend_bos,
+        bos=dataclasses.replace(bos, convention=None if convention is None else bool(convention)),
         origin=origin,
         facts=ModelFacts.from_json(marker["facts"]),
         served=served,
         fingerprint=str(marker["fingerprint"]),
         bridge_recipe=recipe,
     )
-    loaded.prepend_bos_default = default_bos
     maps: dict[str, SiteMap | str] = {}
     for hook, recorded in marker["site_maps"].items():
         if "unsupported" in recorded:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from meminject import dtypes
 from meminject.errors import shorten
 from meminject.fsread import FS_ERRORS, fs_reason
 from meminject.memfile import MemoryEntry, structure_problem
@@ -145,7 +146,7 @@ def read_tensors(
                 field,
             )
         if tensor.dtype not in readable:
-            dtype_name = str(tensor.dtype).removeprefix("torch.")
+            dtype_name = dtypes.dtype_name(tensor.dtype)
             raise entry.error(f"tensor '{name}' in '{shown}' has dtype {dtype_name}; {_USE}", field)
         if not bool(torch.isfinite(tensor).all()):
             raise entry.error(f"tensor '{name}' in '{shown}' holds NaN or inf", field)

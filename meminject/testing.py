@@ -20,7 +20,10 @@ import textwrap
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from meminject.plugins import Registry
 
 ARCHITECTURES = ("gpt2", "neox", "llama")
 
@@ -150,7 +153,7 @@ def write_memory_file(path: Path | str, toml: str) -> Path:
     return path
 
 
-def invoke_cli(args: Sequence[str], registry: Any | None = None) -> Any:
+def invoke_cli(args: Sequence[str], registry: Registry | None = None) -> Any:
     """Run the ``meminject`` command line in this process and return click's ``Result``
     (``exit_code``, ``output``, ``exception``).
 

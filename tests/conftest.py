@@ -45,14 +45,14 @@ def gpt2_dir(model_dirs: dict[str, Path]) -> Path:
 
 @pytest.fixture(scope="session")
 def gpt2(gpt2_dir: Path):
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     return load_model(gpt2_dir)
 
 
 @pytest.fixture(scope="session")
 def gpt2_raw(gpt2_dir: Path):
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     return load_model(gpt2_dir, coordinates="raw")
 
@@ -61,7 +61,7 @@ def gpt2_raw(gpt2_dir: Path):
 def toyworld():
     """The embedded model, loaded once (its weights ship in the package)."""
     from meminject import toyworld as package
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     if not (Path(package.WEIGHTS_DIR) / "model.safetensors").is_file():
         pytest.skip("toyworld weights are not built")

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from jaxtyping import Float, Int
     from torch import Tensor
 
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
     from meminject.plugins import Registry
 
 #: A hook body in bridge (processed or raw, as loaded) coordinates: activation in, out.

@@ -2,23 +2,27 @@
 
 It serves every hook point the bridge has, per-head results included, at the cost of
 the bridge's per-component wrappers on every forward. ``resid_mid`` is lowered onto the
-attention output (see :func:`meminject.engine.bridge_fwd_hooks`), and the bridge is asked
+attention output (see :func:`bridge_fwd_hooks`), and the bridge is asked
 to compute per-head results only while a body needs them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from meminject.backends import Body, Step
+from meminject.errors import BadInputError
+from meminject.sites import hook_name, parse_hook_name
 
 if TYPE_CHECKING:
+    import torch
     from jaxtyping import Float
     from torch import Tensor
 
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
 
 
 class BridgeBackend:
@@ -29,9 +33,9 @@ class BridgeBackend:
         self.model = model
 
     def unsupported(self, hook_name: str) -> str | None:
-        if hook_name.endswith(".hook_resid_mid") and getattr(
-            self.model.cfg, "parallel_attn_mlp", False
-        ):
+        parsed = parse_hook_name(hook_name)
+        site = parsed[0] if parsed is not None else None
+        if site is not None and site.name == "resid_mid" and self.model.facts.parallel_attn_mlp:
             return (
                 f"model '{self.model.name}' runs attention and MLP in parallel, so it has "
                 "no resid_mid"
@@ -42,13 +46,11 @@ class BridgeBackend:
 
     @contextmanager
     def hooks(self, bodies: Mapping[str, Body]) -> Iterator[None]:
-        from meminject.engine import bridge_fwd_hooks
-
         bridge = self.model.bridge
         fwd_hooks = bridge_fwd_hooks(
             self.model, [(name, _with_hook_arg(body)) for name, body in bodies.items()]
         )
-        needs_result = any(name.endswith(".attn.hook_result") for name in bodies)
+        needs_result = any(_per_head(name) for name in bodies)
         had_result = bool(getattr(bridge.cfg, "use_attn_result", False))
         if needs_result and not had_result:
             bridge.set_use_attn_result(True)
@@ -85,3 +87,56 @@ def _with_hook_arg(body: Body) -> Any:
         return body(activation)
 
     return run
+
+
+def bridge_fwd_hooks(
+    model: LoadedModel, fwd_hooks: Sequence[tuple[str, Any]]
+) -> list[tuple[str, Any]]:
+    """The hooks to give the bridge for ``fwd_hooks``, with ``resid_mid`` lowered.
+
+    TransformerBridge's ``hook_resid_mid`` is the input of the second LayerNorm: a
+    change made there reaches the MLP but never the residual stream, whereas a memory's
+    ``a ← a + τ·v`` at resid_mid (HookedTransformer's meaning; docs/architecture.md,
+    "resid_mid means the residual stream") changes the stream itself. In a sequential
+    block resid_mid = resid_pre + attn_out, so the change is made to the attention
+    output instead: the block input is kept (after any resid_pre hooks), and after any
+    attn_out hooks the resid_mid hooks see ``resid_pre + attn_out`` and their difference
+    is added to the attention output.
+    """
+    lowered: list[tuple[str, Any]] = []
+    mids: dict[int, list[Any]] = defaultdict(list)
+    for name, fn in fwd_hooks:
+        parsed = parse_hook_name(name)
+        if parsed is None or parsed[0].name != "resid_mid":
+            lowered.append((name, fn))
+        else:
+            mids[parsed[1]].append(fn)
+    if mids and model.facts.parallel_attn_mlp:
+        raise BadInputError(
+            f"model '{model.name}' runs attention and MLP in parallel, so it has no resid_mid"
+        )
+    for layer, fns in mids.items():
+        lowered.extend(_resid_mid_pair(layer, fns))
+    return lowered
+
+
+def _resid_mid_pair(layer: int, fns: list[Any]) -> list[tuple[str, Any]]:
+    kept: list[torch.Tensor] = []
+
+    def keep(resid_pre: torch.Tensor, hook: Any) -> torch.Tensor:
+        kept[:] = [resid_pre]
+        return resid_pre
+
+    def apply(attn_out: torch.Tensor, hook: Any) -> torch.Tensor:
+        mid = kept[0] + attn_out
+        new = mid
+        for fn in fns:
+            new = fn(new, hook)
+        return attn_out + (new - mid)
+
+    return [(hook_name("resid_pre", layer), keep), (hook_name("attn_out", layer), apply)]
+
+
+def _per_head(name: str) -> bool:
+    parsed = parse_hook_name(name)
+    return parsed is not None and parsed[0].per_head

@@ -45,27 +45,12 @@ if TYPE_CHECKING:
     from jaxtyping import Float
     from torch import Tensor
 
-    from meminject.models import LoadedModel
-
-#: The sites (:mod:`meminject.sites`) whose modules the plain model can hook; per-head
-#: results (``attn_result``) exist only inside the bridge.
-SERVED_SITES = frozenset(
-    {
-        "resid_pre",
-        "resid_mid",
-        "resid_post",
-        "attn_out",
-        "attn_heads_sum",
-        "mlp_out",
-        "attn_z",
-        "mlp_post",
-    }
-)
+    from meminject.model_handle import LoadedModel
 
 
 def _served(name: str) -> tuple[SiteInfo, int] | None:
     parsed = parse_hook_name(name)
-    return parsed if parsed is not None and parsed[0].name in SERVED_SITES else None
+    return parsed if parsed is not None and parsed[0].plain is not None else None
 
 
 @dataclass(frozen=True)
@@ -248,8 +233,11 @@ class HFBackend:
         served = _served(name)
         if served is None:
             raise BackendUnavailable(f"hook point '{name}' has no plain-model equivalent")
-        kind, layer = served[0].name, served[1]
+        info, layer = served
+        assert info.plain is not None
+        role, how = info.plain
         mods = self._blocks[layer]
+        module = getattr(mods, role)
 
         def on_output(module: Any, args: Any, output: Any) -> Any:
             return _replace_first(output, _apply(site_map, body, _first(output)))
@@ -261,23 +249,15 @@ class HFBackend:
             kwargs["hidden_states"] = _apply(site_map, body, kwargs["hidden_states"])
             return args, kwargs
 
-        if kind == "resid_pre":
-            return [mods.block.register_forward_pre_hook(on_input, with_kwargs=True)]
-        if kind == "resid_post":
-            return [mods.block.register_forward_hook(on_output)]
-        if kind == "attn_out":
-            return [mods.attn_contribution.register_forward_hook(on_output)]
-        if kind == "attn_heads_sum":
-            return [mods.attn.register_forward_hook(on_output)]
-        if kind == "mlp_out":
-            return [mods.mlp_contribution.register_forward_hook(on_output)]
-        if kind == "mlp_post":
-            return [mods.mlp_out_proj.register_forward_pre_hook(on_input, with_kwargs=True)]
-        if kind == "attn_z":
-            return [self._install_z(mods, body, site_map)]
-        return self._install_resid_mid(mods, body, site_map)
+        if how == "input":
+            return [module.register_forward_pre_hook(on_input, with_kwargs=True)]
+        if how == "output":
+            return [module.register_forward_hook(on_output)]
+        if how == "heads_input":
+            return [self._install_z(module, body, site_map)]
+        return self._install_resid_mid(mods.block, module, body, site_map)
 
-    def _install_z(self, mods: _BlockModules, body: Body, site_map: SiteMap) -> Any:
+    def _install_z(self, out_proj: Any, body: Body, site_map: SiteMap) -> Any:
         n_heads = self.loaded.dims.n_heads
 
         def per_head(flat: Float[Tensor, "batch pos heads_x_d_head"]) -> Tensor:
@@ -287,9 +267,11 @@ class HFBackend:
         def on_input(module: Any, args: Any, kwargs: Any) -> Any:
             return (per_head(args[0]), *args[1:]), kwargs
 
-        return mods.attn_out_proj.register_forward_pre_hook(on_input, with_kwargs=True)
+        return out_proj.register_forward_pre_hook(on_input, with_kwargs=True)
 
-    def _install_resid_mid(self, mods: _BlockModules, body: Body, site_map: SiteMap) -> list[Any]:
+    def _install_resid_mid(
+        self, block: Any, attn_contribution: Any, body: Body, site_map: SiteMap
+    ) -> list[Any]:
         """resid_mid = resid_pre + attn_out in a sequential block, so a change to it is a
         change to the attention output; the block's input is kept to read it."""
         if self.parallel:
@@ -305,8 +287,8 @@ class HFBackend:
             return _replace_first(output, attn_out + (_apply(site_map, body, mid) - mid))
 
         return [
-            mods.block.register_forward_pre_hook(keep_input, with_kwargs=True),
-            mods.attn_contribution.register_forward_hook(on_attn),
+            block.register_forward_pre_hook(keep_input, with_kwargs=True),
+            attn_contribution.register_forward_hook(on_attn),
         ]
 
     # -- verification ----------------------------------------------------------------

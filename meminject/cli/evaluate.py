@@ -45,7 +45,7 @@ def evaluate(
     specificity (--negative) and the KL divergence on unrelated prompts (--neutral), with
     each prompt's continuation before and after."""
     from meminject.learn import read_prompt_lines
-    from meminject.memfile import load_memory_set
+    from meminject.loading import load_memories
 
     prompts: dict[str, Any] = {"edit": list(edit_prompts)}
     for kind, path in (
@@ -54,7 +54,7 @@ def evaluate(
         ("neutral", neutral_file),
     ):
         prompts[kind] = read_prompt_lines(path) if path is not None else []
-    memory_set = load_memory_set(memory_paths)
+    memory_set = load_memories(memory_paths)
     model = load_cli_model(model_name, memory_set)
 
     from meminject.engine import compile_memories

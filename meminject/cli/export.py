@@ -48,11 +48,11 @@ def export(
         model_hint,
         write_control_vector,
     )
-    from meminject.memfile import load_memory_set
+    from meminject.loading import load_memories
 
     if out.exists() and not force:
         raise BadInputError(f"{out} exists; pass --force to overwrite it")
-    memory_set = load_memory_set(memory_paths)
+    memory_set = load_memories(memory_paths)
     model = load_cli_model(model_name, memory_set, light=True)
     try:
         vectors = directions(model, memory_set, allow_outside_paths=allow_outside_paths)

@@ -109,7 +109,7 @@ def generate(
 ) -> None:
     """Generate a completion of PROMPT (or of every line of --prompts) with a memory set
     injected."""
-    from meminject.memfile import load_memory_set
+    from meminject.loading import load_memories
 
     if (prompt is None) == (prompts_file is None):
         raise BadInputError("give a PROMPT or --prompts FILE.jsonl (one of them)")
@@ -120,7 +120,7 @@ def generate(
         from meminject.prompt_file import read_prompt_requests
 
         requests = read_prompt_requests(prompts_file)  # checked before the model loads
-    memory_set = load_memory_set(memory_paths) if memory_paths else None
+    memory_set = load_memories(memory_paths) if memory_paths else None
     if requests is not None:
         _check_names(requests, memory_set)
     # A served snapshot (written by an earlier run) loads without TransformerLens.

@@ -6,6 +6,9 @@ from typing import Any
 
 import click
 
+from meminject.dtypes import DTYPES
+from meminject.model_handle import COORDINATES
+
 
 def _to_meta(ctx: click.Context, param: click.Parameter, value: Any) -> None:
     # Options every model-loading command shares but whose bodies never read: kept in
@@ -125,7 +128,7 @@ def model_options(f: Any = None, *, memory_files: bool = True) -> Any:
         )(f)
         f = click.option(
             "--coordinates",
-            type=click.Choice(["processed", "raw"]),
+            type=click.Choice(COORDINATES),
             default=None,
             expose_value=False,
             callback=_to_meta,
@@ -134,7 +137,7 @@ def model_options(f: Any = None, *, memory_files: bool = True) -> Any:
         )(f)
         f = click.option(
             "--dtype",
-            type=click.Choice(["float32", "float16", "bfloat16"]),
+            type=click.Choice(DTYPES),
             default=None,
             expose_value=False,
             callback=_to_meta,
@@ -153,31 +156,25 @@ def model_options(f: Any = None, *, memory_files: bool = True) -> Any:
 
 
 def load_cli_model(model_name: str | None, memory_set: Any, *, light: bool = False) -> Any:
-    """The model a command runs on: ``--model``, else the files' ``[model] name``, else
-    toyworld; coordinates and BOS from the flags, else the files' ``[model]`` table.
+    """The model a command runs on: :func:`meminject.loading.load_model` with the
+    command's flags and its memory set, whose ``[model]`` table gives the defaults the
+    flags leave open (the same rule the Python API follows).
     ``light``: from its served snapshot when one is cached (see ``load_model``)."""
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     meta = click.get_current_context().meta
-    device, dtype = meta.get("meminject_device"), meta.get("meminject_dtype")
-    coordinates = meta.get("meminject_coordinates")
-    prepend_bos = meta.get("meminject_prepend_bos")
-    info = memory_set.model_info() if memory_set is not None else None
-    name = model_name or (info.name if info and info.name else None) or "toyworld"
-    coords = coordinates or (info.coordinates if info and info.coordinates else "processed")
-    if prepend_bos is None and info is not None:
-        prepend_bos = info.prepend_bos
     threads = meta.get("meminject_threads")
     if threads is not None:
         import torch
 
         torch.set_num_threads(int(threads))
     return load_model(
-        name,
-        device=device,
-        dtype=dtype,
-        coordinates=coords,
-        prepend_bos=prepend_bos,
+        model_name,
+        memories=memory_set,
+        device=meta.get("meminject_device"),
+        dtype=meta.get("meminject_dtype"),
+        coordinates=meta.get("meminject_coordinates"),
+        prepend_bos=meta.get("meminject_prepend_bos"),
         allow_pickle_weights=bool(meta.get("meminject_allow_pickle_weights", False)),
         light=light,
     )

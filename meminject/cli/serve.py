@@ -62,9 +62,9 @@ def serve(
             "pip install 'meminject[serve]'"
         ) from None
     from meminject.engine import compile_memories
-    from meminject.memfile import load_memory_set
+    from meminject.loading import load_memories
 
-    memory_set = load_memory_set(memory_paths) if memory_paths else None
+    memory_set = load_memories(memory_paths) if memory_paths else None
     model = options.load_cli_model(model_name, memory_set, light=True)
     if memory_set is not None:  # bad files stop here, before the port is bound
         compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)

@@ -37,15 +37,17 @@ def validate(
 ) -> None:
     """Check memory files and directories (schema only unless --model is given)."""
     from meminject.errors import EXIT_BAD_INPUT
-    from meminject.memfile import load_memory_set, memory_set_problems
+    from meminject.loading import load_memories
+    from meminject.memfile import memory_set_problems
+    from meminject.plugins import get_registry
 
     if all_problems:
-        problems = memory_set_problems(paths)
+        problems = memory_set_problems(paths, get_registry())
         if problems:
             for problem in problems:
                 click.echo(f"Error: {problem}", err=True)
             click.get_current_context().exit(EXIT_BAD_INPUT)
-    memory_set = load_memory_set(paths)
+    memory_set = load_memories(paths)
     checked = "schema"
     if model_name is not None:
         from meminject.engine import compile_memories

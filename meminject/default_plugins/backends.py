@@ -13,7 +13,7 @@ from meminject.hookspecs import hookimpl
 
 if TYPE_CHECKING:
     from meminject.backends import Backend
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
 
 
 def _hf_factory(model: LoadedModel) -> Backend:

@@ -1,4 +1,4 @@
-"""Built-in encoders (DESIGN §4), registered through the same hook as plugins' encoders.
+"""Built-in encoders (docs/architecture.md#encoders), registered as plugins' encoders are.
 
 Text is tokenized without BOS, and ``embed``/``unembed`` count each distinct token
 once: the paper builds a multi-hot vector over the vocabulary, so a repeated token
@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from meminject.errors import BadInputError
 from meminject.hookspecs import hookimpl
+from meminject.sites import hook_name as site_hook_name
 
 if TYPE_CHECKING:
     from jaxtyping import Float
@@ -56,7 +57,7 @@ def encode_layer(request: EncodeRequest) -> Float[Tensor, " d_model"]:
         raise BadInputError(
             f"the text is {len(ids)} tokens, longer than the model's context of {model.dims.n_ctx}"
         )
-    hook_name = f"blocks.{request.layer}.hook_attn_out"
+    hook_name = site_hook_name("attn_out", request.layer)
     tokens = torch.tensor([ids], dtype=torch.long, device=model.device)
     with torch.no_grad():
         activation = capture_activation(model, tokens, hook_name, request.layer)

@@ -2,7 +2,7 @@
 
 ``toyworld`` is the embedded model (offline default); the real models are the sources
 of :mod:`meminject.model_sources`, each with where its weights are and how to pull
-them. Loading itself is :func:`meminject.models.load_model`'s.
+them. Loading itself is :func:`meminject.loading.load_model`'s.
 """
 
 from __future__ import annotations

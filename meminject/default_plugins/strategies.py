@@ -16,14 +16,15 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from meminject.dtypes import dtype_name
 from meminject.extension import Addition, CompileContext, InjectionContext, SiteHook, Strategy
+from meminject.gates import gate_body
 from meminject.heads import through_head
 from meminject.hookspecs import hookimpl
 from meminject.schema import AddMemory, GatedMemory
-from meminject.sites import HEADS_SUM, hook_name
+from meminject.sites import heads_sum_site, hook_name, site_info
 
 if TYPE_CHECKING:
-    from jaxtyping import Float
     from torch import Tensor
 
 
@@ -54,7 +55,7 @@ class AddStrategy(Strategy):
             if not bool(delta.isfinite().all()):
                 raise ctx.error(
                     memory,
-                    f"τ·v is not finite in {str(model.dtype).removeprefix('torch.')} "
+                    f"τ·v is not finite in {dtype_name(model.dtype)} "
                     f"(τ = {memory.tau:g}, largest |v| = {float(vector.abs().max()):g}); "
                     "use a smaller tau",
                     "tau",
@@ -71,11 +72,9 @@ class AddStrategy(Strategy):
             # (attn.hook_out), which is still exactly the sum.
             if site == "attn_z":
                 delta = through_head(model, memory.layer, memory.head, delta)
-            if site in ("attn_result", "attn_z"):
-                site = "attn_out"
-                if model.post_sublayer_norms:
-                    site = "attn_heads_sum"
-            point = _hook_name(site, memory.layer)
+            if site_info(site).through_heads:
+                site = heads_sum_site(model.post_sublayer_norms).name
+            point = hook_name(site, memory.layer)
             compiled_site[point] = (site, memory.layer)
             by_hook[point][_positions_key(memory.positions)] = (
                 memory.positions,
@@ -92,12 +91,6 @@ class AddStrategy(Strategy):
             )
             for name, groups in by_hook.items()
         ]
-
-
-def _hook_name(site: str, layer: int) -> str:
-    if site == HEADS_SUM.name:
-        return HEADS_SUM.hook.format(layer=layer)
-    return hook_name(site, layer)
 
 
 def _positions_key(positions: Any) -> str:
@@ -199,40 +192,6 @@ def _check_made_for(model: Any, memory: Any, entry: Any, ctx: CompileContext) ->
             f"'{model.name}' ({model.fingerprint()})",
             "tensors",
         )
-
-
-def gate_values(
-    flat: Float[Tensor, "batch pos width"],
-    keys: Float[Tensor, "memories width"],
-    boundary: Float[Tensor, " memories"],
-    hardness: Float[Tensor, " memories"],
-) -> Float[Tensor, "batch pos memories"]:
-    """s = exp(−(x²/b²)^h) with x = 1 − (a·k)/‖k‖², for every memory at once."""
-    x = 1.0 - (flat @ keys.T) / (keys * keys).sum(-1)
-    return (-(((x * x) / (boundary * boundary)) ** hardness)).exp()
-
-
-def gate_body(
-    keys: Tensor, deltas: Tensor, boundary: Tensor, hardness: Tensor, positions: Any
-) -> Any:
-    """The hook body of a bank of gated memories; ``learn`` scores boundaries with it too,
-    so the boundary chosen is the boundary applied."""
-
-    def body(activation: Tensor, ctx: InjectionContext) -> Tensor:
-        index = ctx.index(positions, activation.shape[1], activation.device)
-        if index is None:
-            return activation
-        selected = activation[:, index]
-        flat = selected.reshape(*selected.shape[:2], -1).to(keys.dtype)
-        gates = gate_values(flat, keys, boundary, hardness)
-        update = (gates @ deltas).reshape(selected.shape).to(activation.dtype)
-        if isinstance(index, slice) and index == slice(None):
-            return activation + update
-        out = activation.clone()
-        out[:, index] = selected + update
-        return out
-
-    return body
 
 
 @hookimpl

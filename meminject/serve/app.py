@@ -32,7 +32,7 @@ from meminject.serve.protocol import (
 if TYPE_CHECKING:
     from meminject.generation import Generation, TokenLogprob
     from meminject.memfile import MemorySet
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
 
 _FINISH = {"eos": "stop", "stop": "stop", "cancelled": "stop", "length": "length"}
 

@@ -23,7 +23,7 @@ from meminject.serve.protocol import APIError
 if TYPE_CHECKING:
     from meminject.generation import DecodeOptions, Generation, Prompt
     from meminject.memfile import MemorySet
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
 
 
 @dataclass(eq=False)

@@ -2,7 +2,7 @@
 much does injecting a prompt's memory raise the probability of its answer, against
 random controls?
 
-Semantics (DESIGN §4, §8). A cell injects with the ``add`` strategy at
+Semantics (docs/reproducing.md). A cell injects with the ``add`` strategy at
 ``blocks.ℓ.hook_attn_out`` (or head h's ``attn.hook_result``): ``a ← a + τ·v`` at
 **every position of the sequence fed to the model**, i.e. positions ``"all"`` as in the
 paper (with ``--answer-metric full`` the teacher-forced answer tokens are part of that
@@ -45,7 +45,7 @@ Why it is fast, and why that is still exact:
   replay (a difference above 1e-4 in log-probability) that batch falls back to full
   forward passes with the same hook, which is always correct.
 * **Heads are routed, not summed.** Adding ``v`` to one head's result adds exactly ``v``
-  to the layer's attention output (DESIGN §4), so on ``attn_result`` every head would be
+  to the attention output (docs/architecture.md#strategies): on ``attn_result`` every head would be
   the same cell. A head cell instead routes the memory *through* the head (site
   ``attn_z``, :mod:`meminject.heads`): the head's value mix moves by ``τ·v·pinv(W_O[h])``,
   i.e. the attention output by ``τ·v·P_h``, the part of the memory the head can write.
@@ -70,7 +70,8 @@ The package, by concern: :mod:`~meminject.sweep.config` (what to sweep),
 :mod:`~meminject.sweep.run` (:func:`run_sweep`), :mod:`~meminject.sweep.records` (tidy
 records, resume, files), :mod:`~meminject.sweep.reference` (the plain loop) and
 :mod:`~meminject.sweep.stats` (per-cell statistics); the heatmap is
-:func:`meminject.plots.plot_heatmap`. Every public name is importable from here too.
+:func:`meminject.plots.plot_heatmap` (plots sit above the sweep: they read its
+statistics). Every public name of the sweep's modules is importable from here too.
 """
 
 from __future__ import annotations
@@ -79,8 +80,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from meminject.plots import PLOT_STATS as PLOT_STATS
-    from meminject.plots import plot_heatmap as plot_heatmap
     from meminject.sweep.config import METRICS as METRICS
     from meminject.sweep.config import TAU_UNITS as TAU_UNITS
     from meminject.sweep.config import SweepConfig as SweepConfig
@@ -135,8 +134,6 @@ _HOMES: dict[str, str] = {
     "reference_cell": "meminject.sweep.reference",
     "run_sweep": "meminject.sweep.run",
     **dict.fromkeys(("CELL_COLUMNS", "best_cell", "summarize"), "meminject.sweep.stats"),
-    # The heatmap moved to meminject.plots; these names stay importable from here.
-    **dict.fromkeys(("PLOT_STATS", "plot_heatmap"), "meminject.plots"),
 }
 
 __all__ = sorted(_HOMES)

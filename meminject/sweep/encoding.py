@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from jaxtyping import Float
     from torch import Tensor
 
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
     from meminject.plugins import Registry
 
 

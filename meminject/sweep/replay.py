@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from meminject.errors import BadInputError
+from meminject.sites import heads_sum_site, hook_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from meminject.datasets import PromptRow
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
     from meminject.sweep.rows import TokenizedRow
 
 
@@ -54,7 +55,7 @@ class Batch:
         self.size = len(rows)
         width = max(len(r.input_ids) for r in rows)
         n_read = max(len(r.targets) for r in rows)
-        pad = self._pad_id()
+        pad = model.pad_token_id
         tokens = torch.full((self.size, width), pad, dtype=torch.long)
         read = torch.zeros((self.size, n_read), dtype=torch.long)
         targets = torch.zeros((self.size, n_read), dtype=torch.long)
@@ -73,13 +74,6 @@ class Batch:
         self.valid = valid.to(device)
         self.keep = keep  # layers whose incoming residual is kept
         self.inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
-
-    def _pad_id(self) -> int:
-        tok = self.model.tokenizer
-        for candidate in (tok.pad_token_id, tok.eos_token_id, tok.bos_token_id):
-            if candidate is not None:
-                return int(candidate)
-        return 0
 
     def base(self) -> Float[Tensor, " batch"]:
         """Full forward pass; records every kept block's input and arguments."""
@@ -165,9 +159,9 @@ def injection_hook(model: LoadedModel, layer: int, heads: Sequence[int] | None) 
     """Where a cell's vector is added: the attention output, or, for a vector routed
     through a head in a block that normalises the attention output (Gemma 2/3), the
     attention's own output before that norm: the same lowering as the engine's."""
-    if heads is not None and model.post_sublayer_norms:
-        return f"blocks.{layer}.attn.hook_out"
-    return f"blocks.{layer}.hook_attn_out"
+    if heads is not None:
+        return hook_name(heads_sum_site(model.post_sublayer_norms).name, layer)
+    return hook_name("attn_out", layer)
 
 
 def head_shares(
@@ -199,7 +193,7 @@ def residual_norms(
 
     sums = dict.fromkeys(layers, 0.0)
     count = 0
-    skip = 1 if model.prepends_bos else 0
+    skip = 1 if model.prepend_bos else 0
     hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = []
     captured: dict[int, Tensor] = {}
     for layer in layers:
@@ -207,7 +201,7 @@ def residual_norms(
         def capture(activation: Tensor, hook: Any, layer: int = layer) -> None:
             captured[layer] = activation[0, skip:].float().norm(dim=-1)
 
-        hooks.append((f"blocks.{layer}.hook_resid_pre", capture))
+        hooks.append((hook_name("resid_pre", layer), capture))
     with torch.no_grad():
         for row in rows:
             tokens = model.to_tokens(row.prompt)

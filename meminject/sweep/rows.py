@@ -14,7 +14,7 @@ from meminject.sweep.config import METRICS
 
 if TYPE_CHECKING:
     from meminject.datasets import PromptRow
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
 
 
 @dataclass(frozen=True)

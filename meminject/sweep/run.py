@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from torch import Tensor
 
     from meminject.datasets import PromptRow
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
     from meminject.plugins import Registry
     from meminject.sweep.config import SweepConfig
 

@@ -1,21 +1,21 @@
 """toyworld: the small model that ships with meminject, and the world it was trained on.
 
-Why it exists: meminject must run offline on a fresh machine (DESIGN §6). toyworld is a
+Why it exists: meminject must run offline on a fresh machine (docs/toyworld.md). toyworld is a
 GPT-2-architecture model trained by :mod:`meminject.toyworld.train` on single-hop facts
 about invented countries plus two-hop sentences for some of them; the two-hop prompts of
 the other countries are held out and collected in ``dataset.csv`` in the paper's columns,
 so the paper's experiment (inject the bridge entity, watch the answer's probability rise)
 can be run on it.
 
-Importing this package is cheap: no torch or transformers import happens until
-:func:`evaluate` is called.
+Importing this package is cheap: no torch or transformers import happens here; the
+model's answer metrics are :func:`meminject.toyworld.metrics.evaluate`.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .world import World
@@ -51,11 +51,4 @@ def load_world(path: str | Path | None = None) -> World:
     return World.from_json_dict(json.loads(p.read_text(encoding="utf-8")))
 
 
-def evaluate(model_dir: str | Path | None = None) -> dict[str, Any]:
-    """Single-hop / two-hop answer metrics of a toyworld model (see :mod:`.metrics`)."""
-    from .metrics import evaluate as _evaluate
-
-    return _evaluate(model_dir)
-
-
-__all__ = ["MODEL_NAME", "WEIGHTS_DIR", "dataset_path", "evaluate", "load_world", "world_path"]
+__all__ = ["MODEL_NAME", "WEIGHTS_DIR", "dataset_path", "load_world", "world_path"]

@@ -32,7 +32,7 @@ ADD_SITES = ["attn_result", "attn_out", "resid_pre", "resid_mid", "resid_post", 
 @pytest.fixture(scope="module")
 def models(model_dirs):
     """Each tiny architecture in both coordinate systems, loaded once for this module."""
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     return {
         (arch, coords): load_model(model_dirs[arch], coordinates=coords)
@@ -216,7 +216,7 @@ def test_auto_backend_uses_the_plain_model_and_falls_back_with_a_reason(models, 
 def test_bridge_handed_in_without_a_checkpoint_runs_on_hf(models):
     """The plain model is built from the bridge's own modules, so a bridge handed in
     (no checkpoint directory behind it) still gets the fast path."""
-    from meminject.models import LoadedModel
+    from meminject.model_handle import LoadedModel
 
     source = models[("gpt2", "processed")]
     bare = LoadedModel(
@@ -256,7 +256,7 @@ def test_hooks_are_removed_from_the_plain_model(models, tmp_path):
 def test_building_the_plain_model_keeps_the_fingerprint(model_dirs, arch):
     """The fused QKV tensor is rewritten in place; the fingerprint (what gated memory
     files record) is that of the weights as loaded, whichever comes first."""
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     untouched = load_model(model_dirs[arch]).fingerprint()
     first = load_model(model_dirs[arch])

@@ -60,7 +60,7 @@ def plugin_module():
 
 
 def test_a_plugin_backend_is_selected_by_name_and_batches_by_length(model_dirs):
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     model = load_model(model_dirs["llama"])
     prompts = ["Hello there", "A cat sat on the", "Hello world", PROMPT, "Rome is"]
@@ -130,7 +130,7 @@ def test_unknown_and_unavailable_backends_are_bad_input(gpt2):
 def test_additions_are_the_add_memories_as_data(model_dirs, arch):
     """Applying a compiled add hook's ``additions`` by hand, with nothing but tensor
     additions at their positions, gives the logits the hook's body gives."""
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     model = load_model(model_dirs[arch])
     compiled = compile_memories(model, MEMORIES)

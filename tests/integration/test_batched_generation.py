@@ -47,7 +47,7 @@ def memory_sets(arch: str, positions: str) -> list:
 
 @pytest.fixture(scope="module")
 def tiny(model_dirs):
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     return {arch: load_model(model_dirs[arch]) for arch in ("gpt2", "neox", "llama")}
 
@@ -192,7 +192,7 @@ def test_repetition_penalty_changes_a_repeating_greedy_completion(tiny):
 def test_ignore_eos_generates_past_the_end_token(tmp_path, model_dirs):
     """With a model whose most likely token is EOS, stop_at_eos ends at once and
     stop_at_eos=False goes on (the EOS token is then part of the completion)."""
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     model = load_model(model_dirs["gpt2"])
     eos = model.tokenizer.eos_token_id
@@ -267,7 +267,7 @@ def test_gated_and_added_memories_at_one_site_batch_like_solo(tiny, tmp_path, ba
     key = store["a"][0, -1].clone()
     delta = torch.randn(key.shape, generator=torch.Generator().manual_seed(3)) * 6.0
     gated = gated_file(tmp_path, [("g", key, delta, 0.05, 3.0)], site="resid_pre", layer=1)
-    from meminject.memfile import load_memory_set
+    from meminject.loading import load_memories
 
     add_file = tmp_path / "add.toml"
     add_file.write_text(
@@ -275,9 +275,9 @@ def test_gated_and_added_memories_at_one_site_batch_like_solo(tiny, tmp_path, ba
         'site = "resid_pre"\ntau = 2.0\n',
         encoding="utf-8",
     )
-    both = load_memory_set([gated, add_file])
+    both = load_memories([gated, add_file])
     assert {e.memory.strategy for e in both.entries} == {"gated", "add"}
-    added = load_memory_set([add_file])
+    added = load_memories([add_file])
     sets = [both, added, both, None, both]
     options = DecodeOptions(max_new_tokens=6, stop_at_eos=False)
     batch = generate_batch(

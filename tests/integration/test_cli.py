@@ -1,4 +1,4 @@
-"""The generate and validate commands on a tiny real model (DESIGN §7)."""
+"""The generate and validate commands on a tiny real model (docs/architecture.md#command-line)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from meminject.cli import cli
 from meminject.generation import generate
-from meminject.models import load_model
+from meminject.loading import load_model
 from tests.conftest import write
 
 pytestmark = pytest.mark.integration
@@ -187,10 +187,10 @@ tau = 5.0
         ["washington"],
     ]
 
-    from meminject.memfile import load_memory_set
+    from meminject.loading import load_memories
 
     model = load_model(gpt2_dir)
-    full = load_memory_set([tmp_path / "set.toml"])
+    full = load_memories([tmp_path / "set.toml"])
     expected = [
         generate(model, PROMPT, full, max_new_tokens=5),
         generate(model, PROMPT, None, max_new_tokens=5),

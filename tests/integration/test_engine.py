@@ -1,4 +1,4 @@
-"""Semantics of encoders and the add strategy on tiny real models (DESIGN §4)."""
+"""Encoders and the add strategy on tiny real models (docs/architecture.md#semantics)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from meminject.engine import compile_memories, inject
 from meminject.errors import BadInputError
 from meminject.generation import generate
-from meminject.memfile import load_memory_set
+from meminject.loading import load_memories
 from tests.conftest import write
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,7 @@ def one_memory(tmp_path: Path, **fields: object) -> Path:
 
 
 def encoded(model, path: Path) -> torch.Tensor:
-    memory_set = load_memory_set([path])
+    memory_set = load_memories([path])
     compile_memories(model, memory_set)
     assert len(model.encodings) == 1
     return next(iter(model.encodings.values()))
@@ -74,9 +74,9 @@ def test_layer_encoder_is_attention_output_at_last_token(gpt2, tmp_path):
 
 def test_encodings_are_computed_once_per_memory_and_model(gpt2, tmp_path):
     path = one_memory(tmp_path, text="George Washington", layer=1, tau=2.0)
-    compile_memories(gpt2, load_memory_set([path]))
+    compile_memories(gpt2, load_memories([path]))
     first = next(iter(gpt2.encodings.values()))
-    compile_memories(gpt2, load_memory_set([path]))
+    compile_memories(gpt2, load_memories([path]))
     assert len(gpt2.encodings) == 1
     assert next(iter(gpt2.encodings.values())) is first
 
@@ -151,11 +151,11 @@ def test_add_at_layer_sites_matches_manual_hook(gpt2, tmp_path, site):
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_resid_mid_memory_changes_the_residual_stream_itself(model_dirs, tmp_path, arch):
-    """DESIGN §4: a ← a + τ·v at resid_mid. TransformerBridge's hook_resid_mid is the
+    """a ← a + τ·v at resid_mid (docs/architecture.md#sites). The bridge's hook_resid_mid is the
     second LayerNorm's input, so a change made there reaches the MLP but not the stream;
     the engine lowers it so that the stream after the block carries τ·v as well:
     resid_post − mlp_out (= resid_mid) moves by exactly τ·v."""
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     model = load_model(model_dirs[arch])
     path = one_memory(tmp_path, text="Paris", layer=1, tau=2.0, site="resid_mid", encoding="embed")
@@ -178,7 +178,7 @@ def test_resid_mid_memory_changes_the_residual_stream_itself(model_dirs, tmp_pat
 
 
 def test_resid_mid_is_refused_on_a_parallel_block_model(model_dirs, tmp_path):
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     model = load_model(model_dirs["neox"])
     path = one_memory(tmp_path, text="Paris", layer=1, tau=2.0, site="resid_mid")
@@ -193,7 +193,7 @@ def test_resid_mid_is_refused_on_a_parallel_block_model(model_dirs, tmp_path):
 def test_head_result_injection_equals_attention_output_injection(model_dirs, tmp_path, arch):
     """Adding v to one head's result (through the per-head hook point) adds exactly v to
     the layer's attention output; the engine relies on this to avoid per-head results."""
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     model = load_model(model_dirs[arch])
     head_file = one_memory(tmp_path / "h", text="George Washington", layer=1, head=2, tau=4.0)
@@ -234,7 +234,7 @@ def test_memory_routed_through_a_head_equals_editing_that_heads_value_mix(
     here by hand on ``attn.hook_z``; the engine's lowering onto the attention output must
     give the same logits. Unlike ``attn_result``, heads then differ."""
     from meminject.heads import written_share, z_delta
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     model = load_model(model_dirs[arch])
     tokens = model.to_tokens(PROMPT)
@@ -275,14 +275,14 @@ def test_memory_routed_through_a_head_equals_editing_that_heads_value_mix(
 
 def test_attn_z_needs_a_head_and_head_needs_a_head_site(tmp_path):
     from meminject.errors import MemoryFileError
-    from meminject.memfile import load_memory_set
+    from meminject.loading import load_memories
 
     no_head = one_memory(tmp_path / "a", text="x", layer=1, tau=1.0, site="attn_z")
     with pytest.raises(MemoryFileError, match="site 'attn_z' needs a 'head'"):
-        load_memory_set([no_head])
+        load_memories([no_head])
     wrong = one_memory(tmp_path / "b", text="x", layer=1, tau=1.0, site="mlp_out", head=1)
     with pytest.raises(MemoryFileError, match="only valid with site 'attn_result' or 'attn_z'"):
-        load_memory_set([wrong])
+        load_memories([wrong])
 
 
 POSITION_MODES = ["all", "prompt", "generated", "last", [1, 3, -1], [-2, 12, 14]]
@@ -291,7 +291,7 @@ POSITION_MODES = ["all", "prompt", "generated", "last", [1, 3, -1], [-2, 12, 14]
 @pytest.mark.parametrize("positions", POSITION_MODES, ids=str)
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_kv_cache_on_and_off_give_identical_tokens(model_dirs, tmp_path, positions, arch):
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     model = load_model(model_dirs[arch])
     lines = [
@@ -433,7 +433,7 @@ def test_memory_set_from_directory_and_files_mixed(gpt2, tmp_path):
     c = memory_file(
         tmp_path, '[[memory]]\nname = "c"\ntext = "Oslo"\nlayer = 1\ntau = 1.0\n', "c.toml"
     )
-    memory_set = load_memory_set([tmp_path / "d", c, a])
+    memory_set = load_memories([tmp_path / "d", c, a])
     assert [e.name for e in memory_set.entries] == ["a", "b", "c"]
     hooks = compile_memories(gpt2, memory_set)
     assert sorted(h.hook.hook_name for h in hooks) == [
@@ -452,7 +452,7 @@ def test_bridge_cached_step_gives_the_uncached_logits(model_dirs, arch):
     """
     import torch
 
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     model = load_model(model_dirs[arch])
     tokens = model.to_tokens(PROMPT)

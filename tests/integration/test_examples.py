@@ -16,7 +16,7 @@ EXAMPLES = ROOT / "memories" / "toyworld"
 
 @pytest.fixture(scope="module")
 def toyworld():
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     return load_model("toyworld")
 

@@ -14,7 +14,7 @@ from meminject.cli import cli
 from meminject.engine import compile_memories, inject
 from meminject.export_llama_cpp import read_control_vector
 from meminject.extension import InjectionContext
-from meminject.models import load_model
+from meminject.loading import load_model
 from tests.conftest import write
 from tests.integration.test_gated import gated_file
 

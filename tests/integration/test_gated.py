@@ -1,4 +1,4 @@
-"""The gated strategy (DESIGN §4): the gate formula, batching, files, model identity."""
+"""The gated strategy (docs/architecture.md#strategies): gate, batching, files, model identity."""
 
 from __future__ import annotations
 
@@ -190,7 +190,7 @@ def test_memory_made_in_other_coordinates_is_refused(gpt2, tmp_path):
 
 
 def test_fingerprint_identifies_weights(gpt2, gpt2_raw, model_dirs):
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     assert gpt2.fingerprint() == load_model(model_dirs["gpt2"]).fingerprint()
     assert gpt2.fingerprint() != gpt2_raw.fingerprint()

@@ -32,7 +32,7 @@ from meminject import learn as learning
 from meminject.cli import cli
 from meminject.default_plugins.datasets import load_csv
 from meminject.errors import BadInputError
-from meminject.memfile import load_memory_set
+from meminject.loading import load_memories
 
 pytestmark = pytest.mark.integration
 
@@ -324,7 +324,7 @@ INLINE = 'version = 1\nmemory = [{name = "a", text = "Paris", layer = 1, tau = 2
 def test_append_onto_inline_memory_array_is_refused_naming_the_real_file(tmp_path, no_model):
     out = tmp_path / "inline.toml"
     out.write_text(INLINE)
-    assert len(load_memory_set([out])) == 1  # a valid file
+    assert len(load_memories([out])) == 1  # a valid file
     before = snapshot(tmp_path)
     result = learn_cli(*base_args(out, "--append", "--boundary", "0.3"))
     line = assert_one_line_error(result, f"Error: {out}: its memories are an inline array")
@@ -473,7 +473,7 @@ def test_default_steps_retry_with_more_steps_and_report_them(toyworld, tmp_path)
     assert result.stdout.startswith("alpha = ")
     assert "(3 steps; 1 step did not reach top-1)" in result.stdout.splitlines()[0]
     assert "steps = 3;" in out.read_text()
-    assert len(load_memory_set([out])) == 1
+    assert len(load_memories([out])) == 1
 
 
 def test_retry_gives_up_after_the_last_step_count(toyworld):
@@ -551,5 +551,5 @@ def test_documented_learn_command_runs_verbatim(toyworld, tmp_path, monkeypatch)
         return [line.rstrip() for line in hashed.strip("\n").splitlines()]
 
     assert normal(result.stdout) == normal(printed)
-    memory = load_memory_set([out]).entries[0]
+    memory = load_memories([out]).entries[0]
     assert memory.name == "vreduthur-capital" and memory.memory.boundary == 0.275

@@ -1,4 +1,4 @@
-"""Learning local memories on toyworld (DESIGN §5): targets, boundary search, files."""
+"""Learning local memories on toyworld (docs/local-memories.md): targets, boundary search, files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from meminject.cli import cli
 from meminject.errors import BadInputError
 from meminject.generation import generate
 from meminject.learn import _Objective, gated_top1, learn, search_boundary, write_learned
-from meminject.memfile import load_memory_set
+from meminject.loading import load_memories
 from tests.conftest import write
 
 pytestmark = pytest.mark.integration
@@ -95,7 +95,7 @@ def test_boundary_search_separates_paraphrases_from_near_misses(
         hardness=3.0,
         choice=choice,
     )
-    memories = load_memory_set([toml])
+    memories = load_memories([toml])
     hits = sum(
         generate(toyworld, p, memories, max_new_tokens=1).completion.strip() == wrong
         for p in positives
@@ -136,7 +136,7 @@ def test_written_pair_round_trips_and_refuses_overwrite(toyworld, wrong_capital,
     _, _, wrong, learned = wrong_capital
     out = tmp_path / "mem" / "edit.toml"
     toml, tensors = write_learned(out, learned, toyworld, name="edit", boundary=0.3, hardness=3.0)
-    memory = load_memory_set([toml]).entries[0]
+    memory = load_memories([toml]).entries[0]
     assert memory.memory.strategy == "gated" and memory.memory.boundary == 0.3
     assert memory.model_info.fingerprint == toyworld.fingerprint()
     assert tensors.parent == toml.parent
@@ -148,11 +148,11 @@ def test_written_pair_round_trips_and_refuses_overwrite(toyworld, wrong_capital,
     with pytest.raises(BadInputError, match="already has a memory named 'edit'"):
         write_learned(out, learned, toyworld, name="edit", boundary=0.4, hardness=3.0, append=True)
     write_learned(out, learned, toyworld, name="edit-2", boundary=0.4, hardness=3.0, append=True)
-    assert [e.name for e in load_memory_set([toml]).entries] == ["edit", "edit-2"]
+    assert [e.name for e in load_memories([toml]).entries] == ["edit", "edit-2"]
     write_learned(out, learned, toyworld, name="again", boundary=0.5, hardness=2.0, force=True)
-    assert [e.name for e in load_memory_set([toml]).entries] == ["again"]
+    assert [e.name for e in load_memories([toml]).entries] == ["again"]
     assert sorted(p.name for p in toml.parent.glob("*.safetensors")) == [
-        e.memory.tensors for e in load_memory_set([toml]).entries
+        e.memory.tensors for e in load_memories([toml]).entries
     ]
 
 

@@ -1,4 +1,4 @@
-"""Model loading through TransformerBridge by local path, and its failure messages (DESIGN §6)."""
+"""Model loading by local path, and its failure messages (docs/architecture.md#models)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from meminject.errors import ModelLoadError
 from meminject.generation import generate
-from meminject.models import load_model
+from meminject.loading import load_model
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from meminject.generation import generate
-from meminject.models import load_model
+from meminject.loading import load_model
 from tests.conftest import write
 
 pytestmark = pytest.mark.integration
@@ -139,9 +139,9 @@ def complete(served, memories, max_tokens=6, **kw):
 
 
 def expected(local, served, prompt, names, max_tokens=6, **kw):
-    from meminject.memfile import load_memory_set
+    from meminject.loading import load_memories
 
-    memories = load_memory_set([served["memories"]]).subset(names) if names else None
+    memories = load_memories([served["memories"]]).subset(names) if names else None
     return generate(local, prompt, memories, max_new_tokens=max_tokens, **kw)
 
 
@@ -168,11 +168,10 @@ def test_per_request_memories_answer_as_generate_does(served, local):
 
 
 def test_a_request_can_override_tau(served, local):
-    from meminject.memfile import memories_from_tables
 
     reply = complete(served, [{"name": "paris", "tau": 1.5}], max_tokens=5)
     table = {"name": "paris", "text": "Paris Rome", "layer": 1, "site": "resid_pre", "tau": 1.5}
-    want = generate(local, PROMPT, memories_from_tables([table]), max_new_tokens=5)
+    want = generate(local, PROMPT, [table], max_new_tokens=5)
     assert reply.choices[0].text == want.completion
 
 

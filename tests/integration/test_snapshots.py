@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from meminject import snapshots
 from meminject.engine import compile_memories
 from meminject.generation import decode_options, generate, generate_batch
-from meminject.models import load_model
+from meminject.loading import load_model
 from tests.conftest import write
 from tests.integration.test_gated import gated_file
 
@@ -178,7 +178,7 @@ def test_generation_from_a_snapshot_imports_no_transformer_lens(pairs, model_dir
     files = memory_set(tmp_path, full)
     script = (
         "import sys\n"
-        "from meminject.models import load_model\n"
+        "from meminject.loading import load_model\n"
         "from meminject.generation import generate\n"
         f"m = load_model({str(model_dirs['llama'])!r}, light=True)\n"
         f"r = generate(m, {PROMPT!r}, {str(files)!r}, max_new_tokens=4)\n"

@@ -142,7 +142,7 @@ def test_head_cells_route_the_memory_through_the_heads_value_mix(request, model_
     the reference loop (an attn_z AddMemory through the engine) and against a hand-made
     edit of ``attn.hook_z``; heads give different numbers, and each record says how much
     of its memory the head can write."""
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     model = request.getfixturevalue("gpt2") if arch == "gpt2" else load_model(model_dirs[arch])
     config = SweepConfig(
@@ -445,7 +445,7 @@ def test_cli_sweep_bad_input_is_one_line_exit_2(gpt2_dir, tmp_path):
 def test_toyworld_sweep_matches_reference(tmp_path):
     from meminject import toyworld
     from meminject.default_plugins.datasets import load_toyworld
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     if not (Path(toyworld.WEIGHTS_DIR) / "model.safetensors").is_file():
         pytest.skip("toyworld's weights are not built in this checkout")

@@ -11,6 +11,7 @@ import torch
 import meminject
 from meminject.errors import BadInputError, MemoryFileError
 from meminject.memfile import memories_from_tables
+from meminject.plugins import get_registry
 from meminject.sweep import SweepConfig, reference_cell, residual_norms, run_sweep
 from tests.integration.test_sweep import ROWS
 
@@ -24,7 +25,7 @@ def test_residual_norms_by_hand(gpt2):
         for row in ROWS:
             _, cache = gpt2.bridge.run_with_cache(gpt2.to_tokens(row.prompt))
             resid = cache[f"blocks.{layer}.hook_resid_pre"][0]
-            values += resid[1 if gpt2.prepends_bos else 0 :].norm(dim=-1).tolist()
+            values += resid[1 if gpt2.prepend_bos else 0 :].norm(dim=-1).tolist()
         assert norms[layer] == pytest.approx(sum(values) / len(values), rel=1e-5)
     assert norms[0] != pytest.approx(norms[1], rel=1e-3)  # the layers differ, or this is moot
 
@@ -87,9 +88,9 @@ def test_norm_units_are_checked():
     with pytest.raises(
         MemoryFileError, match=r"field 'resid_norm': tau_units = 'resid_norm' needs"
     ):
-        memories_from_tables({**table, "tau_units": "resid_norm"})
+        memories_from_tables({**table, "tau_units": "resid_norm"}, registry=get_registry())
     with pytest.raises(MemoryFileError, match=r"resid_norm is only used with"):
-        memories_from_tables({**table, "resid_norm": 3.0})
+        memories_from_tables({**table, "resid_norm": 3.0}, registry=get_registry())
     with pytest.raises(BadInputError, match=r"unknown τ units 'norm'"):
         SweepConfig(layers=(0,), taus=(1.0,), tau_units="norm")
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from meminject.toyworld import WEIGHTS_DIR, dataset_path, evaluate, load_world
+from meminject.toyworld import WEIGHTS_DIR, dataset_path, load_world
+from meminject.toyworld.metrics import evaluate
 
 pytestmark = pytest.mark.integration
 

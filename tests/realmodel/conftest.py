@@ -28,7 +28,7 @@ def require(source: model_sources.GgufSource) -> None:
 
 
 def _load(source: model_sources.GgufSource, **kwargs: Any) -> Any:
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     require(source)
     return load_model(source.name, **kwargs)

@@ -211,12 +211,12 @@ def test_validate_checks_widths_against_gemma(gemma3, tmp_path) -> None:
 
     from meminject.engine import compile_memories
     from meminject.errors import MemoryFileError
-    from meminject.memfile import load_memory_set
+    from meminject.loading import load_memories
 
     good = _file(
         tmp_path, '[[memory]]\nname = "h"\ntext = "Paris"\nlayer = 5\nhead = 3\ntau = 0.5\n'
     )
-    assert len(compile_memories(gemma3, load_memory_set([good]))) == 1
+    assert len(compile_memories(gemma3, load_memories([good]))) == 1
     save_file({"key": torch.ones(576), "delta": torch.ones(576)}, str(tmp_path / "g.safetensors"))
     bad = write(
         tmp_path / "bad.toml",
@@ -224,7 +224,7 @@ def test_validate_checks_widths_against_gemma(gemma3, tmp_path) -> None:
         'layer = 2\ntensors = "g.safetensors"\nboundary = 0.1\nhardness = 3.0\n',
     )
     with pytest.raises(MemoryFileError) as info:
-        compile_memories(gemma3, load_memory_set([bad]))
+        compile_memories(gemma3, load_memories([bad]))
     assert "memory 'narrow'" in str(info.value) and "(640,)" in str(info.value)
 
 
@@ -236,15 +236,15 @@ def test_shipped_best_cell_memories_compile_and_raise_their_prompts_answer(gemma
     import torch
 
     from meminject.engine import compile_memories, inject
-    from meminject.memfile import load_memory_set
+    from meminject.loading import load_memories
 
     shipped = Path(__file__).resolve().parents[2] / "memories" / "gemma3-270m"
-    memory_set = load_memory_set([shipped])
+    memory_set = load_memories([shipped])
     names = sorted(entry.memory.name for entry in memory_set.entries)
     assert names == ["best-cell-2wiki", "best-cell-handwritten"]
     assert len(compile_memories(gemma3, memory_set)) == 2
     best = shipped / "best-cell-handwritten.toml"
-    (entry,) = load_memory_set([best]).entries
+    (entry,) = load_memories([best]).entries
     assert (entry.memory.encoding, entry.memory.layer, entry.memory.tau) == ("layer", 12, 1.0)
     tokens = gemma3.to_tokens("The first president of the United States fought in the")
     answer = gemma3.tokenize(" Revolutionary", prepend_bos=False)[0]

@@ -237,7 +237,7 @@ def test_fingerprint_is_stable_across_a_cache_rebuild(smollm2, tmp_path, monkeyp
     was fingerprinted on, so local memories survive a cache rebuild or a new machine."""
     import tomllib
 
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     shipped = tomllib.loads((SHIPPED / "tokyo-kath.toml").read_text())["model"]["fingerprint"]
     assert smollm2.fingerprint() == shipped
@@ -321,7 +321,7 @@ def test_a_served_snapshot_answers_as_the_bridge_loaded_model(smollm2, tmp_path,
     shipped memories' answers, the gated memory's fingerprint check included, without
     TransformerLens."""
     from meminject import snapshots
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     monkeypatch.setenv(snapshots.SNAPSHOTS_ENV, str(tmp_path / "snaps"))
     assert snapshots.write(smollm2) is not None

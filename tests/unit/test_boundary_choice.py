@@ -1,4 +1,4 @@
-"""Choosing the boundary from a scored grid (DESIGN §5): best accuracy, widest plateau."""
+"""Choosing the boundary from a scored grid (docs/local-memories.md): best accuracy, widest run."""
 
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ def test_every_hook_has_a_test_implementing_it(hook: str) -> None:
 
 @pytest.fixture(scope="module")
 def toyworld() -> Any:
-    from meminject.models import load_model
+    from meminject.loading import load_model
 
     return load_model("toyworld")
 
@@ -171,18 +171,18 @@ def _import_rich_fully() -> None:
 def test_doc_examples_run(
     page: Path, monkeypatch: pytest.MonkeyPatch, pytester: pytest.Pytester, toyworld: Any
 ) -> None:
-    import meminject.models
+    import meminject.loading
 
     tmp_path = pytester.path  # the scratch directory, also where pytest blocks run
 
-    real_load = meminject.models.load_model
+    real_load = meminject.loading.load_model
 
     def load_model(name_or_path: Any = "toyworld", **kwargs: Any) -> Any:
         if str(name_or_path) == "toyworld" and not any(kwargs.values()):
             return toyworld  # loaded once for the module; the examples ask for it often
         return real_load(name_or_path, **kwargs)
 
-    monkeypatch.setattr(meminject.models, "load_model", load_model)
+    monkeypatch.setattr(meminject.loading, "load_model", load_model)
     monkeypatch.delenv("MEMINJECT_LOAD_PLUGINS", raising=False)
     (tmp_path / "memories").symlink_to(ROOT / "memories", target_is_directory=True)
     monkeypatch.chdir(tmp_path)
@@ -285,7 +285,7 @@ def test_api_and_fields_markers_render() -> None:
     api = hook.expand_markers((DOCS / "python-api.md").read_text(encoding="utf-8"))
     for name in (
         "load_model",
-        "load_memory_set",
+        "load_memories",
         "inject",
         "generate",
         "compile_memories",

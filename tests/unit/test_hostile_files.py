@@ -26,7 +26,8 @@ from click.testing import CliRunner, Result
 
 from meminject.cli import cli
 from meminject.errors import MAX_ECHO, MemoryFileError, echo, one_line, shorten
-from meminject.memfile import MAX_KEY_PARTS, MAX_NESTING, load_memory_set, structure_problem
+from meminject.loading import load_memories
+from meminject.memfile import MAX_KEY_PARTS, MAX_NESTING, structure_problem
 
 OK = 'version = 1\n[[memory]]\nname = "m"\ntext = "Paris"\nlayer = 1\ntau = 2.0\n'
 GATED = (
@@ -292,7 +293,7 @@ def test_dotted_key_is_refused_quickly(tmp_path: Path) -> None:
 def test_loader_raises_its_own_error_for_deep_nesting(tmp_path: Path) -> None:
     path = write(tmp_path, "x = " + "[" * 100_000 + "]" * 100_000 + "\n")
     with pytest.raises(MemoryFileError, match="nest deeper than"):
-        load_memory_set([path])
+        load_memories([path])
 
 
 @pytest.mark.parametrize(
@@ -600,7 +601,7 @@ def test_tensor_file_without_model(tmp_path: Path, kind: str, expected: str) -> 
     from meminject.tensorfile import read_tensors
 
     path = _gated_dir(tmp_path, kind)
-    (entry,) = load_memory_set([path]).entries
+    (entry,) = load_memories([path]).entries
     with pytest.raises(MemoryFileError) as info:
         read_tensors(entry, entry.memory.tensors, "tensors", ("key", "delta"))
     text = str(info.value)
@@ -618,7 +619,7 @@ def test_tensor_values_are_checked_after_every_cast(tmp_path: Path) -> None:
     save_file(
         {"key": torch.ones(64), "delta": torch.full((64,), 1e5)}, str(tmp_path / "g.safetensors")
     )
-    (entry,) = load_memory_set([write(tmp_path, GATED)]).entries
+    (entry,) = load_memories([write(tmp_path, GATED)]).entries
     tensors = read_tensors(entry, "g.safetensors", "tensors", ("key", "delta"))
     assert tensors["delta"].dtype == torch.float32
     with pytest.raises(MemoryFileError, match="too large for float16"):

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meminject.errors import MemoryFileError
-from meminject.memfile import load_memory_set
+from meminject.loading import load_memories
 
 KEYS = [
     "name",
@@ -109,7 +109,7 @@ def memory_documents(draw: st.DrawFn) -> str:
 
 def check(path: Path) -> None:
     try:
-        memory_set = load_memory_set([path])
+        memory_set = load_memories([path])
     except MemoryFileError as exc:
         message = str(exc)
         assert message and "\n" not in message
@@ -157,4 +157,4 @@ def test_mutations_of_a_valid_memory(tmp_path: Path, drop: set[str], extra: dict
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     check(path)
     if not drop and not extra:  # the unmutated memory is valid
-        assert len(load_memory_set([path])) == 1
+        assert len(load_memories([path])) == 1

@@ -1,4 +1,4 @@
-"""Malformed memory files, each with the exact one-line error it must produce (DESIGN §3).
+"""Malformed memory files and the exact one-line error each must give (docs/memory-files.md#errors).
 
 ``{f}`` stands for the file's path. The same table runs through the Python loader
 and through ``meminject validate`` (exit code 2, one line on stderr).
@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from meminject.cli import cli
 from meminject.errors import MemoryFileError
-from meminject.memfile import load_memory_set
+from meminject.loading import load_memories
 from meminject.plugins import get_registry
 
 OK = '[[memory]]\nname = "m"\ntext = "Paris"\nlayer = 1\ntau = 2.0\n'
@@ -241,7 +241,7 @@ def test_table_has_at_least_25_cases() -> None:
 def test_loader_error_is_exact(malformed: tuple[Path, str]) -> None:
     path, expected = malformed
     with pytest.raises(MemoryFileError) as info:
-        load_memory_set([path])
+        load_memories([path])
     assert str(info.value) == expected
     assert "\n" not in str(info.value)
 

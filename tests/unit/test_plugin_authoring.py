@@ -23,7 +23,7 @@ from meminject.errors import (
     PluginConfigError,
     PluginError,
 )
-from meminject.extension import Strategy
+from meminject.extension import Strategy, site_hook
 from meminject.learn import LEARN_SITES
 from meminject.memfile import load_memory_set, memories_from_tables
 from meminject.plugins import ENV_VAR, PluginWarning, build_registry
@@ -264,9 +264,9 @@ def test_the_sites_table_is_what_the_file_format_accepts():
 
 def test_site_helpers_name_hook_points_and_flags():
     assert sites.hook_name("resid_post", 4) == "blocks.4.hook_resid_post"
-    per_head = sites.site_hook("attn_result", 2, lambda a, c: a)
+    per_head = site_hook("attn_result", 2, lambda a, c: a)
     assert (per_head.hook_name, per_head.needs_attn_result) == ("blocks.2.attn.hook_result", True)
-    layer_wide = sites.site_hook("mlp_out", 0, lambda a, c: a)
+    layer_wide = site_hook("mlp_out", 0, lambda a, c: a)
     assert (layer_wide.hook_name, layer_wide.needs_attn_result) == ("blocks.0.hook_mlp_out", False)
     with pytest.raises(ValueError, match=r"unknown site 'mlp'; sites: attn_result"):
         sites.hook_name("mlp", 0)

@@ -1,4 +1,4 @@
-"""Plugin loading (DESIGN §9): discovery, filtering, rejection of bad plugins, one test per hook."""
+"""Plugin loading (docs/plugins/hooks.md): discovery, filtering, bad plugins, one test per hook."""
 
 from __future__ import annotations
 

@@ -74,7 +74,7 @@ def _read(request: EncodeRequest, text: str, params: ContrastParams) -> Tensor:
 
     model = request.model
     ids = model.tokenize(text)
-    skip = 1 if model.prepends_bos else 0  # BOS is an attention sink, not part of the text
+    skip = 1 if model.prepend_bos else 0  # BOS is an attention sink, not part of the text
     if len(ids) <= skip:
         raise BadInputError(f"the text {text!r} encodes to no tokens")
     if len(ids) > model.dims.n_ctx:

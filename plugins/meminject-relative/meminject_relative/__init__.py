@@ -32,9 +32,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import AliasChoices, Field
 
 from meminject import hookimpl
-from meminject.extension import CompileContext, InjectionContext, SiteHook, Strategy
+from meminject.extension import CompileContext, InjectionContext, SiteHook, Strategy, site_hook
 from meminject.schema import AddMemory
-from meminject.sites import site_hook
 
 if TYPE_CHECKING:
     from torch import Tensor
