@@ -157,47 +157,51 @@ def memory_file(
     name: str = "best-cell",
 ) -> str | None:
     """The best cell as a memory file (None when no cell helps), its evidence in comments."""
-    from meminject.memfile import toml_value
+    from meminject.memfile_writer import memory_file_text
 
     best = best_cell(summary)
     if best is None:
         return None
     first = records[(records["kind"] == "memory")].sort_values("row_id").iloc[0]
     check = held_out_check(records)
-    held = ""
-    if check is not None and check["cell"] is not None and _same(check["cell"], best):
-        low, high = check["cell"]["held_out_ci"]
-        held = (
-            f"# Chosen on half of the prompts, this cell was also the best there; on the other "
-            f"half its median gain was {_nats(check['cell']['held_out_median_gain'])} "
-            f"[{_nats(low)}, {_nats(high)}].\n"
-        )
-    elif check is not None:
-        held = "# Chosen on half of the prompts, another cell won: treat this one as a lead.\n"
-    head = "" if pd.isna(best["head"]) else f'head = {int(best["head"])}\nsite = "attn_z"\n'
-    units = str(first.get("tau_units", "absolute"))
-    norm = ""
-    if units == "resid_norm":
-        norm = f'tau_units = "resid_norm"\nresid_norm = {float(first["resid_norm"]):.6g}\n'
-    return (
-        "#:schema ../memory.schema.json\n"
-        f"# The best cell of `meminject sweep {source}` on {model_name} by the median gain\n"
-        f"# ({records['row_id'].nunique()} prompts, {best['control_n'] // max(best['n'], 1)} "
+    header = [
+        f"The best cell of `meminject sweep {source}` on {model_name} by the median gain",
+        f"({records['row_id'].nunique()} prompts, {best['control_n'] // max(best['n'], 1)} "
         f"random controls each): median gain {_nats(best['median_gain'])} nats "
         f"[{_nats(best['gain_ci_low'])}, {_nats(best['gain_ci_high'])}]"
         + (" (not significant: the interval includes 0)" if best["gain_ci_low"] <= 0 else "")
-        + f", {_share(best['share_beats_controls'])} of prompts beat\n"
-        f"# their controls, median change of p(answer) {_pct(best['median_pct'])}.\n"
-        f"{held}"
-        "# The text is the memory of the dataset's first row; the cell (layer, tau, encoding"
-        + (", head" if head else "")
-        + ")\n# is what the sweep measured, for any prompt's bridge entity.\n"
-        "version = 1\n\n[model]\n"
-        f"name = {toml_value(model_name)}\n\n[[memory]]\n"
-        f"name = {toml_value(name)}\n"
-        f"text = {toml_value(str(first['memory']))}\n"
-        f"encoding = {toml_value(str(best['encoding']))}\n"
-        f"layer = {int(best['layer'])}\n{head}tau = {float(best['tau'])!r}\n{norm}"
+        + f", {_share(best['share_beats_controls'])} of prompts beat",
+        f"their controls, median change of p(answer) {_pct(best['median_pct'])}.",
+    ]
+    if check is not None and check["cell"] is not None and _same(check["cell"], best):
+        low, high = check["cell"]["held_out_ci"]
+        header.append(
+            f"Chosen on half of the prompts, this cell was also the best there; on the other "
+            f"half its median gain was {_nats(check['cell']['held_out_median_gain'])} "
+            f"[{_nats(low)}, {_nats(high)}]."
+        )
+    elif check is not None:
+        header.append("Chosen on half of the prompts, another cell won: treat this one as a lead.")
+    per_head = not pd.isna(best["head"])
+    header += [
+        "The text is the memory of the dataset's first row; the cell (layer, tau, encoding"
+        + (", head" if per_head else "")
+        + ")",
+        "is what the sweep measured, for any prompt's bridge entity.",
+    ]
+    memory: dict[str, Any] = {
+        "name": name,
+        "text": str(first["memory"]),
+        "encoding": str(best["encoding"]),
+        "layer": int(best["layer"]),
+    }
+    if per_head:
+        memory |= {"head": int(best["head"]), "site": "attn_z"}
+    memory["tau"] = float(best["tau"])
+    if str(first.get("tau_units", "absolute")) == "resid_norm":
+        memory |= {"tau_units": "resid_norm", "resid_norm": float(f"{first['resid_norm']:.6g}")}
+    return memory_file_text(
+        memory, model={"name": model_name}, header=header, schema="../memory.schema.json"
     )
 
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meminject.errors import BadInputError, MeminjectError, PluginError, echo
+from meminject.errors import BadInputError, MeminjectError, PluginError
+from meminject.pydantic_errors import describe, field_path, first_error
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -132,19 +133,11 @@ def _checked_options(entry: DatasetEntry, given: dict[str, Any]) -> Any:
     try:
         return entry.options_model.model_validate(given)
     except ValidationError as exc:
-        error = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        key = ".".join(str(p) for p in error["loc"]) or "?"
-        known = sorted(entry.options_model.model_fields)
-        if error["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-            hint = f"did you mean '{close[0]}'?" if close else f"it takes {', '.join(known)}"
-            reason = f"unknown option; {hint}"
-        elif error["type"] == "missing":
-            reason = "required option is missing (pass -D KEY=VALUE)"
-        else:
-            reason = str(error["msg"]).removeprefix("Value error, ")
-            if "input" in error and not isinstance(error["input"], (dict, list)):
-                reason = f"{reason}, got {echo(error['input'])}"
+        error = first_error(exc.errors())
+        key = field_path(error["loc"]) or "?"
+        reason = describe(error, known=entry.options_model.model_fields, noun="option")
+        if error["type"] == "missing":
+            reason += " (pass -D KEY=VALUE)"
         raise BadInputError(f"dataset '{entry.name}': option '{key}': {reason}") from None
 
 

@@ -85,6 +85,10 @@ class BadInputError(MeminjectError):
     exit_code = EXIT_BAD_INPUT
 
 
+class ContextTooLongError(BadInputError):
+    """A prompt or text is longer than the model's context (a server answers 413)."""
+
+
 @dataclass(frozen=True)
 class Location:
     """Where in a memory set an error lies; every part is optional."""

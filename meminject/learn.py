@@ -27,10 +27,17 @@ from typing import TYPE_CHECKING, Any
 
 from meminject.backends.bridge import bridge_fwd_hooks
 from meminject.dtypes import dtype_name
-from meminject.errors import BadInputError, Location, MeminjectError, MemoryFileError, echo
+from meminject.errors import (
+    BadInputError,
+    ContextTooLongError,
+    Location,
+    MeminjectError,
+    MemoryFileError,
+    echo,
+)
 from meminject.extension import site_hook
 from meminject.fsread import FS_ERRORS, describe_mode, fs_reason, read_user_text
-from meminject.memfile import toml_value
+from meminject.memfile_writer import memory_file_text
 from meminject.schema import NAME_PATTERN, MemoryBase
 from meminject.sites import LAYER_SITES, hook_name
 
@@ -204,7 +211,7 @@ def check_fits(model: LoadedModel, prompt: str, extra: int = 0, where: str = "")
     length = len(model.tokenize(prompt))
     prefix = f"{where}: " if where else ""
     if length > n_ctx:
-        raise BadInputError(
+        raise ContextTooLongError(
             f"{prefix}the prompt is {length} tokens, longer than the model's context of "
             f"{n_ctx} tokens"
         )
@@ -651,12 +658,6 @@ def choose_boundary(table: Sequence[BoundaryRow]) -> tuple[float, float]:
 # --- writing ----------------------------------------------------------------------------
 
 
-def _table(lines: list[str], values: dict[str, Any]) -> None:
-    for key, value in values.items():
-        if value is not None:
-            lines.append(f"{key} = {toml_value(value)}")
-
-
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "memory"
 
@@ -719,42 +720,33 @@ def write_learned(
     digest = content.hexdigest()[:10]
     tensor_path = out.parent / f"{name}.{digest}.safetensors"
 
-    lines: list[str] = []
-    if not old_text:
-        lines += [
-            "# Local memories learned by `meminject learn`.",
-            "version = 1",
-            "",
-            "[model]",
-        ]
-        _table(lines, table)
-    elif not old_has_model:
-        lines += ["", "[model]"]
-        _table(lines, table)
-    lines += ["", f"# prompt: {json.dumps(learned.prompt, ensure_ascii=False)}"]
-    lines.append(
-        f"# target: {json.dumps(learned.target, ensure_ascii=False)}; alpha = "
-        f"{learned.alpha:.6g}; steps = {learned.steps}; position = {learned.position}"
-    )
+    comments = [
+        f"prompt: {json.dumps(learned.prompt, ensure_ascii=False)}",
+        f"target: {json.dumps(learned.target, ensure_ascii=False)}; alpha = "
+        f"{learned.alpha:.6g}; steps = {learned.steps}; position = {learned.position}",
+    ]
     if choice is not None:
-        lines.append(
-            f"# boundary chosen on {choice.n_positives} positives and {choice.n_negatives} "
+        comments.append(
+            f"boundary chosen on {choice.n_positives} positives and {choice.n_negatives} "
             f"negatives: accuracy {choice.accuracy:.3f}"
         )
-    lines.append("[[memory]]")
-    _table(
-        lines,
-        {
-            "name": name,
-            "strategy": "gated",
-            "site": learned.site,
-            "layer": learned.layer,
-            "tensors": tensor_path.name,
-            "boundary": boundary,
-            "hardness": hardness,
-        },
+    memory = {
+        "name": name,
+        "strategy": "gated",
+        "site": learned.site,
+        "layer": learned.layer,
+        "tensors": tensor_path.name,
+        "boundary": boundary,
+        "hardness": hardness,
+    }
+    text = memory_file_text(
+        memory,
+        model=table,
+        comments=comments,
+        existing=old_text,
+        existing_has_model=old_has_model,
+        header=["Local memories learned by `meminject learn`."],
     )
-    text = old_text + "\n".join(lines) + "\n"
     _check_text(out, text, name)  # the new file must validate before anything is written
     _write_pair(out, text, tensor_path, data)
     for stale in previous_tensors:

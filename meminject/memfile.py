@@ -8,7 +8,7 @@ fine: the line is a convenience, the file/memory/field triple is the contract.
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import functools
 import os
 import re
@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from meminject.errors import Location, MemoryFileError, echo, shorten
+from meminject.errors import BadInputError, Location, MemoryFileError, echo, shorten
 from meminject.fsread import FS_ERRORS, ReadRefused, fs_reason, read_regular
+from meminject.pydantic_errors import describe, ordered, path_parts, suggestion
 from meminject.schema import FORMAT_VERSION, NAME_PATTERN, FieldValueError, MemoryBase, ModelInfo
 
 if TYPE_CHECKING:
@@ -170,6 +171,23 @@ class LoadedFile:
     entries: tuple[MemoryEntry, ...]
 
 
+class UnknownMemoryError(BadInputError, KeyError):
+    """A name that is not a memory of the set (a server answers ``unknown_memory``)."""
+
+    def __str__(self) -> str:
+        return BadInputError.__str__(self)
+
+
+@dataclass(frozen=True)
+class MemoryChoice:
+    """One memory of a loaded set picked for one use, with its τ or ``enabled`` changed
+    for that use only (None keeps the file's)."""
+
+    name: str
+    tau: float | None = None
+    enabled: bool | None = None
+
+
 @dataclass(frozen=True)
 class MemorySet:
     """Memories from any mix of files and directories; names are unique across the set."""
@@ -205,6 +223,39 @@ class MemorySet:
                 for f in self.files
             )
         )
+
+    def choose(self, choices: Sequence[MemoryChoice]) -> MemorySet:
+        """The memories chosen, each with its overrides applied, files kept in order: what
+        a request to a server (or a script) runs with. An unknown name is an
+        :class:`UnknownMemoryError` naming the loaded ones; a τ for a memory without one
+        (a gated memory) is a :class:`BadInputError`."""
+        known = {entry.name for entry in self.entries}
+        for choice in choices:
+            if choice.name not in known:
+                listed = ", ".join(sorted(known)) or "none are loaded"
+                raise UnknownMemoryError(
+                    f"unknown memory '{shorten(choice.name)}' (loaded: {listed})"
+                )
+        by_name = {choice.name: choice for choice in choices}
+        files = []
+        for loaded in self.subset(list(by_name)).files:
+            entries = []
+            for entry in loaded.entries:
+                choice = by_name[entry.name]
+                update: dict[str, Any] = {}
+                if choice.tau is not None:
+                    if not hasattr(entry.memory, "tau"):
+                        raise BadInputError(
+                            f"memory '{entry.name}' is a {entry.memory.strategy} memory and "
+                            "has no tau"
+                        )
+                    update["tau"] = choice.tau
+                if choice.enabled is not None:
+                    update["enabled"] = choice.enabled
+                memory = entry.memory.model_copy(update=update) if update else entry.memory
+                entries.append(dataclasses.replace(entry, memory=memory))
+            files.append(dataclasses.replace(loaded, entries=tuple(entries)))
+        return MemorySet(tuple(files))
 
     def model_info(self) -> ModelInfo | None:
         """The set's ``[model]`` table; files that declare one must agree."""
@@ -341,21 +392,15 @@ def _plugins_off(registry: FileRegistry) -> str:
 
 
 def _describe(err: dict[str, Any], registry: FileRegistry) -> str:
+    """The file-specific sentences (a key given twice under its alias, an unknown
+    strategy, encoding or version); the rest in the shared words."""
     kind = err["type"]
-    msg = str(err["msg"])
     loc = err["loc"]
     if kind == "extra_forbidden":
-        key = str(loc[-1]) if loc else "?"
         known = _known_keys(registry)
-        if key in known:
-            return f"key '{key}' repeats a field already given under another name"
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6) if len(key) < 100 else []
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"unknown key '{shorten(key)}'{hint}"
-    if kind == "missing":
-        return "required field is missing"
-    if kind in ("model_type", "dict_type", "model_attributes_type"):
-        return f"must be a table, got {echo(err['input'])}"
+        if loc and str(loc[-1]) in known:
+            return f"key '{loc[-1]}' repeats a field already given under another name"
+        return describe(err, known=known)
     if kind == "unknown_strategy":
         return (
             f"unknown strategy {echo(err['input'].get('strategy'))}; registered: "
@@ -364,12 +409,8 @@ def _describe(err: dict[str, Any], registry: FileRegistry) -> str:
         )
     if kind == "literal_error" and loc and loc[-1] == "encoding":
         given = err["input"]
-        close = (
-            difflib.get_close_matches(given, list(registry.encoders), n=1)
-            if isinstance(given, str) and len(given) < 100
-            else []
-        )
-        hint = f"did you mean '{close[0]}'? " if close else ""
+        close = suggestion(given, registry.encoders)
+        hint = f"did you mean '{close}'? " if close else ""
         return (
             f"unknown encoding {echo(given)}; {hint}registered: "
             + ", ".join(registry.encoders)
@@ -380,15 +421,7 @@ def _describe(err: dict[str, Any], registry: FileRegistry) -> str:
             f"unsupported version {echo(err['input'])}; this meminject reads version "
             f"{FORMAT_VERSION}"
         )
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    if (
-        kind not in ("value_error", "assertion_error")
-        and "input" in err
-        and not isinstance(err["input"], (dict, list))
-    ):
-        msg = f"{msg}, got {echo(err['input'])}"
-    return msg
+    return describe(err)
 
 
 def _location_of(
@@ -396,7 +429,7 @@ def _location_of(
 ) -> Location:
     # Union branches show up in locations as labels like "literal['all','last']"; a
     # TOML path never contains brackets, so they are dropped.
-    loc = [p for p in err["loc"] if not (isinstance(p, str) and "[" in p)]
+    loc = path_parts(err["loc"])
     ctx_error = (err.get("ctx") or {}).get("error")
     memory_label = None
     line = None
@@ -487,7 +520,7 @@ def _validate_data(
     try:
         validated: Any = registry.file_model.model_validate(data)
     except ValidationError as exc:
-        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        errors = ordered(exc.errors())
         shown = errors if limit is None else errors[:limit]
         problems = [
             MemoryFileError(
@@ -517,22 +550,6 @@ def read_memory_file(path: Path | str, registry: FileRegistry) -> LoadedFile:
         raise first
     assert loaded is not None
     return loaded
-
-
-def toml_value(value: Any) -> str:
-    """A TOML literal for ``value`` (bool, number, string, list, table), as meminject
-    writes memory files and encoding labels."""
-    import json
-
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float, str)):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in sorted(value.items())) + "}"
-    return json.dumps(str(value), ensure_ascii=False)
 
 
 #: What memories built in Python (not read from a file) are located at in errors.

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meminject.errors import BadInputError, ModelLoadError
+from meminject.errors import BadInputError, ContextTooLongError, ModelLoadError
 from meminject.sites import site_info
 
 if TYPE_CHECKING:
@@ -375,7 +375,7 @@ class LoadedModel:
         if not ids:
             raise BadInputError("the prompt is empty and the model prepends no BOS token")
         if len(ids) > self.dims.n_ctx:
-            raise BadInputError(
+            raise ContextTooLongError(
                 f"the prompt is {len(ids)} tokens, longer than the model's context of "
                 f"{self.dims.n_ctx}"
             )

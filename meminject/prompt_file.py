@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from meminject.errors import BadInputError, one_line
 from meminject.fsread import read_user_text
+from meminject.pydantic_errors import describe, field_path, first_error
 from meminject.schema import StrictModel
 
 MAX_PROMPT_FILE_BYTES = 64 << 20
@@ -98,9 +99,9 @@ def read_prompt_requests(path: Path | str) -> list[PromptLine]:
         try:
             request = PromptRequest.model_validate(data)
         except ValidationError as exc:
-            error = exc.errors()[0]
-            field = ".".join(str(p) for p in error["loc"]) or "?"
-            message = "unknown option" if error["type"] == "extra_forbidden" else error["msg"]
+            error = first_error(exc.errors())
+            field = field_path(error["loc"]) or "?"
+            message = describe(error, known=PromptRequest.model_fields)
             raise BadInputError(one_line(f"{path}:{number}: field '{field}': {message}")) from None
         out.append(PromptLine(request, path, number))
     if not out:

@@ -8,7 +8,6 @@ is registered. Nothing here imports torch, so ``meminject validate`` stays light
 
 from __future__ import annotations
 
-import difflib
 import math
 from typing import Annotated, Any, Literal, Union
 
@@ -27,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from meminject.errors import echo, shorten
+from meminject.pydantic_errors import describe, field_path, first_error
 from meminject.sites import SITES
 
 FORMAT_VERSION = 1
@@ -321,10 +320,12 @@ def _with_encoders(
         try:
             validated = params_model.model_validate(raw or {})
         except ValidationError as exc:
-            first = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-            where = ".".join(str(p) for p in ("params", *first["loc"]))
+            first = first_error(exc.errors())
             raise FieldValueError(
-                where, params_message(first, self.encoding, params_model)
+                field_path(first["loc"], prefix=("params",)),
+                describe(
+                    first, known=params_model.model_fields, owner=f"encoder '{self.encoding}'"
+                ),
             ) from None
         object.__setattr__(self, "_encoder_params", validated)
         return self
@@ -334,24 +335,6 @@ def _with_encoders(
         model.__name__, __base__=model, __validators__=validators, **fields
     )
     return built
-
-
-def params_message(error: Any, encoding: str, params_model: type[BaseModel]) -> str:
-    """One ``[memory.params]`` problem as a sentence: the bad value shown, and a
-    "did you mean" for a misspelled parameter name."""
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        key = str(error["loc"][-1])
-        known = sorted(params_model.model_fields)
-        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6) if len(key) < 100 else []
-        hint = f"did you mean '{close[0]}'?" if close else f"it takes {', '.join(known) or 'none'}"
-        return f"unknown key '{shorten(key)}' for encoder '{encoding}'; {hint}"
-    if kind == "missing":
-        return f"required field is missing (encoder '{encoding}')"
-    message = str(error["msg"]).removeprefix("Value error, ")
-    if "input" in error and not isinstance(error["input"], (dict, list)):
-        message = f"{message}, got {echo(error['input'])}"
-    return message
 
 
 def build_file_model(

@@ -154,15 +154,7 @@ def sweep(
         parse_int_spec,
         parse_shard,
     )
-    from meminject.sweep import (
-        SweepConfig,
-        check_output_path,
-        encoding_label,
-        partial_path,
-        read_records,
-        run_sweep,
-    )
-    from meminject.sweep import write_records as write
+    from meminject.sweep import SweepConfig, SweepFiles, encoding_label, run_sweep
 
     # Everything that can be checked without the model is checked before loading it.
     registry = get_registry()
@@ -174,17 +166,7 @@ def sweep(
     except BadInputError as exc:
         raise click.BadParameter(str(exc), param_hint="--encoding") from None
     shard_pair = parse_shard(shard)
-    if resume and out is None:
-        raise BadInputError("--resume needs --out (the partial results live beside it)")
-    if out is not None:
-        check_output_path(out, force)
-    partial = partial_path(out) if out is not None else None
-    done = read_records(partial) if resume and partial is not None and partial.exists() else None
-    if partial is not None and partial.exists() and not resume and not force:
-        raise BadInputError(
-            f"{partial} holds an interrupted sweep; pass --resume to continue it or --force "
-            "to start again"
-        )
+    files = SweepFiles.plan(out, resume=resume, force=force)
     if plot is not None and plot.exists() and not force:
         raise BadInputError(f"{plot} exists; pass --force to overwrite it")
     rows = resolve_dataset(
@@ -214,22 +196,16 @@ def sweep(
         tau_units=tau_units,
     )
 
-    def checkpoint(records: Any) -> None:
-        assert partial is not None
-        write(records, partial, force=True)
-
     result = run_sweep(
         model,
         rows,
         config,
         registry=registry,
         progress=not no_progress,
-        done=done,
-        checkpoint=checkpoint if partial is not None else None,
+        done=files.done,
+        checkpoint=files.checkpoint if files.partial is not None else None,
     )
-    if out is not None and partial is not None:
-        write(result.records, out, force=force)
-        partial.unlink(missing_ok=True)
+    files.finish(result.records)
     summary = result.summary
     if plot is not None and not summary.empty:
         shown = dataset.rpartition("/")[2]  # a file's name, not its whole path

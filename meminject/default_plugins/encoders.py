@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from meminject.errors import BadInputError
+from meminject.errors import BadInputError, ContextTooLongError
 from meminject.hookspecs import hookimpl
 from meminject.sites import hook_name as site_hook_name
 
@@ -54,7 +54,7 @@ def encode_layer(request: EncodeRequest) -> Float[Tensor, " d_model"]:
     model = request.model
     ids = model.tokenize(request.text)
     if len(ids) > model.dims.n_ctx:
-        raise BadInputError(
+        raise ContextTooLongError(
             f"the text is {len(ids)} tokens, longer than the model's context of {model.dims.n_ctx}"
         )
     hook_name = site_hook_name("attn_out", request.layer)

@@ -10,7 +10,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
@@ -19,7 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from meminject.errors import BadInputError
+from meminject import memfile
+from meminject.errors import BadInputError, ContextTooLongError
 from meminject.serve.batcher import Batcher, Job
 from meminject.serve.protocol import (
     APIError,
@@ -95,42 +95,21 @@ class Server:
         """The memory set a request chose, and a key for its compiled hooks."""
         if not choices:
             return None, ()
-        picked = [c if isinstance(c, MemoryChoice) else MemoryChoice(name=c) for c in choices]
-        known = {e.name for e in self.memory_set.entries} if self.memory_set else set()
-        for choice in picked:
-            if choice.name not in known:
-                listed = ", ".join(sorted(known)) or "none are loaded"
-                raise APIError(
-                    400,
-                    f"unknown memory '{choice.name}' (loaded: {listed})",
-                    param="memories",
-                    code="unknown_memory",
-                )
-        assert self.memory_set is not None
-        chosen = self.memory_set.subset([c.name for c in picked])
-        overrides = {c.name: c for c in picked}
-        files = []
-        for loaded in chosen.files:
-            entries = []
-            for entry in loaded.entries:
-                choice = overrides[entry.name]
-                update: dict[str, Any] = {}
-                if choice.tau is not None:
-                    if not hasattr(entry.memory, "tau"):
-                        raise APIError(
-                            400,
-                            f"memory '{entry.name}' is a {entry.memory.strategy} memory and "
-                            "has no tau",
-                            param="memories",
-                        )
-                    update["tau"] = choice.tau
-                if choice.enabled is not None:
-                    update["enabled"] = choice.enabled
-                memory = entry.memory.model_copy(update=update) if update else entry.memory
-                entries.append(replace(entry, memory=memory))
-            files.append(replace(loaded, entries=tuple(entries)))
+        picked = [
+            memfile.MemoryChoice(c.name, c.tau, c.enabled)
+            if isinstance(c, MemoryChoice)
+            else memfile.MemoryChoice(c)
+            for c in choices
+        ]
+        loaded = self.memory_set or memfile.MemorySet(())
+        try:
+            chosen = loaded.choose(picked)
+        except memfile.UnknownMemoryError as exc:
+            raise APIError(400, str(exc), param="memories", code="unknown_memory") from None
+        except BadInputError as exc:
+            raise APIError(400, str(exc), param="memories") from None
         key = tuple(sorted((c.name, c.tau, c.enabled) for c in picked))
-        return type(chosen)(tuple(files)), key
+        return chosen, key
 
     def job(self, prompt: Any, request: Any, max_tokens: int, logprobs: int | None) -> Job:
         from meminject.generation import DecodeOptions, prompt_ids
@@ -147,8 +126,7 @@ class Server:
             options.check(self.model.dims.d_vocab)
             prompt_ids(self.model, prompt)  # too long, no chat template: refused here
         except BadInputError as exc:
-            status = 413 if "longer than the model's context" in str(exc) else 400
-            raise APIError(status, str(exc)) from None
+            raise _bad_input(exc) from None
         memories, key = self.memories(request.memories)
         return Job(prompt, memories, key, options, asyncio.get_running_loop())
 
@@ -345,9 +323,15 @@ async def _wait(job: Job) -> Generation:
     try:
         return await job.done
     except BadInputError as exc:
-        raise APIError(400, str(exc)) from None
+        raise _bad_input(exc) from None
     finally:
         job.cancelled = True  # the client gone (the handler cancelled): free the row
+
+
+def _bad_input(exc: BadInputError) -> APIError:
+    """The HTTP error for a request meminject refused, its status chosen by the
+    exception's type: 413 for a prompt over the context, 400 otherwise."""
+    return APIError(413 if isinstance(exc, ContextTooLongError) else 400, str(exc))
 
 
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:

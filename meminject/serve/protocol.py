@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from meminject.pydantic_errors import describe, field_path, first_error
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -102,9 +104,7 @@ class APIError(Exception):
 
 def validation_error(exc: Any) -> APIError:
     """The first pydantic problem as a 400 naming its field (``messages.0.role``)."""
-    first = exc.errors()[0]
-    param = ".".join(str(part) for part in first.get("loc", ()))
-    message = first.get("msg", "invalid request")
-    if first.get("type") == "extra_forbidden":
-        message = f"unknown field '{param}'"
+    first = first_error(exc.errors())
+    param = field_path(first.get("loc", ()))
+    message = describe(first, noun="field")
     return APIError(400, f"{param}: {message}" if param else message, param=param or None)

@@ -88,6 +88,7 @@ if TYPE_CHECKING:
     from meminject.sweep.encoding import encoding_parts as encoding_parts
     from meminject.sweep.encoding import sweep_memory as sweep_memory
     from meminject.sweep.records import OUTPUT_SUFFIXES as OUTPUT_SUFFIXES
+    from meminject.sweep.records import SweepFiles as SweepFiles
     from meminject.sweep.records import SweepResult as SweepResult
     from meminject.sweep.records import check_output_path as check_output_path
     from meminject.sweep.records import partial_path as partial_path
@@ -123,6 +124,7 @@ _HOMES: dict[str, str] = {
     **dict.fromkeys(
         (
             "OUTPUT_SUFFIXES",
+            "SweepFiles",
             "SweepResult",
             "check_output_path",
             "partial_path",

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from meminject.errors import BadInputError
+from meminject.pydantic_errors import describe, field_path, first_error
 from meminject.schema import AddMemory
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ def encoding_parts(label: str, registry: Registry | None = None) -> tuple[str, A
     from pydantic import ValidationError
 
     from meminject.plugins import get_registry
-    from meminject.schema import params_message
 
     registry = registry or get_registry()
     name, given = parsed_label(label)
@@ -46,10 +46,11 @@ def encoding_parts(label: str, registry: Registry | None = None) -> tuple[str, A
     try:
         return name, params_model.model_validate(dict(given))
     except ValidationError as exc:
-        error = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        key = ".".join(str(p) for p in error["loc"])
-        message = params_message(error, name, params_model)
-        raise BadInputError(f"encoding '{label}': parameter '{key}': {message}") from None
+        error = first_error(exc.errors())
+        message = describe(error, known=params_model.model_fields, owner=f"encoder '{name}'")
+        raise BadInputError(
+            f"encoding '{label}': parameter '{field_path(error['loc'])}': {message}"
+        ) from None
 
 
 @functools.lru_cache(maxsize=256)
@@ -79,7 +80,7 @@ def _inline_table(label: str, table: str) -> dict[str, Any]:
 def encoding_label(label: str, registry: Registry | None = None) -> str:
     """``label`` written one way: the name, then the given parameters sorted by key
     (``pooled{reduce = "max", source = "embed"}``), so results and resumes match."""
-    from meminject.memfile import toml_value
+    from meminject.memfile_writer import toml_value
 
     encoding_parts(label, registry)  # valid, or a clear error
     name, given = parsed_label(label)

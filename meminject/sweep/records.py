@@ -199,6 +199,52 @@ def partial_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}.partial{out.suffix}")
 
 
+@dataclass(frozen=True)
+class SweepFiles:
+    """Where a sweep's records go, and the resume policy: an interrupted sweep leaves
+    its finished rows in :func:`partial_path` beside ``out``, checkpointed as it runs;
+    ``resume`` continues from them, ``force`` starts again, and without either a
+    partial file is an error (hours of work are never dropped silently). Checked before
+    the model loads, so a bad path fails in a second rather than after a load."""
+
+    out: Path | None
+    partial: Path | None
+    #: The finished records of the interrupted run being resumed, if any.
+    done: pd.DataFrame | None
+    force: bool = False
+
+    @classmethod
+    def plan(cls, out: Path | None, *, resume: bool = False, force: bool = False) -> SweepFiles:
+        if out is None:
+            if resume:
+                raise BadInputError("--resume needs --out (the partial results live beside it)")
+            return cls(None, None, None, force)
+        check_output_path(out, force)
+        partial = partial_path(out)
+        if not partial.exists():
+            return cls(out, partial, None, force)
+        if resume:
+            return cls(out, partial, read_records(partial), force)
+        if not force:
+            raise BadInputError(
+                f"{partial} holds an interrupted sweep; pass --resume to continue it or "
+                "--force to start again"
+            )
+        return cls(out, partial, None, force)
+
+    def checkpoint(self, records: pd.DataFrame) -> None:
+        """Keep the rows finished so far (called by the sweep as it goes)."""
+        if self.partial is not None:
+            write_records(records, self.partial, force=True)
+
+    def finish(self, records: pd.DataFrame) -> None:
+        """Write the whole run to ``out`` and drop the partial file."""
+        if self.out is None or self.partial is None:
+            return
+        write_records(records, self.out, force=self.force)
+        self.partial.unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------- files
 
 

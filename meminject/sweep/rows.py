@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from meminject.errors import BadInputError
+from meminject.errors import BadInputError, ContextTooLongError
 from meminject.sweep.config import METRICS
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def tokenize_row(model: LoadedModel, row: PromptRow, metric: str = "first-token"
     else:
         raise BadInputError(f"unknown answer metric '{metric}'; choose {METRICS}")
     if len(ids) > model.dims.n_ctx:
-        raise BadInputError(
+        raise ContextTooLongError(
             f"row {row.row_id}: {len(ids)} tokens, longer than the model's context of "
             f"{model.dims.n_ctx}"
         )

@@ -176,13 +176,24 @@ def test_memory_for_another_model_is_refused(gpt2, tmp_path):
     generate(gpt2, PROMPT, same, max_new_tokens=1)
 
 
-def test_memory_made_in_other_coordinates_is_refused(gpt2, tmp_path):
+def test_memory_made_in_other_coordinates_is_refused(gpt2, tmp_path, monkeypatch):
     a = activations(gpt2, PROMPT, "blocks.1.hook_resid_pre")
     path = gated_file(
         tmp_path,
         [("m", a[-1], torch.ones(64), 0.5, 3.0)],
         model_table='[model]\ncoordinates = "raw"\n',
     )
+    # Loaded with the default coordinates: the set's [model] table would have chosen raw
+    # on the command line, so Python refuses the set as a whole and says how to load.
+    with pytest.raises(
+        MemoryFileError,
+        match=r"field 'model.coordinates': \[model\] coordinates = 'raw', but model .* is "
+        r"loaded in 'processed' coordinates; load it with load_model\(\.\.\., memories=…\)",
+    ):
+        generate(gpt2, PROMPT, path, max_new_tokens=1)
+    # Processed coordinates asked for (as --coordinates processed does): a text memory
+    # would run, but a gated memory's tensors are in raw coordinates, so it is refused.
+    monkeypatch.setattr(gpt2, "coordinates_asked", True)
     with pytest.raises(
         MemoryFileError, match="made in 'raw' coordinates, but the model is loaded in 'processed'"
     ):

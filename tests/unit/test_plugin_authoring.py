@@ -94,7 +94,8 @@ def test_options_are_validated_by_the_loaders_model(rows_registry):
     with pytest.raises(BadInputError) as info:
         resolve_dataset("x.rows", rows_registry, options={"answer_kye": "k"})
     assert str(info.value) == (
-        "dataset 'rows': option 'answer_kye': unknown option; did you mean 'answer_key'?"
+        "dataset 'rows': option 'answer_kye': unknown option 'answer_kye'; "
+        "did you mean 'answer_key'?"
     )
     with pytest.raises(
         BadInputError, match=r"option 'repeat': .*greater than or equal to 1, got 0"
