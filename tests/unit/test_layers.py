@@ -54,9 +54,7 @@ def test_the_contracts_hold() -> None:
         ),
     ],
 )
-def test_an_upward_import_breaks_them(
-    tmp_path: Path, module: str, line: str, broken: str
-) -> None:
+def test_an_upward_import_breaks_them(tmp_path: Path, module: str, line: str, broken: str) -> None:
     shutil.copytree(PACKAGE, tmp_path / "meminject", ignore=shutil.ignore_patterns("weights"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     with (tmp_path / "meminject" / module).open("a", encoding="utf-8") as f:
