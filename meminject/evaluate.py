@@ -129,7 +129,7 @@ def evaluate_edit(
     means. ``tokens`` greedy tokens are generated for each prompt both ways."""
     import torch
 
-    from meminject.engine import as_compiled, inject
+    from meminject.engine import CompiledHook, as_memory_set, compile_memories, inject
     from meminject.generation import generate
 
     unknown = sorted(set(prompts) - set(KINDS))
@@ -143,13 +143,20 @@ def evaluate_edit(
     if not target_ids:
         raise BadInputError(f"the target {target!r} encodes to no tokens")
     target_id = target_ids[0]
-    compiled = as_compiled(model, memories)
+    if isinstance(memories, list) and all(isinstance(m, CompiledHook) for m in memories):
+        compiled, bos = list(memories), model.prepend_bos
+    else:
+        memory_set = as_memory_set(memories)  # type: ignore[arg-type]
+        compiled = compile_memories(model, memory_set)
+        bos = model.prepend_bos_for(memory_set.model_info())  # as generation decides it
     report = EditReport(target, model.token_str(target_id))
     for kind in KINDS:
         for text, where in _prompt_items(prompts.get(kind, ())):
             if not text.strip():
                 raise BadInputError(f"{where or kind + ' prompt'}: the prompt is empty")
-            ids = model.to_tokens(text)
+            ids = torch.tensor(
+                [model.check_prompt_ids(model.tokenize(text, bos))], device=model.device
+            )
             with torch.no_grad():
                 before = model.bridge(ids)[0, -1].double().log_softmax(-1)
                 with inject(model, compiled):
@@ -162,8 +169,10 @@ def evaluate_edit(
                 ok = top_after != target_id
             else:
                 ok = top_after == top_before
-            plain = generate(model, text, max_new_tokens=tokens) if tokens else None
-            edited = generate(model, text, compiled, max_new_tokens=tokens) if tokens else None
+            plain = edited = None
+            if tokens:
+                plain = generate(model, text, max_new_tokens=tokens, prepend_bos=bos)
+                edited = generate(model, text, compiled, max_new_tokens=tokens, prepend_bos=bos)
             report.rows.append(
                 PromptResult(
                     kind=kind,

@@ -285,6 +285,7 @@ def generate(
     use_kv_cache: bool = True,
     registry: Registry | None = None,
     backend: str = "auto",
+    prepend_bos: bool | None = None,
     **options: Any,
 ) -> Generation:
     """Generate a completion of ``prompt``, with ``memories`` injected if given.
@@ -295,7 +296,10 @@ def generate(
     the prompt, with their probabilities, in the result). ``chat`` wraps the prompt in
     the tokenizer's chat template. ``backend``: ``"auto"`` runs the first registered
     backend that serves every site the memories use (the plain Hugging Face modules
-    ``hf``, else ``bridge``); a name insists on it.
+    ``hf``, else ``bridge``); a name insists on it. ``prepend_bos``: None follows
+    :class:`~meminject.model_handle.BosRule` (the memories' ``[model] prepend_bos``
+    unless the model's BOS was chosen); a value pins it, so a baseline and an injected
+    run of one prompt can share their tokens.
     """
     return generate_batch(
         model,
@@ -306,6 +310,7 @@ def generate(
         use_kv_cache=use_kv_cache,
         registry=registry,
         backend=backend,
+        prepend_bos=prepend_bos,
     )[0]
 
 
@@ -322,6 +327,7 @@ def generate_batch(
     registry: Registry | None = None,
     backend: str = "auto",
     on_token: OnToken | None = None,
+    prepend_bos: bool | None = None,
 ) -> list[Generation]:
     """Generate a completion for each prompt, ``batch_size`` prompts per forward.
 
@@ -332,6 +338,7 @@ def generate_batch(
     Results come back in the order of ``prompts``; each equals the prompt run alone
     (greedy tokens exactly; sampled ones too, given the same seed). ``on_token`` sees
     each token as it is picked (streaming) and may end a prompt early (a client gone).
+    ``prepend_bos``: as :func:`generate`'s, for every prompt.
     """
     from meminject.backends import select_backend
 
@@ -350,7 +357,8 @@ def generate_batch(
         key = id(mems)
         if key not in compiled_by_id:
             compiled_by_id[key], bos_by_id[key] = _compiled_and_bos(model, mems, registry)
-        ids = prompt_ids(model, prompt, chat, bos_by_id[key])
+        bos = bos_by_id[key] if prepend_bos is None else prepend_bos
+        ids = prompt_ids(model, prompt, chat, bos)
         text = prompt if isinstance(prompt, str) else model.decode(ids)
         rows.append(_Row(index, text, ids, compiled_by_id[key], key, opt, on_token))
     hook_names = sorted({c.hook.hook_name for hooks in compiled_by_id.values() for c in hooks})

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-# The fuzz run of the loader: python -m pytest tests/unit/test_loader_properties.py
+# The fuzz run of the loader: python -m pytest tests/unit/test_memfile_properties.py
 #   --hypothesis-profile=fuzz   (5,000 examples per test; about 5 minutes on 2 cores)
 settings.register_profile("fuzz", max_examples=5_000, deadline=None)
 settings.register_profile("default", max_examples=100, deadline=None)

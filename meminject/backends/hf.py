@@ -341,7 +341,7 @@ class HFBackend:
             served = _served(name)
             if served is None:
                 self._maps[name] = f"hook point '{name}' has no plain-model equivalent"
-            elif served[0].name == "resid_mid" and self.parallel:
+            elif served[0].plain == ("attn_contribution", "resid_mid") and self.parallel:
                 self._maps[name] = "a parallel-attention block has no resid_mid to hook"
             elif not self.loaded.has_bridge:
                 self._maps[name] = (
@@ -382,7 +382,7 @@ class HFBackend:
         candidates = [SiteMap("identity")]
         if site[0].writes_residual:
             candidates.append(SiteMap("centre"))
-        if site[0].name == "attn_z":
+        if site[0].width == "heads":  # attn_z: value biases folded into the output bias
             offset = (raw - reference).mean(dim=(0, 1)).to(self.loaded.dtype)
             candidates.append(SiteMap("offset", offset))
         tolerance = self.tolerance(reference)

@@ -241,3 +241,56 @@ def test_generate_needs_a_prompt_or_a_prompts_file(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["generate"])
     assert result.exit_code == 2
     assert "give a PROMPT or --prompts" in result.output
+
+
+@pytest.mark.parametrize(
+    ("table", "bos", "coordinates"),
+    [
+        ("prepend_bos = false", False, "processed"),
+        ('coordinates = "raw"', True, "raw"),
+        ('prepend_bos = false\ncoordinates = "raw"', False, "raw"),
+    ],
+)
+def test_a_model_table_means_the_same_in_python_as_on_the_command_line(
+    tmp_path: Path, gpt2_dir: Path, table: str, bos: bool, coordinates: str
+) -> None:
+    """The same file through `meminject generate` and through the Python API gives the
+    same prompt tokens and the same completion (issue 24, item 3)."""
+    from meminject.errors import MemoryFileError
+    from meminject.loading import load_memories
+
+    path = write(
+        tmp_path / "set.toml",
+        f'version = 1\n[model]\nname = "{gpt2_dir}"\n{table}\n\n[[memory]]\nname = "m"\n'
+        'text = "George Washington"\nlayer = 1\ntau = 6.0\n',
+    )
+    result = CliRunner().invoke(
+        cli, ["generate", PROMPT, "-m", str(path), "--json", "--max-new-tokens", "6"]
+    )
+    assert result.exit_code == 0, result.output
+    on_the_command_line = json.loads(result.stdout)["injected"]
+
+    memories = load_memories(path)
+    model = load_model(memories=memories)
+    assert (model.source, model.prepend_bos, model.coordinates) == (
+        str(gpt2_dir),
+        bos,
+        coordinates,
+    )
+    in_python = generate(model, PROMPT, memories, max_new_tokens=6)
+    assert in_python.prompt_tokens == on_the_command_line["prompt_tokens"]
+    assert in_python.new_tokens == on_the_command_line["new_tokens"]
+    assert (in_python.prompt_tokens[0] == model.tokenizer.bos_token_id) is bos
+
+    # A model loaded without the set: its BOS follows the set per generation; other
+    # coordinates are refused with the way to load, unless chosen explicitly.
+    default = load_model(gpt2_dir)
+    if coordinates == "processed":
+        again = generate(default, PROMPT, memories, max_new_tokens=6)
+        assert again.prompt_tokens == in_python.prompt_tokens
+        assert again.new_tokens == in_python.new_tokens
+    else:
+        with pytest.raises(MemoryFileError, match=r"load it with load_model\(\.\.\., memories"):
+            generate(default, PROMPT, memories, max_new_tokens=6)
+        chosen = load_model(gpt2_dir, coordinates="processed")
+        generate(chosen, PROMPT, memories, max_new_tokens=1)  # asked for: runs

@@ -1,5 +1,5 @@
 """Hostile and model-dependent bad input, through ``meminject validate --model`` (exit 2, one
-line). Together with tests/unit/test_malformed_files.py (schema-level cases) this is the
+line). Together with tests/unit/test_memfile_errors.py (schema-level cases) this is the
 corpus of malformed and hostile inputs; each case states its exact error.
 """
 
@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from meminject.cli import cli
+from tests.unit.test_hostile_files import TENSOR_CASES, _gated_dir, assert_one_line_error, invoke
 
 pytestmark = pytest.mark.integration
 
@@ -295,7 +296,7 @@ CASES: list[Case] = [
 
 
 def test_corpus_size() -> None:
-    from tests.unit.test_malformed_files import CASES as SCHEMA_CASES
+    from tests.unit.test_memfile_errors import CASES as SCHEMA_CASES
 
     assert len(CASES) + len(SCHEMA_CASES) >= 60
 
@@ -312,3 +313,11 @@ def test_hostile_input(tmp_path: Path, gpt2, gpt2_dir: Path, name, build, expect
     assert result.stderr == f"Error: {message}\n"
     after = {p: p.read_bytes() for p in d.rglob("*") if p.is_file() and not p.is_symlink()}
     assert after == before  # nothing written, nothing lost
+
+
+@pytest.mark.parametrize(("kind", "expected"), TENSOR_CASES, ids=[c[0] for c in TENSOR_CASES])
+def test_tensor_file_with_model(tmp_path: Path, gpt2_dir: Path, kind: str, expected: str) -> None:
+    path = _gated_dir(tmp_path, kind)
+    result = invoke(str(path), "--model", str(gpt2_dir))
+    assert_one_line_error(result, f"Error: {path}:7: memory 'g': field 'tensors': ")
+    assert expected in result.stderr

@@ -1,7 +1,10 @@
 """Plugin authoring with a (tiny) real model: encoder parameters in sweeps and in Python
-memories, and a broken encoder reported as its plugin's fault (issue 17)."""
+memories, a broken encoder reported as its plugin's fault (issue 17), and the example
+plugin packages composing on a model."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,11 +13,14 @@ import torch
 import meminject
 from meminject import hookimpl
 from meminject.errors import EXIT_RUNTIME, PluginError
-from meminject.plugins import build_registry
+from meminject.memfile import load_memory_set
+from meminject.plugins import ENV_VAR, build_registry
 from meminject.sweep import SweepConfig, run_sweep
 from meminject.testing import invoke_cli, registered_plugins, write_memory_file
+from tests.conftest import write
 from tests.integration.test_sweep import ROWS, assert_matches_reference
 from tests.unit.test_plugin_authoring import _ScaledPlugin
+from tests.unit.test_plugin_packages import EXAMPLES, needs
 
 pytestmark = pytest.mark.integration
 
@@ -138,3 +144,26 @@ def test_a_broken_encoder_is_its_plugins_error(toyworld, tmp_path, encoding, pro
     result = invoke_cli(["generate", "The capital of", "-m", str(path)], registry)
     assert result.exit_code == EXIT_RUNTIME  # the plugin's bug, not the user's input
     assert "plugin 'bad-shape'" in result.output
+
+
+@needs(*EXAMPLES)
+def test_the_examples_compose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpt2) -> None:
+    """A relative memory encoded by contrast: one plugin's strategy, the other's encoder,
+    both found through entry points, on a real model."""
+    from meminject.engine import compile_memories
+
+    monkeypatch.setenv(ENV_VAR, "contrast,relative")
+    registry = build_registry()
+    path = write(
+        tmp_path / "both.toml",
+        'version = 1\n[[memory]]\nname = "kind"\nstrategy = "relative"\ntext = "Love"\n'
+        'encoding = "contrast"\nsite = "resid_pre"\nlayer = 1\ntau = 0.5\n'
+        '[memory.params]\nnegative = "Hate"\n',
+    )
+    memory = load_memory_set([path], registry).entries[0].memory
+    assert type(memory).__name__ == "RelativeMemory"
+    assert type(memory.encoder_params()).__name__ == "ContrastParams"
+    hooks = compile_memories(gpt2, [path], registry)
+    assert [(h.plugin, h.hook.hook_name) for h in hooks] == [
+        ("relative", "blocks.1.hook_resid_pre")
+    ]

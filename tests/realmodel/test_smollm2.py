@@ -253,7 +253,23 @@ def test_inspect_projects_every_head(smollm2) -> None:
 
     report = project_attention(smollm2, NEPAL, layers=[20, 29], heads=True, top_k=3, token=" Kath")
     assert len(report.projections) == 2 * (1 + 9)
-    assert all(p.rank is not None and p.rank >= 1 for p in report.projections)
+    assert [(p.layer, p.head) for p in report.projections] == [
+        (layer, head) for layer in (20, 29) for head in (None, *range(9))
+    ]
+    watched = report.token_id
+    assert watched is not None and smollm2.token_str(watched) == " Kath"
+    for p in report.projections:
+        # The rank agrees with the projection's own top list: where " Kath" is among the
+        # top three it is ranked by its place there, with the same logit; elsewhere it is
+        # ranked below them, with a smaller logit than the third.
+        assert p.rank is not None and p.logit is not None
+        assert 1 <= p.rank <= smollm2.dims.d_vocab
+        ids = [t.token_id for t in p.top]
+        if watched in ids:
+            assert p.rank == ids.index(watched) + 1
+            assert p.logit == pytest.approx(p.top[p.rank - 1].logit)
+        else:
+            assert p.rank > 3 and p.logit <= p.top[-1].logit
 
 
 def test_models_pull_installs_the_package_into_the_cache(tmp_path, monkeypatch) -> None:

@@ -628,15 +628,6 @@ def test_tensor_values_are_checked_after_every_cast(tmp_path: Path) -> None:
         )
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize(("kind", "expected"), TENSOR_CASES, ids=[c[0] for c in TENSOR_CASES])
-def test_tensor_file_with_model(tmp_path: Path, gpt2_dir: Path, kind: str, expected: str) -> None:
-    path = _gated_dir(tmp_path, kind)
-    result = invoke(str(path), "--model", str(gpt2_dir))
-    assert_one_line_error(result, f"Error: {path}:7: memory 'g': field 'tensors': ")
-    assert expected in result.stderr
-
-
 def test_validate_without_model_stays_light() -> None:
     # The new checks live in modules `validate` imports; torch must stay out of them.
     import subprocess

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from meminject import hookimpl, sites
+from meminject import hookimpl
 from meminject.datasets import PromptRow, dataset_target, parse_option, resolve_dataset
 from meminject.errors import (
     EXIT_BAD_INPUT,
@@ -24,11 +24,10 @@ from meminject.errors import (
     PluginConfigError,
     PluginError,
 )
-from meminject.extension import Strategy, site_hook
-from meminject.learn import LEARN_SITES
+from meminject.extension import Strategy
 from meminject.memfile import load_memory_set, memories_from_tables
 from meminject.plugins import ENV_VAR, PluginWarning, build_registry
-from meminject.schema import AddMemory, GatedSite, MemoryBase, Site, TextSite
+from meminject.schema import AddMemory, MemoryBase
 from meminject.specs import parse_encoding_list
 from meminject.sweep import encoding_label, encoding_parts
 from meminject.testing import invoke_cli, registered_plugins
@@ -253,34 +252,6 @@ def test_memories_from_python_tables_are_validated_like_a_file(scaled_registry):
     )
     with pytest.raises(MemoryFileError, match="each memory must be a table"):
         memories_from_tables(["not a table"], registry=scaled_registry)  # type: ignore[list-item]
-
-
-# --------------------------------------------------------------------------- sites
-
-
-def test_the_sites_table_is_what_the_file_format_accepts():
-    assert set(typing.get_args(Site)) == set(sites.SITES)
-    assert set(typing.get_args(TextSite)) == {*sites.D_MODEL_SITES, "attn_z"}
-    assert set(typing.get_args(GatedSite)) == set(sites.LAYER_SITES) == set(LEARN_SITES)
-
-
-def test_site_helpers_name_hook_points_and_flags():
-    assert sites.hook_name("resid_post", 4) == "blocks.4.hook_resid_post"
-    per_head = site_hook("attn_result", 2, lambda a, c: a)
-    assert (per_head.hook_name, per_head.needs_attn_result) == ("blocks.2.attn.hook_result", True)
-    layer_wide = site_hook("mlp_out", 0, lambda a, c: a)
-    assert (layer_wide.hook_name, layer_wide.needs_attn_result) == ("blocks.0.hook_mlp_out", False)
-    with pytest.raises(ValueError, match=r"unknown site 'mlp'; sites: attn_result"):
-        sites.hook_name("mlp", 0)
-    rows = sites.table_rows()
-    assert [r["site"] for r in rows] == list(sites.SITES)
-    assert {r["site"] for r in rows if r["writes_residual"]} == {
-        "attn_out",
-        "mlp_out",
-        "resid_pre",
-        "resid_mid",
-        "resid_post",
-    }
 
 
 # --------------------------------------------------------------------------- strategy names

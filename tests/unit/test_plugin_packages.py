@@ -16,9 +16,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from meminject.memfile import load_memory_set
 from meminject.plugins import ENTRY_POINT_GROUP, ENV_VAR, build_registry
-from tests.conftest import write
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGINS = ROOT / "plugins"
@@ -120,26 +118,3 @@ def test_load_plugins_env_var_filters_the_examples(
     assert loaded == expected
     assert ("contrast" in registry.encoders) is ("contrast" in expected)
     assert ("relative" in registry.strategies) is ("relative" in expected)
-
-
-@needs(*EXAMPLES)
-def test_the_examples_compose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gpt2) -> None:
-    """A relative memory encoded by contrast: one plugin's strategy, the other's encoder,
-    both found through entry points, on a real model."""
-    from meminject.engine import compile_memories
-
-    monkeypatch.setenv(ENV_VAR, "contrast,relative")
-    registry = build_registry()
-    path = write(
-        tmp_path / "both.toml",
-        'version = 1\n[[memory]]\nname = "kind"\nstrategy = "relative"\ntext = "Love"\n'
-        'encoding = "contrast"\nsite = "resid_pre"\nlayer = 1\ntau = 0.5\n'
-        '[memory.params]\nnegative = "Hate"\n',
-    )
-    memory = load_memory_set([path], registry).entries[0].memory
-    assert type(memory).__name__ == "RelativeMemory"
-    assert type(memory.encoder_params()).__name__ == "ContrastParams"
-    hooks = compile_memories(gpt2, [path], registry)
-    assert [(h.plugin, h.hook.hook_name) for h in hooks] == [
-        ("relative", "blocks.1.hook_resid_pre")
-    ]

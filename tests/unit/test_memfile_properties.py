@@ -2,7 +2,7 @@
 either returns a valid set or raises the project's own error, with a one-line message.
 
 The fuzz run is the same test with many more examples:
-    python -m pytest tests/unit/test_loader_properties.py --hypothesis-profile=fuzz
+    python -m pytest tests/unit/test_memfile_properties.py --hypothesis-profile=fuzz
 """
 
 from __future__ import annotations
