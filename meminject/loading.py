@@ -143,7 +143,7 @@ def load_model(
         recipe = BridgeRecipe(source, device_name, dtype_name)
     if convention is None and origin is not None:
         bos = BosRule(prepend_bos, files_bos, tokenizer_adds_bos(bridge.tokenizer))
-    return LoadedModel(
+    loaded = LoadedModel(
         bridge=bridge,
         name=name,
         coordinates=coordinates,
@@ -153,6 +153,10 @@ def load_model(
         origin=origin,
         bridge_recipe=recipe,
     )
+    import torch  # loaded with the bridge
+
+    loaded.load_threads = torch.get_num_threads()
+    return loaded
 
 
 #: Weight files that are Python pickles (torch.save); safetensors are not.

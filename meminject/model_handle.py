@@ -206,6 +206,10 @@ class LoadedModel:
         self.backends: dict[str, Any] = {}
         self._fingerprint = fingerprint
         self.bridge_recipe = bridge_recipe
+        #: torch's thread count when the bridge processed the weights (None: unknown).
+        #: Folding and centring sum floats, so the last bits of processed weights can
+        #: depend on it; ``sweep --executor ray`` loads its workers' copies alike.
+        self.load_threads: int | None = None
         if bridge is not None:
             bridge.cfg.default_prepend_bos = self.prepend_bos
 
@@ -234,8 +238,11 @@ class LoadedModel:
         recipe = self.bridge_recipe
         if recipe is None:
             raise ModelLoadError(f"model '{self.name}' has no source to boot TransformerLens from")
+        import torch
+
         bridge = boot_bridge(recipe.source, recipe.device, recipe.dtype, self.coordinates)
         bridge.cfg.default_prepend_bos = self.prepend_bos
+        self.load_threads = torch.get_num_threads()
         return bridge
 
     def fingerprint(self) -> str:

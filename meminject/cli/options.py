@@ -155,6 +155,13 @@ def model_options(f: Any = None, *, memory_files: bool = True) -> Any:
     return decorate(f) if f is not None else decorate
 
 
+def model_flag(name: str) -> Any:
+    """One of the model options this command was given (``threads``,
+    ``allow_pickle_weights``, …; None when not given), for a command that hands it on,
+    as ``sweep --executor ray`` does to its workers."""
+    return click.get_current_context().meta.get(f"meminject_{name}")
+
+
 def load_cli_model(model_name: str | None, memory_set: Any, *, light: bool = False) -> Any:
     """The model a command runs on: :func:`meminject.loading.load_model` with the
     command's flags and its memory set, whose ``[model]`` table gives the defaults the

@@ -12,7 +12,13 @@ from typing import Any
 
 import click
 
-from meminject.cli.options import file_out_option, load_cli_model, model_option, number_option
+from meminject.cli.options import (
+    file_out_option,
+    load_cli_model,
+    model_flag,
+    model_option,
+    number_option,
+)
 from meminject.sweep.stats import DEFAULT_RANK, RANK_STATS
 
 
@@ -107,6 +113,35 @@ from meminject.sweep.stats import DEFAULT_RANK, RANK_STATS
     help="Continue an interrupted sweep from the partial results beside --out "
     "(OUT.partial.csv/.parquet) instead of recomputing its finished prompts.",
 )
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where the passes run: local (this process) or ray (the rows split into shards "
+    "of whole batches, one Ray task each, on a Ray cluster; needs "
+    'pip install "meminject[ray]"). Both give the same records, and --resume continues '
+    "either's partial results.",
+)
+@click.option(
+    "--address",
+    default=None,
+    metavar="HOST:PORT",
+    help="With --executor ray: the Ray cluster to run on (the address `ray start --head` "
+    "prints, e.g. 10.0.0.1:6379; auto: the cluster `ray start` runs on this machine). "
+    "Default: RAY_ADDRESS, else a new Ray instance on this machine's cores, shut down at "
+    "the end. The model must load on every node: a registered model, or a path that "
+    "exists on each.",
+)
+@click.option(
+    "--tasks",
+    type=click.IntRange(1),
+    default=None,
+    help="With --executor ray: how many Ray tasks the rows are split into (each task "
+    "loads the model once per worker and is checkpointed when it ends). Default: 4 per "
+    "task the cluster can run at once (one per CPU, or per --threads CPUs; one per GPU "
+    "with --device cuda).",
+)
 @click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="Cells shown.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def sweep(
@@ -134,6 +169,9 @@ def sweep(
     rank_by: str,
     force: bool,
     resume: bool,
+    executor: str,
+    address: str | None,
+    tasks: int | None,
     top: int,
     no_progress: bool,
 ) -> None:
@@ -166,6 +204,16 @@ def sweep(
     except BadInputError as exc:
         raise click.BadParameter(str(exc), param_hint="--encoding") from None
     shard_pair = parse_shard(shard)
+    if executor != "ray":
+        for flag, value in (("--address", address), ("--tasks", tasks)):
+            if value is not None:
+                raise BadInputError(f"{flag} is an option of --executor ray")
+    else:
+        from meminject.sweep.ray_executor import check_address, require_ray
+
+        require_ray()
+        if address is not None:
+            check_address(address)
     files = SweepFiles.plan(out, resume=resume, force=force)
     if plot is not None and plot.exists() and not force:
         raise BadInputError(f"{plot} exists; pass --force to overwrite it")
@@ -196,15 +244,33 @@ def sweep(
         tau_units=tau_units,
     )
 
-    result = run_sweep(
-        model,
-        rows,
-        config,
-        registry=registry,
-        progress=not no_progress,
-        done=files.done,
-        checkpoint=files.checkpoint if files.partial is not None else None,
-    )
+    checkpoint = files.checkpoint if files.partial is not None else None
+    if executor == "ray":
+        from meminject.sweep import run_sweep_ray
+
+        result = run_sweep_ray(
+            model,
+            rows,
+            config,
+            address=address,
+            tasks=tasks,
+            threads=model_flag("threads") or 1,
+            allow_pickle_weights=bool(model_flag("allow_pickle_weights")),
+            registry=registry,
+            progress=not no_progress,
+            done=files.done,
+            checkpoint=checkpoint,
+        )
+    else:
+        result = run_sweep(
+            model,
+            rows,
+            config,
+            registry=registry,
+            progress=not no_progress,
+            done=files.done,
+            checkpoint=checkpoint,
+        )
     files.finish(result.records)
     summary = result.summary
     if plot is not None and not summary.empty:
@@ -255,6 +321,11 @@ def _print_summary(
         f"{stats['rows']} prompts × {stats['cells']} cells "
         f"({stats['base_passes']} base passes, {stats['replays']} replays, "
         f"{stats['full_passes']} full passes) in {stats['seconds']:.1f} s"
+        + (
+            f" on {stats['tasks']} Ray tasks ({stats['workers']} workers)"
+            if "tasks" in stats
+            else ""
+        )
     )
     if "resid_norms" in stats:
         listed = ", ".join(f"ℓ{layer} {norm:.3g}" for layer, norm in stats["resid_norms"].items())

@@ -67,7 +67,8 @@ The package, by concern: :mod:`~meminject.sweep.config` (what to sweep),
 :mod:`~meminject.sweep.rows` (tokenized rows, answer tokens, controls, shards),
 :mod:`~meminject.sweep.encoding` (encoding labels, a cell's memory, its vectors),
 :mod:`~meminject.sweep.replay` (the batched base pass and replays),
-:mod:`~meminject.sweep.run` (:func:`run_sweep`), :mod:`~meminject.sweep.records` (tidy
+:mod:`~meminject.sweep.run` (:func:`run_sweep`), :mod:`~meminject.sweep.ray_executor`
+(:func:`run_sweep_ray`: the same sweep as Ray tasks), :mod:`~meminject.sweep.records` (tidy
 records, resume, files), :mod:`~meminject.sweep.reference` (the plain loop) and
 :mod:`~meminject.sweep.stats` (per-cell statistics); the heatmap is
 :func:`meminject.plots.plot_heatmap` (plots sit above the sweep: they read its
@@ -87,6 +88,7 @@ if TYPE_CHECKING:
     from meminject.sweep.encoding import encoding_label as encoding_label
     from meminject.sweep.encoding import encoding_parts as encoding_parts
     from meminject.sweep.encoding import sweep_memory as sweep_memory
+    from meminject.sweep.ray_executor import run_sweep_ray as run_sweep_ray
     from meminject.sweep.records import OUTPUT_SUFFIXES as OUTPUT_SUFFIXES
     from meminject.sweep.records import SweepFiles as SweepFiles
     from meminject.sweep.records import SweepResult as SweepResult
@@ -135,6 +137,7 @@ _HOMES: dict[str, str] = {
     ),
     "reference_cell": "meminject.sweep.reference",
     "run_sweep": "meminject.sweep.run",
+    "run_sweep_ray": "meminject.sweep.ray_executor",
     **dict.fromkeys(("CELL_COLUMNS", "best_cell", "summarize"), "meminject.sweep.stats"),
 }
 

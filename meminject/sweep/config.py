@@ -55,3 +55,10 @@ class SweepConfig:
     def n_cells(self) -> int:
         heads = len(self.heads) if self.heads is not None else 1
         return len(self.layers) * len(self.taus) * len(self.encodings) * heads
+
+    @property
+    def passes_per_batch(self) -> int:
+        """Forward passes (replays or full) a batch of rows costs after its base pass:
+        one per cell and memory or control; τ = 0 costs none (it is the base pass)."""
+        nonzero = sum(1 for tau in self.taus if tau != 0.0)
+        return self.n_cells // len(self.taus) * nonzero * (1 + self.controls)

@@ -134,7 +134,16 @@ def control_texts(model: LoadedModel, row: PromptRow, n: int, seed: int) -> list
     return texts
 
 
-# --------------------------------------------------------------------------- shards
+# --------------------------------------------------------------------------- batches, shards
+
+
+def batch_indices(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """The sweep's batches as positions in ``lengths`` (the rows' token counts): similar
+    lengths together (less padding), ties in row order, ``batch_size`` per batch and the
+    last one what is left. Every executor batches with this rule, so a row meets the
+    same batch mates, and gets the same numbers, wherever it runs."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def shard_rows(rows: Sequence[PromptRow], shard: tuple[int, int]) -> list[PromptRow]:

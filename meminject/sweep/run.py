@@ -28,7 +28,7 @@ from meminject.sweep.replay import (
     residual_norms,
     to_norm,
 )
-from meminject.sweep.rows import control_texts, shard_rows, tokenize_row
+from meminject.sweep.rows import batch_indices, control_texts, shard_rows, tokenize_row
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -40,7 +40,9 @@ if TYPE_CHECKING:
     from meminject.sweep.config import SweepConfig
 
 
-def _progress(enabled: bool) -> Any:
+def progress_bar(enabled: bool, label: str = "sweep", *extra: Any) -> Any:
+    """The sweep's progress bar on stderr: forward passes done of all, time left; the
+    executors share it (``extra``: more rich columns, such as tasks done)."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -52,10 +54,11 @@ def _progress(enabled: bool) -> Any:
     )
 
     return Progress(
-        TextColumn("[bold]sweep[/]"),
+        TextColumn(f"[bold]{label}[/]"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("passes"),
+        *extra,
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=Console(stderr=True),
@@ -64,31 +67,9 @@ def _progress(enabled: bool) -> Any:
     )
 
 
-def run_sweep(
-    model: LoadedModel,
-    rows: Sequence[PromptRow],
-    config: SweepConfig,
-    *,
-    registry: Registry | None = None,
-    progress: bool = False,
-    force_full: bool = False,
-    done: pd.DataFrame | None = None,
-    checkpoint: Callable[[pd.DataFrame], None] | None = None,
-) -> SweepResult:
-    """Run the sweep over this shard's rows; what and how: see :mod:`meminject.sweep`.
-
-    ``force_full`` disables the replay (every cell runs a whole forward pass with the
-    injection hook); it exists for benchmarks and for diagnosing an architecture.
-    ``done`` holds records of an earlier, interrupted run with the same settings: rows
-    whose every cell is there are not computed again. ``checkpoint`` is called after
-    each batch with the records of every finished row so far (``done``'s included), so
-    an interruption loses at most one batch.
-    """
-    import numpy as np
-
-    from meminject.plugins import get_registry
-
-    registry = registry or get_registry()
+def check_sweep(model: LoadedModel, config: SweepConfig, registry: Registry) -> list[str]:
+    """What can be checked against the model before any pass: layers, heads, encodings
+    and hook points; the injection hook point of each swept layer."""
     dims = model.dims
     for layer in config.layers:
         if not 0 <= layer < dims.n_layers:
@@ -108,12 +89,51 @@ def run_sweep(
     missing = [name for name in hook_names if name not in model.bridge.hook_dict]
     if missing:
         raise BadInputError(f"model '{model.name}' has no hook point '{missing[0]}'")
+    return hook_names
+
+
+def with_norms(model: LoadedModel, rows: Sequence[PromptRow], config: SweepConfig) -> SweepConfig:
+    """``config`` with its residual-stream norms measured, when its τ units need them and
+    it has none: over every row given (the whole dataset, not a shard's: shards must
+    scale τ alike to be merged)."""
+    if config.tau_units != "resid_norm" or config.resid_norms is not None:
+        return config
+    norms = residual_norms(model, rows, config.layers)
+    return dataclasses.replace(config, resid_norms=tuple(sorted(norms.items())))
+
+
+def run_sweep(
+    model: LoadedModel,
+    rows: Sequence[PromptRow],
+    config: SweepConfig,
+    *,
+    registry: Registry | None = None,
+    progress: bool = False,
+    force_full: bool = False,
+    done: pd.DataFrame | None = None,
+    checkpoint: Callable[[pd.DataFrame], None] | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> SweepResult:
+    """Run the sweep over this shard's rows; what and how: see :mod:`meminject.sweep`.
+
+    ``force_full`` disables the replay (every cell runs a whole forward pass with the
+    injection hook); it exists for benchmarks and for diagnosing an architecture.
+    ``done`` holds records of an earlier, interrupted run with the same settings: rows
+    whose every cell is there are not computed again. ``checkpoint`` is called after
+    each batch with the records of every finished row so far (``done``'s included), so
+    an interruption loses at most one batch. ``advance`` is called with 1 after each
+    forward pass, as the progress bar advances (the Ray executor counts its workers'
+    passes with it).
+    """
+    import numpy as np
+
+    from meminject.plugins import get_registry
+
+    registry = registry or get_registry()
+    hook_names = check_sweep(model, config, registry)
 
     started = time.perf_counter()
-    if config.tau_units == "resid_norm" and config.resid_norms is None:
-        # Over every row, not this shard's: shards must scale τ alike to be merged.
-        norms = residual_norms(model, rows, config.layers)
-        config = dataclasses.replace(config, resid_norms=tuple(sorted(norms.items())))
+    config = with_norms(model, rows, config)
     norm_of = dict(config.resid_norms or ())
     mine = shard_rows(rows, config.shard)
     previous = finished_records(done, config) if done is not None else None
@@ -137,16 +157,7 @@ def run_sweep(
     after = np.zeros(shape, dtype=np.float64)
     share = np.full(shape[:3] + shape[4:], np.nan)  # [R, layers, heads, encodings, variants]
     # Similar lengths together: less padding. Results go back to the rows' own slots.
-    order = sorted(range(n_rows), key=lambda i: (len(tokenized[i].input_ids), i))
-    batches = [order[i : i + config.batch_size] for i in range(0, n_rows, config.batch_size)]
-    zero_taus = [t for t in config.taus if t == 0.0]
-    passes_per_batch = (
-        len(config.layers)
-        * len(heads)
-        * (len(config.taus) - len(zero_taus))
-        * len(config.encodings)
-        * n_var
-    )
+    batches = batch_indices([len(t.input_ids) for t in tokenized], config.batch_size)
     stats: dict[str, Any] = {
         "rows": n_rows,
         "cells": config.n_cells,
@@ -160,8 +171,8 @@ def run_sweep(
     keep = set(config.layers)
     bridge = model.bridge
     warned = False
-    with _progress(progress) as bar:
-        task = bar.add_task("sweep", total=len(batches) * passes_per_batch)
+    with progress_bar(progress) as bar:
+        task = bar.add_task("sweep", total=len(batches) * config.passes_per_batch)
         for members in batches:
             batch = Batch(model, [tokenized[i] for i in members], keep)
             base = batch.base()
@@ -223,6 +234,8 @@ def run_sweep(
                                     adder.delta = None
                                     after[members, li, hi, ti, ei, v] = logp.double().cpu().numpy()
                                     bar.advance(task)
+                                    if advance is not None:
+                                        advance(1)
             del batch, layer_free
             finished.extend(members)
             if checkpoint is not None:

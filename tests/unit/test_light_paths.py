@@ -1,4 +1,4 @@
-"""Light commands must not import torch or transformer_lens (each costs seconds)."""
+"""Light commands must not import torch, transformer_lens or Ray (each costs seconds)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import pytest
 
 from tests.conftest import write
 
-HEAVY = ("torch", "transformer_lens", "transformers")
+#: Ray (the optional sweep executor) is as heavy, and must stay out of light paths too.
+HEAVY = ("torch", "transformer_lens", "transformers", "ray")
 
 
 def run_cli_and_list_heavy_modules(args: list[str]) -> tuple[int, list[str], str]:
@@ -44,6 +45,7 @@ def run_cli_and_list_heavy_modules(args: list[str]) -> tuple[int, list[str], str
         ["models"],
         ["schema"],
         ["generate", "--help"],
+        ["sweep", "--help"],
     ],
 )
 def test_light_commands_import_no_torch(args: list[str]) -> None:
