@@ -1,0 +1,86 @@
+"""Processed coordinates without TransformerLens (meminject.processing) against the
+reference, TransformerBridge's compatibility mode: every processed tensor, the logits,
+and every site's activation, on a tiny random model of each supported family with its
+norms and biases moved away from their initial values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from meminject.backends.hf import BlockPaths, HFBackend, shared_hf_model
+from meminject.loading import load_model
+from meminject.processing import FAMILIES, family_of, process_in_place
+from meminject.sites import PLAIN_SITES, hook_name
+from meminject.testing import build_tiny_model
+
+pytestmark = pytest.mark.integration
+
+ARCHES = ("gpt2", "neox", "llama", "qwen2", "gemma3")
+
+
+def _perturbed(path: Path, arch: str) -> Path:
+    """A tiny model whose every bias and norm differs from its initial value, so that
+    folding and centring them is exercised (fresh models start with zero biases)."""
+    from safetensors.torch import load_file, save_file
+
+    build_tiny_model(path, arch)
+    weights = path / "model.safetensors"
+    state = load_file(str(weights))
+    generator = torch.Generator().manual_seed(7)
+    for name, tensor in state.items():
+        if name.endswith("bias") or "norm" in name or ".ln_" in name:
+            state[name] = tensor + torch.randn(tensor.shape, generator=generator) * 0.2
+    save_file(state, str(weights), metadata={"format": "pt"})
+    return path
+
+
+@pytest.fixture(scope="module", params=ARCHES)
+def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """(the bridge-loaded model, its plain model over the bridge's processed tensors, a
+    plain model processed here without TransformerLens)."""
+    from transformers import AutoModelForCausalLM
+
+    path = _perturbed(tmp_path_factory.mktemp(request.param), request.param)
+    reference = load_model(path)
+    plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    family = family_of(plain.config)
+    assert family is not None
+    process_in_place(plain, family)
+    return reference, shared_hf_model(reference), plain
+
+
+def test_the_families_cover_the_supported_architectures() -> None:
+    assert {"gpt2", "gpt_neox", "llama", "mistral", "qwen2", "gemma2", "gemma3_text"} <= set(
+        FAMILIES
+    )
+
+
+def test_every_processed_tensor_equals_the_bridges(pair) -> None:
+    _, reference, plain = pair
+    ours, theirs = plain.state_dict(), reference.state_dict()
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_logits_and_every_site_equal_the_bridges(pair) -> None:
+    loaded, _, plain = pair
+    backend = HFBackend(loaded, plain, BlockPaths.of_bridge(loaded.bridge))
+    names = [hook_name(site, layer) for site in PLAIN_SITES for layer in range(2)]
+    maps = backend.measure(names)
+    for name in names:
+        site_map = maps[name]
+        if isinstance(site_map, str):  # only a parallel block's resid_mid has no plain twin
+            assert loaded.facts.parallel_attn_mlp and name.endswith("hook_resid_mid"), site_map
+            continue
+        # The bridge's activation is the plain one (an offset kind only where noise won).
+        assert site_map.error <= 1e-4, (name, site_map)
+        assert site_map.offset is None or float(site_map.offset.abs().max()) < 1e-5
+    ids = backend.probe()
+    with torch.no_grad():
+        ours = plain(ids, use_cache=False).logits.float().log_softmax(-1)
+        theirs = loaded.bridge(ids).float().log_softmax(-1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
