@@ -67,9 +67,10 @@ def load_model(
     ``prepend_bos``: see :class:`~meminject.model_handle.BosRule` for the rule.
     ``allow_pickle_weights``: a directory whose weights are only pickles
     (``pytorch_model.bin``) is refused unless this is set (meminject reads no pickle).
-    ``light``: load from this model's served snapshot when one is cached (the weights
-    generation computes with, written by an earlier run; :mod:`meminject.snapshots`):
-    no TransformerLens import and one copy of the weights. The bridge boots on first use.
+    ``light``: load without TransformerLens, holding one copy of the weights: from this
+    model's served snapshot when one is cached (:mod:`meminject.snapshots`), else, for
+    the families :mod:`meminject.processing` knows, straight from the checkpoint
+    (:mod:`meminject.plain_loading`). The bridge boots on first use.
     """
     info = memories.model_info() if memories is not None else None
     if name_or_path is None:
@@ -130,6 +131,28 @@ def load_model(
         if served is not None:
             served.coordinates_asked = coordinates_asked
             return served
+        from meminject import plain_loading
+
+        family = plain_loading.supported(Path(source))
+        if family is not None:
+            if convention is None and origin is not None:
+                from transformers import AutoTokenizer
+
+                convention = tokenizer_adds_bos(AutoTokenizer.from_pretrained(source))
+                bos = BosRule(prepend_bos, files_bos, convention)
+            plain = plain_loading.load_plain(
+                Path(source),
+                family,
+                name=name,
+                device=device_name,
+                dtype=dtype_name,
+                coordinates=coordinates,
+                bos=bos,
+                origin=origin,
+                recipe=BridgeRecipe(source, device_name, dtype_name),
+            )
+            plain.coordinates_asked = coordinates_asked
+            return plain
     from transformer_lens.model_bridge import TransformerBridge
 
     bridge: TransformerBridge

@@ -29,6 +29,7 @@ unembedding). The families are a table (:data:`FAMILIES`), keyed by the configur
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +63,9 @@ class Family:
     final_norm: str
     lm_head: str = "lm_head"
     pos_embed: str | None = None
+    #: Gemma 2/3's norms on the attention and MLP outputs (before the residual add).
+    ln1_post: str | None = None
+    ln2_post: str | None = None
     #: Where the value bias sits in the attention's input projections: ``split`` (the
     #: last of ``attn_in``), ``qkv`` ([q | k | v] in one fused projection) or
     #: ``heads_qkv`` (per head [q; k; v], GPT-NeoX).
@@ -79,6 +83,14 @@ _LLAMA = Family(
     mlp_in=("mlp.gate_proj", "mlp.up_proj"),
     mlp_out="mlp.down_proj",
     final_norm="model.norm",
+)
+
+_GEMMA = dataclasses.replace(
+    _LLAMA,
+    norm="rms_offset",
+    ln2="pre_feedforward_layernorm",
+    ln1_post="post_attention_layernorm",
+    ln2_post="post_feedforward_layernorm",
 )
 
 #: The supported families by ``model_type``. Others load through TransformerBridge.
@@ -113,12 +125,8 @@ FAMILIES: dict[str, Family] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
-    "gemma2": Family(
-        **{**_LLAMA.__dict__, "norm": "rms_offset", "ln2": "pre_feedforward_layernorm"}
-    ),
-    "gemma3_text": Family(
-        **{**_LLAMA.__dict__, "norm": "rms_offset", "ln2": "pre_feedforward_layernorm"}
-    ),
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
 }
 
 

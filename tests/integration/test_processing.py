@@ -84,3 +84,38 @@ def test_logits_and_every_site_equal_the_bridges(pair) -> None:
         ours = plain(ids, use_cache=False).logits.float().log_softmax(-1)
         theirs = loaded.bridge(ids).float().log_softmax(-1)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ("gpt2", "llama"))
+@pytest.mark.parametrize("coordinates", ("processed", "raw"))
+def test_loading_without_the_bridge_generates_what_the_bridge_does(
+    model_dirs, arch: str, coordinates: str
+) -> None:
+    """load_model(..., light=True) on a supported family loads the plain model itself
+    (no snapshot, no TransformerLens): the same greedy tokens with and without a memory,
+    the same fingerprint, and the bridge only on demand."""
+    from meminject.generation import generate
+
+    bridge = load_model(model_dirs[arch], coordinates=coordinates)
+    plain = load_model(model_dirs[arch], coordinates=coordinates, light=True)
+    assert not plain.has_bridge and plain.served is not None
+    assert plain.served.directory == model_dirs[arch]
+    assert plain.facts == bridge.facts
+    assert plain.fingerprint() == bridge.fingerprint() and not plain.has_bridge
+    memory = {"name": "m", "text": "George Washington", "layer": 1, "tau": 6.0}
+    prompt = "The first president of the United States fought in the"
+    for memories in (None, memory):
+        ours = generate(plain, prompt, memories, max_new_tokens=6, stop_at_eos=False)
+        theirs = generate(bridge, prompt, memories, max_new_tokens=6, stop_at_eos=False)
+        assert ours.backend == "hf" and ours.new_tokens == theirs.new_tokens
+    assert not plain.has_bridge
+
+
+def test_block_paths_and_facts_are_the_bridges(pair) -> None:
+    from meminject.plain_loading import block_paths, facts_of
+
+    loaded, _, plain = pair
+    family = family_of(plain.config)
+    assert family is not None
+    assert block_paths(family) == BlockPaths.of_bridge(loaded.bridge)
+    assert facts_of(plain.config, family) == loaded.facts

@@ -204,7 +204,8 @@ def test_a_tampered_snapshot_is_passed_over(model_dirs, tmp_path, monkeypatch, c
     save_file(tensors, str(weights))
     with caplog.at_level("WARNING", logger="meminject"):
         model = load_model(model_dirs["gpt2"], light=True)
-    assert model.has_bridge and model.served is None  # loaded through the bridge instead
+    # Loaded from the checkpoint instead (meminject.plain_loading), not the snapshot.
+    assert model.served is not None and model.served.directory == model_dirs["gpt2"]
     assert "probe" in caplog.text and str(directory) in caplog.text
 
 
@@ -220,16 +221,16 @@ def test_a_changed_source_gets_a_new_snapshot(model_dirs, tmp_path, monkeypatch)
     config["layer_norm_epsilon"] = 1e-3
     (source / "config.json").write_text(json.dumps(config))
     model = load_model(source, light=True)
-    assert model.served is None  # the old snapshot is not this checkpoint's
-    second = snapshots.write(model)
+    assert model.served is not None and model.served.directory == source  # not the old one
+    second = snapshots.write(load_model(source))
     assert second is not None and second != first
 
 
 def test_snapshots_can_be_turned_off(model_dirs, monkeypatch):
     monkeypatch.setenv(snapshots.SNAPSHOTS_ENV, "off")
-    model = load_model(model_dirs["gpt2"], light=True)
-    assert model.has_bridge
-    assert snapshots.write(model) is None
+    assert snapshots.write(load_model(model_dirs["gpt2"])) is None
+    light = load_model(model_dirs["gpt2"], light=True)
+    assert light.served is not None and light.served.directory == model_dirs["gpt2"]
 
 
 def test_a_failed_write_leaves_nothing(model_dirs, tmp_path, monkeypatch):
@@ -244,32 +245,31 @@ def test_a_failed_write_leaves_nothing(model_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(snapshots, "_write_into", full_disk)
     assert snapshots.write(model) is None
     assert list(root.iterdir()) == []
-    assert load_model(model_dirs["gpt2"], light=True).has_bridge
+    light = load_model(model_dirs["gpt2"], light=True)
+    assert light.served is not None and light.served.directory == model_dirs["gpt2"]
 
 
-def test_the_cli_writes_a_snapshot_then_loads_it(tmp_path, monkeypatch):
-    from click.testing import CliRunner
-
-    from meminject.cli import cli
-
+def test_the_cli_loads_a_supported_family_without_transformer_lens(tmp_path, monkeypatch):
+    """toyworld is a GPT-2: its first `meminject generate` already loads without
+    TransformerLens (meminject.plain_loading), writes no snapshot, and generates what the
+    bridge-loaded model generates."""
     root = tmp_path / "snaps"
     monkeypatch.setenv(snapshots.SNAPSHOTS_ENV, str(root))
     memory = REPO / "memories" / "toyworld" / "two-hop" / "rechelur.toml"
-    args = ["generate", "--json", "-m", str(memory), "The country that uses the greilek is in"]
-    first = CliRunner().invoke(cli, args)
-    assert first.exit_code == 0, first.output
-    (made,) = root.iterdir()
-    assert (made / snapshots.MARKER).is_file()
-    stamp = (made / snapshots.MARKER).stat().st_mtime_ns
+    prompt = "The country that uses the greilek is in"
     env = {**os.environ, snapshots.SNAPSHOTS_ENV: str(root)}
-    second = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "meminject.cli", *args],
+    command = ["generate", "--json", "-m", str(memory), prompt]
+    first = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "meminject.cli", *command],
         capture_output=True,
         text=True,
         cwd=REPO,
         env=env,
     )
-    assert second.returncode == 0, second.stderr
-    assert json.loads(second.stdout)["injected"] == json.loads(first.output)["injected"]
-    assert "transformer_lens" not in second.stderr  # -X importtime lists every import
-    assert (made / snapshots.MARKER).stat().st_mtime_ns == stamp  # read, not rewritten
+    assert first.returncode == 0, first.stderr
+    assert "transformer_lens" not in first.stderr  # -X importtime lists every import
+    assert not root.exists() or not any(root.iterdir())
+    bridge = load_model("toyworld")
+    assert bridge.has_bridge
+    expected = generate(bridge, prompt, memory, max_new_tokens=20)
+    assert json.loads(first.stdout)["injected"]["new_tokens"] == expected.new_tokens
