@@ -195,7 +195,7 @@ class LoadedModel:
     per-head work, plus its name, coordinates and the per-(memory, model) encoding cache
     (encodings are computed once, never in a hook).
 
-    A model loaded from a served snapshot (``load_model(..., light=True)``) starts with
+    A model loaded without the bridge (the default of ``load_model``) starts with
     only the plain Hugging Face model that generation runs on; the bridge is booted the
     first time something asks for it (an analysis, a per-head memory, a plugin)."""
 

@@ -18,7 +18,7 @@ from meminject.testing import build_tiny_model
 
 pytestmark = pytest.mark.integration
 
-ARCHES = ("gpt2", "neox", "llama", "qwen2", "gemma3")
+ARCHES = ("gpt2", "neox", "llama", "qwen2", "gemma3", "gemma2", "mistral")
 
 
 def _perturbed(path: Path, arch: str) -> Path:
@@ -44,7 +44,7 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     from transformers import AutoModelForCausalLM
 
     path = _perturbed(tmp_path_factory.mktemp(request.param), request.param)
-    reference = load_model(path)
+    reference = load_model(path, bridge=True)
     plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     family = family_of(plain.config)
     assert family is not None
@@ -91,13 +91,13 @@ def test_logits_and_every_site_equal_the_bridges(pair) -> None:
 def test_loading_without_the_bridge_generates_what_the_bridge_does(
     model_dirs, arch: str, coordinates: str
 ) -> None:
-    """load_model(..., light=True) on a supported family loads the plain model itself
+    """load_model on a supported family loads the plain model itself
     (no snapshot, no TransformerLens): the same greedy tokens with and without a memory,
     the same fingerprint, and the bridge only on demand."""
     from meminject.generation import generate
 
-    bridge = load_model(model_dirs[arch], coordinates=coordinates)
-    plain = load_model(model_dirs[arch], coordinates=coordinates, light=True)
+    bridge = load_model(model_dirs[arch], coordinates=coordinates, bridge=True)
+    plain = load_model(model_dirs[arch], coordinates=coordinates)
     assert not plain.has_bridge and plain.served is not None
     assert plain.served.directory == model_dirs[arch]
     assert plain.facts == bridge.facts
@@ -119,3 +119,35 @@ def test_block_paths_and_facts_are_the_bridges(pair) -> None:
     assert family is not None
     assert block_paths(family) == BlockPaths.of_bridge(loaded.bridge)
     assert facts_of(plain.config, family) == loaded.facts
+
+
+@pytest.mark.parametrize("arch", ("gpt2", "llama"))
+def test_bfloat16_loads_without_the_bridge_as_with_it(model_dirs, arch: str) -> None:
+    """bfloat16 on the CPU: processed in float32 and cast once, the plain model's
+    tensors are the bridge's to bfloat16's precision, and so are the logits and a
+    memory's vector (computed in float32, cast once)."""
+    from meminject.backends import Step, get_backend
+    from meminject.engine import compile_memories
+    from meminject.generation import generate
+
+    bridge = load_model(model_dirs[arch], dtype="bfloat16", bridge=True)
+    plain = load_model(model_dirs[arch], dtype="bfloat16")
+    assert plain.dtype == torch.bfloat16 and not plain.has_bridge
+    reference = shared_hf_model(bridge).state_dict()
+    for name, tensor in plain.served.hf.state_dict().items():
+        assert tensor.dtype == torch.bfloat16, name
+        torch.testing.assert_close(tensor.float(), reference[name].float(), rtol=2e-2, atol=2e-3)
+    memory = {"name": "m", "text": "George Washington", "layer": 1, "tau": 6.0}
+    (ours_hook,) = compile_memories(plain, [memory])
+    (their_hook,) = compile_memories(bridge, [memory])
+    ours_v, their_v = ours_hook.hook.additions[0].vector, their_hook.hook.additions[0].vector
+    assert ours_v.dtype == their_v.dtype == torch.bfloat16
+    torch.testing.assert_close(ours_v.float(), their_v.float(), rtol=2e-2, atol=2e-2)
+    ids = plain.to_tokens("The first president of the United States fought in the")
+    with torch.no_grad():
+        ours = get_backend(plain, "hf").forward(Step(ids, use_cache=False))[0]
+        theirs = get_backend(bridge, "hf").forward(Step(ids, use_cache=False))[0]
+    assert float((ours.float() - theirs.float()).abs().max()) < 0.05
+    result = generate(plain, "The first president", [memory], max_new_tokens=3)
+    assert result.backend == "hf" and len(result.new_tokens) == 3
+    assert not plain.has_bridge

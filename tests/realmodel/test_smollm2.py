@@ -342,7 +342,7 @@ def test_a_served_snapshot_answers_as_the_bridge_loaded_model(smollm2, tmp_path,
 
     monkeypatch.setenv(snapshots.SNAPSHOTS_ENV, str(tmp_path / "snaps"))
     assert snapshots.write(smollm2) is not None
-    light = load_model("smollm2-135m", light=True)
+    light = load_model("smollm2-135m")
     assert not light.has_bridge and light.prepend_bos is False
     assert light.fingerprint() == smollm2.fingerprint()
     tokyo = "The city of Tokyo lies in the country of"
