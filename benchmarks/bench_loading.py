@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "loading.md")
     args = parser.parse_args()
     dirs = real_dirs()
+    load_before = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory(prefix="meminject-bench-loading-") as tmp:
         work = Path(tmp)
@@ -198,7 +199,10 @@ def main() -> None:
         f"{os.cpu_count()} cores, Python {platform.python_version()}; one prompt, "
         f"{NEW} new tokens, greedy (BOS first for Gemma, as its convention). Each row is "
         "its own process; × is against the plain `transformers` row above it, measured "
-        "in the same run.\n\n" + table(rows) + "\n"
+        f"in the same run. Load average {load_before:.2f} before the run and "
+        f"{os.getloadavg()[0]:.2f} after (2 cores: above 2, other work shared them).\n\n"
+        + table(rows)
+        + "\n"
     )
     args.out.write_text(text, encoding="utf-8")
     print(text)
