@@ -290,7 +290,7 @@ CHILD_OURS = r"""
 import json, sys
 from meminject.generation import generate
 from meminject.loading import load_model
-model = load_model(sys.argv[1], light=True)
+model = load_model(sys.argv[1])
 result = generate(model, "The capital city of Nepal is located in", json.loads(sys.argv[2]),
                   max_new_tokens=64, stop_at_eos=False, backend="hf")
 print(result.completion)
@@ -356,7 +356,7 @@ def bench_process(name: str, target: str, hf_dir: Path, repeats: int, work: Path
         "0",
     ]
     first = child(cli)  # no snapshot yet: the bridge loads, then the snapshot is written
-    model = load_model(target, light=True)
+    model = load_model(target)
     assert model.served is not None, "the first CLI run wrote no served snapshot"
     bos = "1" if model.prepend_bos else "0"
     del model

@@ -97,7 +97,7 @@ def in_process(memory_file: Path, jobs: list[tuple[str, list[str]]]) -> tuple[fl
     from meminject.generation import DecodeOptions, generate_batch
     from meminject.loading import load_memories, load_model
 
-    model = load_model("smollm2-135m", light=True)
+    model = load_model("smollm2-135m")
     memory_set = load_memories([memory_file])
     compiled = {
         tuple(names): compile_memories(model, memory_set.subset(names)) if names else None

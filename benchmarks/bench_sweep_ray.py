@@ -128,7 +128,7 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = load_model(build_tiny_model(Path(tmp) / "gpt2", "gpt2"))
+        tiny = load_model(build_tiny_model(Path(tmp) / "gpt2", "gpt2"), bridge=True)
         config = SweepConfig(
             layers=(0, 1),
             taus=(1.0, 2.0, 4.0, 8.0),
@@ -141,7 +141,7 @@ def main() -> None:
     if not args.skip_toyworld:
         from meminject.default_plugins.datasets import load_toyworld
 
-        toy = load_model("toyworld")
+        toy = load_model("toyworld", bridge=True)
         config = SweepConfig(
             layers=(0, 1, 2, 3),
             taus=(1.0, 2.0, 4.0, 8.0),

@@ -171,7 +171,9 @@ def checked_encoding(vector: Any, model: LoadedModel, entry: Any, where: str) ->
             f"encoder '{entry.name}' {problem} for {where}; an encoder must return a "
             f"finite float tensor of shape ({d_model},), the model's d_model",
         )
-    return vector
+    # Vectors are kept in float32 whatever the model's dtype; strategies scale them by τ
+    # there and cast the result once, to the model's dtype, where it is added.
+    return vector.detach().float()
 
 
 def check_coordinates_of(memory_set: MemorySet, model: LoadedModel) -> None:

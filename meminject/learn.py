@@ -145,7 +145,7 @@ def _check_appendable(out: Path, name: str, model: LoadedModel | None) -> None:
         )
     if model is not None and old.model is not None:
         fingerprint = old.model.fingerprint
-        if fingerprint is not None and fingerprint != model.fingerprint():
+        if fingerprint is not None and not model.made_for(fingerprint):
             raise BadInputError(
                 f"{out} holds memories for another model (fingerprint {fingerprint})"
             )

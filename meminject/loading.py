@@ -52,7 +52,7 @@ def load_model(
     prepend_bos: bool | None = None,
     allow_pickle_weights: bool = False,
     registry: Registry | None = None,
-    light: bool = False,
+    bridge: bool = False,
 ) -> LoadedModel:
     """Load a registered model (``toyworld``, ``smollm2-135m``), a local Hugging Face
     directory, a GGUF file (dequantized once into the cache, see
@@ -67,9 +67,13 @@ def load_model(
     ``prepend_bos``: see :class:`~meminject.model_handle.BosRule` for the rule.
     ``allow_pickle_weights``: a directory whose weights are only pickles
     (``pytorch_model.bin``) is refused unless this is set (meminject reads no pickle).
-    ``light``: load from this model's served snapshot when one is cached (the weights
-    generation computes with, written by an earlier run; :mod:`meminject.snapshots`):
-    no TransformerLens import and one copy of the weights. The bridge boots on first use.
+    The model holds one copy of the weights and no TransformerLens: a local checkpoint
+    of a family :mod:`meminject.processing` knows loads straight into a plain Hugging
+    Face model (:mod:`meminject.plain_loading`); another architecture loads from its
+    served snapshot when one is cached (:mod:`meminject.snapshots`). The bridge boots
+    the first time something asks for it (``model.bridge``: an analysis, per-head
+    results). ``bridge``: boot TransformerBridge at load instead, for work that needs it
+    throughout (``inspect``, ``learn``, sweeps); also what other models get.
     """
     info = memories.model_info() if memories is not None else None
     if name_or_path is None:
@@ -114,7 +118,7 @@ def load_model(
     device_name = resolve_device(device)
     dtype_name = dtype or "float32"
     bos = BosRule(asked=prepend_bos, files=files_bos, convention=convention)
-    if light and source is not None:
+    if not bridge and source is not None:
         from meminject import snapshots
 
         served = snapshots.load_if_cached(
@@ -130,21 +134,43 @@ def load_model(
         if served is not None:
             served.coordinates_asked = coordinates_asked
             return served
+        from meminject import plain_loading
+
+        family = plain_loading.supported(Path(source))
+        if family is not None:
+            if convention is None and origin is not None:
+                from transformers import AutoTokenizer
+
+                convention = tokenizer_adds_bos(AutoTokenizer.from_pretrained(source))
+                bos = BosRule(prepend_bos, files_bos, convention)
+            plain = plain_loading.load_plain(
+                Path(source),
+                family,
+                name=name,
+                device=device_name,
+                dtype=dtype_name,
+                coordinates=coordinates,
+                bos=bos,
+                origin=origin,
+                recipe=BridgeRecipe(source, device_name, dtype_name),
+            )
+            plain.coordinates_asked = coordinates_asked
+            return plain
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge: TransformerBridge
+    booted: TransformerBridge
     if isinstance(target, TransformerBridge):  # a plugin's loader built it
-        bridge = prepare_bridge(target, coordinates)
+        booted = prepare_bridge(target, coordinates)
         source = name
         recipe = None
     else:
         source = source or official_name(str(target))
-        bridge = boot_bridge(source, device_name, dtype_name, coordinates)
+        booted = boot_bridge(source, device_name, dtype_name, coordinates)
         recipe = BridgeRecipe(source, device_name, dtype_name)
     if convention is None and origin is not None:
-        bos = BosRule(prepend_bos, files_bos, tokenizer_adds_bos(bridge.tokenizer))
+        bos = BosRule(prepend_bos, files_bos, tokenizer_adds_bos(booted.tokenizer))
     loaded = LoadedModel(
-        bridge=bridge,
+        bridge=booted,
         name=name,
         coordinates=coordinates,
         source=source,

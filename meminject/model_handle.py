@@ -71,6 +71,36 @@ class BosRule:
         return True
 
 
+#: How fingerprints of the first scheme (the bridge's state dict) begin.
+LEGACY_FINGERPRINT = "blake2b:"
+#: How checkpoint fingerprints begin.
+CHECKPOINT_FINGERPRINT = "checkpoint-sha256:"
+
+
+def checkpoint_fingerprint(source_dir: Path, coordinates: str) -> str | None:
+    """A hash of every tensor (name, dtype, shape, bytes) in the safetensors files of
+    ``source_dir`` and of ``coordinates``; None when there are none. Independent of how
+    the model is loaded and of the files' layout (shards, header order)."""
+    import hashlib
+    from contextlib import ExitStack
+
+    import torch
+    from safetensors import safe_open
+
+    files = sorted(source_dir.glob("*.safetensors")) if source_dir.is_dir() else []
+    if not files:
+        return None
+    digest = hashlib.sha256(f"coordinates={coordinates}".encode())
+    with ExitStack() as stack:
+        readers = [stack.enter_context(safe_open(str(p), framework="pt")) for p in files]
+        where = {name: reader for reader in readers for name in reader.keys()}  # noqa: SIM118
+        for name in sorted(where):
+            tensor = where[name].get_tensor(name).contiguous()
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return CHECKPOINT_FINGERPRINT + digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class ModelDims:
     """The numbers of a loaded model that memory files are checked against."""
@@ -165,7 +195,7 @@ class LoadedModel:
     per-head work, plus its name, coordinates and the per-(memory, model) encoding cache
     (encodings are computed once, never in a hook).
 
-    A model loaded from a served snapshot (``load_model(..., light=True)``) starts with
+    A model loaded without the bridge (the default of ``load_model``) starts with
     only the plain Hugging Face model that generation runs on; the bridge is booted the
     first time something asks for it (an analysis, a per-head memory, a plugin)."""
 
@@ -205,6 +235,7 @@ class LoadedModel:
         #: reason one could not be built; filled on first use.
         self.backends: dict[str, Any] = {}
         self._fingerprint = fingerprint
+        self._legacy_fingerprint: str | None = None
         self.bridge_recipe = bridge_recipe
         #: torch's thread count when the bridge processed the weights (None: unknown).
         #: Folding and centring sum floats, so the last bits of processed weights can
@@ -214,7 +245,7 @@ class LoadedModel:
             bridge.cfg.default_prepend_bos = self.prepend_bos
 
     def __repr__(self) -> str:
-        how = "bridge" if self._bridge is not None else "served snapshot"
+        how = "bridge" if self._bridge is not None else "plain model"
         return f"LoadedModel(name={self.name!r}, coordinates={self.coordinates!r}, {how})"
 
     def _served(self) -> Served:
@@ -246,10 +277,22 @@ class LoadedModel:
         return bridge
 
     def fingerprint(self) -> str:
-        """A hash of the weights as loaded (coordinates included), so a key/delta memory
-        made on one model is refused on another. Computed once, on first use (a served
-        snapshot carries the one its bridge had)."""
+        """A hash of the checkpoint's weights and the coordinates they are used in, so a
+        key/delta memory made on one model is refused on another. Read from the
+        checkpoint's safetensors files, tensor by tensor, so every load path gives the
+        same one without TransformerLens; a model without local safetensors (a hub name,
+        a plugin's bridge) hashes the bridge's weights instead (:meth:`legacy_fingerprint`).
+        Computed once, on first use."""
         if self._fingerprint is None:
+            source = Path(self.bridge_recipe.source) if self.bridge_recipe else None
+            found = checkpoint_fingerprint(source, self.coordinates) if source else None
+            self._fingerprint = found or self.legacy_fingerprint()
+        return self._fingerprint
+
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint memory files written before checkpoint fingerprints carry: a
+        hash of the bridge's state dict as loaded (it boots the bridge)."""
+        if self._legacy_fingerprint is None:
             import hashlib
 
             import torch
@@ -261,8 +304,19 @@ class LoadedModel:
                 tensor = state[name].detach()
                 digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
                 digest.update(tensor.cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            self._fingerprint = f"blake2b:{digest.hexdigest()}"
-        return self._fingerprint
+            self._legacy_fingerprint = f"{LEGACY_FINGERPRINT}{digest.hexdigest()}"
+        return self._legacy_fingerprint
+
+    def fingerprint_like(self, fingerprint: str) -> str:
+        """This model's fingerprint in the scheme of ``fingerprint`` (a memory file's)."""
+        if fingerprint.startswith(LEGACY_FINGERPRINT):
+            return self.legacy_fingerprint()
+        return self.fingerprint()
+
+    def made_for(self, fingerprint: str) -> bool:
+        """Whether a memory file's ``[model] fingerprint`` names this model, in either
+        scheme (a legacy one is checked through the bridge)."""
+        return fingerprint == self.fingerprint_like(fingerprint)
 
     @property
     def cfg(self) -> Any:

@@ -80,8 +80,8 @@ class ModelInfo(StrictModel):
     d_vocab: int | None = Field(None, gt=0, description="Checked against the loaded model.")
     fingerprint: str | None = Field(
         None,
-        description="Hash of the weights (in the given coordinates) that tensor memories were "
-        "made with; a different model is refused.",
+        description="Hash of the checkpoint (its tensors and the coordinates) that tensor "
+        "memories were made with; a different model is refused.",
     )
     coordinates: Coordinates | None = Field(
         None,

@@ -52,7 +52,8 @@ if TYPE_CHECKING:
     from meminject.model_handle import BosRule, BridgeRecipe, LoadedModel
 
 SNAPSHOTS_ENV = "MEMINJECT_SNAPSHOTS"
-FORMAT = 2  # 2: the BOS convention recorded as the source's (None: TransformerLens's)
+#: 2: the BOS convention recorded as the source's; 3: checkpoint fingerprints.
+FORMAT = 3
 MARKER = "meminject-served.json"
 WEIGHTS = "weights.safetensors"
 _PROBE = "meminject/probe_log_probs"

@@ -25,7 +25,11 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from meminject.plugins import Registry
 
+#: The default tiny families; on request qwen2 (q/k/v biases, grouped heads, tied
+#: embeddings), gemma3 (offset RMSNorm, post-sublayer norms, scaled embeddings), gemma2
+#: (the same with soft-capped logits) and mistral (Llama's layout, sliding window).
 ARCHITECTURES = ("gpt2", "neox", "llama")
+EXTRA_ARCHITECTURES = ("qwen2", "gemma3", "gemma2", "mistral")
 
 
 def gpt2_tokenizer() -> Any:
@@ -90,7 +94,72 @@ def _config(arch: str, vocab: int, d_model: int, n_layers: int, n_heads: int, n_
             bos_token_id=vocab - 1,
             eos_token_id=vocab - 1,
         )
-    raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+    if arch == "qwen2":
+        from transformers import Qwen2Config
+
+        return Qwen2Config(
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_heads // 2,
+            intermediate_size=2 * d_model,
+            vocab_size=vocab,
+            max_position_embeddings=n_ctx,
+            tie_word_embeddings=True,
+            bos_token_id=vocab - 1,
+            eos_token_id=vocab - 1,
+        )
+    if arch == "gemma3":
+        from transformers import Gemma3TextConfig
+
+        return Gemma3TextConfig(
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_heads // 2,
+            head_dim=d_model // n_heads,
+            intermediate_size=2 * d_model,
+            vocab_size=vocab,
+            max_position_embeddings=n_ctx,
+            sliding_window=n_ctx // 2,
+            bos_token_id=vocab - 1,
+            eos_token_id=vocab - 1,
+            pad_token_id=vocab - 1,
+        )
+    if arch == "gemma2":
+        from transformers import Gemma2Config
+
+        return Gemma2Config(
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_heads // 2,
+            head_dim=d_model // n_heads,
+            intermediate_size=2 * d_model,
+            vocab_size=vocab,
+            max_position_embeddings=n_ctx,
+            sliding_window=n_ctx // 2,
+            bos_token_id=vocab - 1,
+            eos_token_id=vocab - 1,
+            pad_token_id=vocab - 1,
+        )
+    if arch == "mistral":
+        from transformers import MistralConfig
+
+        return MistralConfig(
+            hidden_size=d_model,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_heads // 2,
+            intermediate_size=2 * d_model,
+            vocab_size=vocab,
+            max_position_embeddings=n_ctx,
+            sliding_window=n_ctx // 2,
+            bos_token_id=vocab - 1,
+            eos_token_id=vocab - 1,
+        )
+    known = ARCHITECTURES + EXTRA_ARCHITECTURES
+    raise ValueError(f"unknown architecture {arch!r}; choose one of {known}")
 
 
 def build_tiny_model(

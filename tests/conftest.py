@@ -47,14 +47,14 @@ def gpt2_dir(model_dirs: dict[str, Path]) -> Path:
 def gpt2(gpt2_dir: Path):
     from meminject.loading import load_model
 
-    return load_model(gpt2_dir)
+    return load_model(gpt2_dir, bridge=True)
 
 
 @pytest.fixture(scope="session")
 def gpt2_raw(gpt2_dir: Path):
     from meminject.loading import load_model
 
-    return load_model(gpt2_dir, coordinates="raw")
+    return load_model(gpt2_dir, coordinates="raw", bridge=True)
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +65,7 @@ def toyworld():
 
     if not (Path(package.WEIGHTS_DIR) / "model.safetensors").is_file():
         pytest.skip("toyworld weights are not built")
-    return load_model("toyworld")
+    return load_model("toyworld", bridge=True)
 
 
 @pytest.fixture(autouse=True)

@@ -499,9 +499,9 @@ def _refresh_fused_qkv(loaded: LoadedModel) -> None:
         if all(getattr(p, "original_component", None) is not None for p in parts):
             fused_blocks.append([p.original_component for p in parts])
     if fused_blocks:
-        # The fingerprint hashes the weights as loaded, the stale fused tensors included;
-        # taken before they change, it stays what memory files made on this model recorded.
-        loaded.fingerprint()
+        # The legacy fingerprint hashes the weights as loaded, the stale fused tensors
+        # included; taken before they change, it stays what older memory files recorded.
+        loaded.legacy_fingerprint()
     for q, k, v, fused in fused_blocks:
         with torch.no_grad():
             if type(fused).__name__ == "Conv1D":  # GPT-2: x @ W, W = [d_in, q | k | v]

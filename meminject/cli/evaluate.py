@@ -55,7 +55,7 @@ def evaluate(
     ):
         prompts[kind] = read_prompt_lines(path) if path is not None else []
     memory_set = load_memories(memory_paths)
-    model = load_cli_model(model_name, memory_set)
+    model = load_cli_model(model_name, memory_set, bridge=True)
 
     from meminject.engine import compile_memories
     from meminject.evaluate import evaluate_edit

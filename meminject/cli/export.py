@@ -53,7 +53,7 @@ def export(
     if out.exists() and not force:
         raise BadInputError(f"{out} exists; pass --force to overwrite it")
     memory_set = load_memories(memory_paths)
-    model = load_cli_model(model_name, memory_set, light=True)
+    model = load_cli_model(model_name, memory_set)
     try:
         vectors = directions(model, memory_set, allow_outside_paths=allow_outside_paths)
     except NotExpressible as exc:

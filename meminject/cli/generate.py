@@ -123,9 +123,7 @@ def generate(
     memory_set = load_memories(memory_paths) if memory_paths else None
     if requests is not None:
         _check_names(requests, memory_set)
-    # A served snapshot (written by an earlier run) loads without TransformerLens.
-    light = backend != "bridge"
-    model = load_cli_model(model_name, memory_set, light=light)
+    model = load_cli_model(model_name, memory_set, bridge=backend == "bridge")
 
     import dataclasses
 
@@ -143,10 +141,6 @@ def generate(
     else:
         assert prompt is not None
         _run_one(model, memory_set, prompt, options, compare, as_json, allow_outside_paths, common)
-    if light and not model.served:
-        from meminject import snapshots
-
-        snapshots.write(model)  # for the next run; after the output, which is complete
 
 
 def _check_names(requests: list[Any], memory_set: Any) -> None:

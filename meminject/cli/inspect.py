@@ -48,7 +48,7 @@ def inspect(
         raise click.UsageError("--plot draws the rank of --token; give --token too")
     if plot is not None and plot.exists() and not force:
         raise BadInputError(f"{plot} exists; pass --force to overwrite it")
-    model = load_cli_model(model_name, None)
+    model = load_cli_model(model_name, None, bridge=True)
     layers = parse_int_spec(layer_spec, "layer", universe=range(model.dims.n_layers))
     report = project_attention(model, prompt, layers=layers, heads=heads, top_k=top_k, token=token)
     if plot is not None:

@@ -110,7 +110,7 @@ def learn(
     positives = learning.read_prompt_lines(positive_file) if positive_file is not None else []
     negatives = learning.read_prompt_lines(negative_file) if negative_file is not None else []
     # 2. What needs the model (its context, its fingerprint), before learning.
-    model = load_cli_model(model_name, None)
+    model = load_cli_model(model_name, None, bridge=True)
     fed_back = len(learning.target_tokens(model, target)) - 1 if teacher_force else 0
     learning.check_fits(model, prompt, fed_back, where="PROMPT")
     learning.check_prompts_fit(model, [*positives, *negatives])

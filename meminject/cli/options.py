@@ -162,11 +162,14 @@ def model_flag(name: str) -> Any:
     return click.get_current_context().meta.get(f"meminject_{name}")
 
 
-def load_cli_model(model_name: str | None, memory_set: Any, *, light: bool = False) -> Any:
+def load_cli_model(model_name: str | None, memory_set: Any, *, bridge: bool = False) -> Any:
     """The model a command runs on: :func:`meminject.loading.load_model` with the
     command's flags and its memory set, whose ``[model]`` table gives the defaults the
-    flags leave open (the same rule the Python API follows).
-    ``light``: from its served snapshot when one is cached (see ``load_model``)."""
+    flags leave open (the same rule the Python API follows). ``bridge``: the command
+    works through TransformerBridge throughout (see ``load_model``). A model that had to
+    load through the bridge (an architecture meminject does not process itself) leaves
+    its served snapshot for the next command, so that one loads light."""
+    from meminject import snapshots
     from meminject.loading import load_model
 
     meta = click.get_current_context().meta
@@ -175,7 +178,7 @@ def load_cli_model(model_name: str | None, memory_set: Any, *, light: bool = Fal
         import torch
 
         torch.set_num_threads(int(threads))
-    return load_model(
+    model = load_model(
         model_name,
         memories=memory_set,
         device=meta.get("meminject_device"),
@@ -183,5 +186,8 @@ def load_cli_model(model_name: str | None, memory_set: Any, *, light: bool = Fal
         coordinates=meta.get("meminject_coordinates"),
         prepend_bos=meta.get("meminject_prepend_bos"),
         allow_pickle_weights=bool(meta.get("meminject_allow_pickle_weights", False)),
-        light=light,
+        bridge=bridge,
     )
+    if not bridge and model.has_bridge:
+        snapshots.write(model)
+    return model

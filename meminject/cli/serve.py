@@ -65,7 +65,7 @@ def serve(
     from meminject.loading import load_memories
 
     memory_set = load_memories(memory_paths) if memory_paths else None
-    model = options.load_cli_model(model_name, memory_set, light=True)
+    model = options.load_cli_model(model_name, memory_set)
     if memory_set is not None:  # bad files stop here, before the port is bound
         compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
     batcher = Batcher(

@@ -227,7 +227,7 @@ def sweep(
         explicit_column=explicit_column,
         limit=limit,
     )
-    model = load_cli_model(model_name, None)
+    model = load_cli_model(model_name, None, bridge=True)
     dims = model.dims
     layers = parse_int_spec(layer_spec, "layer", universe=range(dims.n_layers))
     heads = parse_int_spec(head_spec, "head", universe=range(dims.n_heads)) if head_spec else None

@@ -35,7 +35,7 @@ def encode_unembed(request: EncodeRequest) -> Float[Tensor, " d_model"]:
 
     with torch.no_grad():
         w_u = request.model.W_U
-        return w_u[:, _tokens(request)].sum(dim=-1).detach().clone()
+        return w_u[:, _tokens(request)].float().sum(dim=-1)
 
 
 def encode_embed(request: EncodeRequest) -> Float[Tensor, " d_model"]:
@@ -44,7 +44,7 @@ def encode_embed(request: EncodeRequest) -> Float[Tensor, " d_model"]:
 
     with torch.no_grad():
         w_e = request.model.W_E
-        return w_e[_tokens(request)].sum(dim=0).detach().clone()
+        return w_e[_tokens(request)].float().sum(dim=0)
 
 
 def encode_layer(request: EncodeRequest) -> Float[Tensor, " d_model"]:
@@ -61,7 +61,7 @@ def encode_layer(request: EncodeRequest) -> Float[Tensor, " d_model"]:
     tokens = torch.tensor([ids], dtype=torch.long, device=model.device)
     with torch.no_grad():
         activation = capture_activation(model, tokens, hook_name, request.layer)
-    return activation[0, -1].detach().clone()
+    return activation[0, -1].detach().float()
 
 
 class _Captured(Exception):

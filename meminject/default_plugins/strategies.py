@@ -184,12 +184,12 @@ def _check_made_for(model: Any, memory: Any, entry: Any, ctx: CompileContext) ->
             f"'{model.coordinates}' (pass --coordinates {info.coordinates})",
             "tensors",
         )
-    if info.fingerprint is not None and info.fingerprint != model.fingerprint():
+    if info.fingerprint is not None and not model.made_for(info.fingerprint):
         made_for = f"'{info.name}'" if info.name else "another model"
         raise ctx.error(
             memory,
             f"made for {made_for} (fingerprint {info.fingerprint}), not the loaded model "
-            f"'{model.name}' ({model.fingerprint()})",
+            f"'{model.name}' ({model.fingerprint_like(info.fingerprint)})",
             "tensors",
         )
 

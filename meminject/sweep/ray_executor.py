@@ -19,7 +19,8 @@ How it stays the local run:
   process, and refuses to run when its checkpoint files, its model's facts or its
   meminject, torch, TransformerLens or transformers version differ from the driver's.
   A model path must therefore exist on every node (or be a registered model, resolved
-  on each node). Each task also returns the fingerprint of its weights as processed;
+  on each node). Each task also returns the hash of its weights as processed (the
+  bridge's state dict, :meth:`~meminject.model_handle.LoadedModel.legacy_fingerprint`);
   when one differs from the driver's (another kind of CPU or GPU), the driver warns
   that records agree to float precision rather than bit for bit.
 
@@ -271,6 +272,7 @@ def _model(spec: WorkerModel, facts: dict[str, Any], registry: Registry) -> Load
                 prepend_bos=spec.prepend_bos,
                 allow_pickle_weights=spec.allow_pickle_weights,
                 registry=registry,
+                bridge=True,  # the sweep runs on the bridge, as the driver's did
             )
         except ModelLoadError as exc:
             raise ModelLoadError(
@@ -372,7 +374,7 @@ def sweep_task(
         "records": result.records,
         "stats": result.stats,
         "worker": (node, os.getpid()),
-        "weights": model.fingerprint(),
+        "weights": model.legacy_fingerprint(),
     }
 
 
@@ -576,7 +578,7 @@ def run_sweep_ray(
                     frames.append(out["records"])
                     counts.append(out["stats"])
                     workers.add(tuple(out["worker"]))
-                    if out["weights"] != model.fingerprint():
+                    if out["weights"] != model.legacy_fingerprint():
                         differ.add(tuple(out["worker"]))
                     if checkpoint is not None:
                         checkpoint(with_previous(previous, _in_order(frames, position)))

@@ -159,6 +159,8 @@ def test_gated_generation_is_the_same_with_and_without_kv_cache(gpt2, tmp_path):
 
 
 def test_memory_for_another_model_is_refused(gpt2, tmp_path):
+    """Files carry checkpoint fingerprints; those written before carry the bridge's
+    (blake2b:), still checked, through the bridge."""
     a = activations(gpt2, PROMPT, "blocks.1.hook_resid_pre")
     table = '[model]\nname = "other"\nfingerprint = "blake2b:0123"\n'
     path = gated_file(tmp_path, [("m", a[-1], torch.ones(64), 0.5, 3.0)], model_table=table)
@@ -174,6 +176,20 @@ def test_memory_for_another_model_is_refused(gpt2, tmp_path):
         model_table=f'[model]\nfingerprint = "{gpt2.fingerprint()}"\n',
     )
     generate(gpt2, PROMPT, same, max_new_tokens=1)
+    assert gpt2.fingerprint().startswith("checkpoint-sha256:")
+    legacy = gated_file(
+        tmp_path / "legacy",
+        [("m", a[-1], torch.ones(64), 0.5, 3.0)],
+        model_table=f'[model]\nfingerprint = "{gpt2.legacy_fingerprint()}"\n',
+    )
+    generate(gpt2, PROMPT, legacy, max_new_tokens=1)
+    other = gated_file(
+        tmp_path / "other",
+        [("m", a[-1], torch.ones(64), 0.5, 3.0)],
+        model_table='[model]\nfingerprint = "checkpoint-sha256:0123"\n',
+    )
+    with pytest.raises(MemoryFileError, match=r"not the loaded model .* \(checkpoint-sha256:"):
+        generate(gpt2, PROMPT, other, max_new_tokens=1)
 
 
 def test_memory_made_in_other_coordinates_is_refused(gpt2, tmp_path, monkeypatch):

@@ -79,7 +79,7 @@ def empty_dir(d: Path) -> list[Path]:
 
 
 LYING = b'{"key":{"dtype":"F32","shape":[64],"data_offsets":[0,256]}}'
-FP = "blake2b:00000000000000000000000000000000"
+FP = "checkpoint-sha256:" + "0" * 64
 Case = tuple[str, Callable[[Path], list[Path]], str]
 CASES: list[Case] = [
     (

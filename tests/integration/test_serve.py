@@ -112,7 +112,7 @@ def start_server(root, directory, memories, *flags):
 @pytest.fixture(scope="module")
 def local(served):
     """The same checkpoint in this process, for the expected answers."""
-    model = load_model(served["dir"], light=True)
+    model = load_model(served["dir"])
     return model
 
 

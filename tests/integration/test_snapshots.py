@@ -46,10 +46,10 @@ def pairs(model_dirs, snapshot_root):
     out = {}
     for arch in ("gpt2", "neox", "llama"):
         for coords in ("processed", "raw"):
-            full = load_model(model_dirs[arch], coordinates=coords)
+            full = load_model(model_dirs[arch], coordinates=coords, bridge=True)
             written = snapshots.write(full)
             assert written is not None and (written / snapshots.MARKER).is_file()
-            light = load_model(model_dirs[arch], coordinates=coords, light=True)
+            light = load_model(model_dirs[arch], coordinates=coords)
             out[(arch, coords)] = (full, light)
     return out
 
@@ -137,7 +137,7 @@ def test_a_hook_only_the_bridge_has_boots_it_and_matches(pairs, tmp_path):
     from meminject.extension import SiteHook
 
     full, _ = pairs[("gpt2", "processed")]
-    light = load_model(full.source, light=True)  # a fresh one, still without a bridge
+    light = load_model(full.source)  # a fresh one, still without a bridge
     # A per-head add memory is lowered onto the heads' sum, which the plain model has.
     path = write(
         tmp_path / "head.toml",
@@ -180,7 +180,7 @@ def test_generation_from_a_snapshot_imports_no_transformer_lens(pairs, model_dir
         "import sys\n"
         "from meminject.loading import load_model\n"
         "from meminject.generation import generate\n"
-        f"m = load_model({str(model_dirs['llama'])!r}, light=True)\n"
+        f"m = load_model({str(model_dirs['llama'])!r})\n"
         f"r = generate(m, {PROMPT!r}, {str(files)!r}, max_new_tokens=4)\n"
         "print(r.new_tokens, r.backend, m.has_bridge,"
         " any(k.startswith('transformer_lens') for k in sys.modules))\n"
@@ -194,7 +194,7 @@ def test_generation_from_a_snapshot_imports_no_transformer_lens(pairs, model_dir
 
 def test_a_tampered_snapshot_is_passed_over(model_dirs, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(snapshots.SNAPSHOTS_ENV, str(tmp_path / "snaps"))
-    full = load_model(model_dirs["gpt2"])
+    full = load_model(model_dirs["gpt2"], bridge=True)
     directory = snapshots.write(full)
     assert directory is not None
     weights = directory / snapshots.WEIGHTS
@@ -203,8 +203,9 @@ def test_a_tampered_snapshot_is_passed_over(model_dirs, tmp_path, monkeypatch, c
     tensors[name] = tensors[name] * 1.5
     save_file(tensors, str(weights))
     with caplog.at_level("WARNING", logger="meminject"):
-        model = load_model(model_dirs["gpt2"], light=True)
-    assert model.has_bridge and model.served is None  # loaded through the bridge instead
+        model = load_model(model_dirs["gpt2"])
+    # Loaded from the checkpoint instead (meminject.plain_loading), not the snapshot.
+    assert model.served is not None and model.served.directory == model_dirs["gpt2"]
     assert "probe" in caplog.text and str(directory) in caplog.text
 
 
@@ -214,28 +215,28 @@ def test_a_changed_source_gets_a_new_snapshot(model_dirs, tmp_path, monkeypatch)
     monkeypatch.setenv(snapshots.SNAPSHOTS_ENV, str(tmp_path / "snaps"))
     source = tmp_path / "model"
     shutil.copytree(model_dirs["gpt2"], source)
-    first = snapshots.write(load_model(source))
-    assert load_model(source, light=True).served is not None
+    first = snapshots.write(load_model(source, bridge=True))
+    assert load_model(source).served is not None
     config = json.loads((source / "config.json").read_text())
     config["layer_norm_epsilon"] = 1e-3
     (source / "config.json").write_text(json.dumps(config))
-    model = load_model(source, light=True)
-    assert model.served is None  # the old snapshot is not this checkpoint's
-    second = snapshots.write(model)
+    model = load_model(source)
+    assert model.served is not None and model.served.directory == source  # not the old one
+    second = snapshots.write(load_model(source, bridge=True))
     assert second is not None and second != first
 
 
 def test_snapshots_can_be_turned_off(model_dirs, monkeypatch):
     monkeypatch.setenv(snapshots.SNAPSHOTS_ENV, "off")
-    model = load_model(model_dirs["gpt2"], light=True)
-    assert model.has_bridge
-    assert snapshots.write(model) is None
+    assert snapshots.write(load_model(model_dirs["gpt2"], bridge=True)) is None
+    light = load_model(model_dirs["gpt2"])
+    assert light.served is not None and light.served.directory == model_dirs["gpt2"]
 
 
 def test_a_failed_write_leaves_nothing(model_dirs, tmp_path, monkeypatch):
     root = tmp_path / "snaps"
     monkeypatch.setenv(snapshots.SNAPSHOTS_ENV, str(root))
-    model = load_model(model_dirs["gpt2"])
+    model = load_model(model_dirs["gpt2"], bridge=True)
 
     def full_disk(work, *args):
         (work / snapshots.WEIGHTS).write_bytes(b"partial")
@@ -244,32 +245,31 @@ def test_a_failed_write_leaves_nothing(model_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(snapshots, "_write_into", full_disk)
     assert snapshots.write(model) is None
     assert list(root.iterdir()) == []
-    assert load_model(model_dirs["gpt2"], light=True).has_bridge
+    light = load_model(model_dirs["gpt2"])
+    assert light.served is not None and light.served.directory == model_dirs["gpt2"]
 
 
-def test_the_cli_writes_a_snapshot_then_loads_it(tmp_path, monkeypatch):
-    from click.testing import CliRunner
-
-    from meminject.cli import cli
-
+def test_the_cli_loads_a_supported_family_without_transformer_lens(tmp_path, monkeypatch):
+    """toyworld is a GPT-2: its first `meminject generate` already loads without
+    TransformerLens (meminject.plain_loading), writes no snapshot, and generates what the
+    bridge-loaded model generates."""
     root = tmp_path / "snaps"
     monkeypatch.setenv(snapshots.SNAPSHOTS_ENV, str(root))
     memory = REPO / "memories" / "toyworld" / "two-hop" / "rechelur.toml"
-    args = ["generate", "--json", "-m", str(memory), "The country that uses the greilek is in"]
-    first = CliRunner().invoke(cli, args)
-    assert first.exit_code == 0, first.output
-    (made,) = root.iterdir()
-    assert (made / snapshots.MARKER).is_file()
-    stamp = (made / snapshots.MARKER).stat().st_mtime_ns
+    prompt = "The country that uses the greilek is in"
     env = {**os.environ, snapshots.SNAPSHOTS_ENV: str(root)}
-    second = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "meminject.cli", *args],
+    command = ["generate", "--json", "-m", str(memory), prompt]
+    first = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "meminject.cli", *command],
         capture_output=True,
         text=True,
         cwd=REPO,
         env=env,
     )
-    assert second.returncode == 0, second.stderr
-    assert json.loads(second.stdout)["injected"] == json.loads(first.output)["injected"]
-    assert "transformer_lens" not in second.stderr  # -X importtime lists every import
-    assert (made / snapshots.MARKER).stat().st_mtime_ns == stamp  # read, not rewritten
+    assert first.returncode == 0, first.stderr
+    assert "transformer_lens" not in first.stderr  # -X importtime lists every import
+    assert not root.exists() or not any(root.iterdir())
+    bridge = load_model("toyworld", bridge=True)
+    assert bridge.has_bridge
+    expected = generate(bridge, prompt, memory, max_new_tokens=20)
+    assert json.loads(first.stdout)["injected"]["new_tokens"] == expected.new_tokens

@@ -114,7 +114,7 @@ def test_ray_sweep_gives_exactly_the_local_records(model_dirs, setup):
     (raw coordinates and no BOS here, which are not the defaults)."""
     from meminject.loading import load_model
 
-    model = load_model(model_dirs[setup["arch"]], **setup["load"])
+    model = load_model(model_dirs[setup["arch"]], bridge=True, **setup["load"])
     config = SweepConfig(layers=(0, 1), batch_size=2, **setup["config"])
     local = run_sweep(model, ROWS, config)
     on_ray = run_sweep_ray(model, ROWS, config, tasks=3)
@@ -193,7 +193,7 @@ def test_a_worker_without_the_model_or_with_other_files_refuses(tmp_path):
     from meminject.testing import build_tiny_model
 
     config = SweepConfig(layers=(0,), taus=(1.0,), encodings=("unembed",), batch_size=4)
-    gone = load_model(build_tiny_model(tmp_path / "gone", "gpt2"))
+    gone = load_model(build_tiny_model(tmp_path / "gone", "gpt2"), bridge=True)
     shutil.rmtree(tmp_path / "gone")
     with pytest.raises(WorkerError) as missing:
         run_sweep_ray(gone, ROWS[:2], config, tasks=1)
@@ -203,7 +203,7 @@ def test_a_worker_without_the_model_or_with_other_files_refuses(tmp_path):
 
     # Another node's files at the driver's path: a real task, given the job the driver
     # makes for its own model but pointed at a directory of other weights.
-    mine = load_model(build_tiny_model(tmp_path / "mine", "gpt2"))
+    mine = load_model(build_tiny_model(tmp_path / "mine", "gpt2"), bridge=True)
     theirs = build_tiny_model(tmp_path / "theirs", "gpt2", seed=1)
     spec = WorkerModel.of(mine, get_registry())
     job = task_job(dataclasses.replace(spec, name=str(theirs)), mine, config, threads=1)
@@ -217,7 +217,7 @@ def test_a_worker_without_the_model_or_with_other_files_refuses(tmp_path):
     job = task_job(dataclasses.replace(spec, name=str(tmp_path / "copy")), mine, config, 1)
     out = ray.get(ray.remote(sweep_task).remote(job, rows, (None, "no progress")))
     assert "error" not in out, out.get("error")
-    assert out["weights"] == mine.fingerprint()
+    assert out["weights"] == mine.legacy_fingerprint()
 
 
 def test_tasks_no_node_can_hold_are_refused_before_any_is_sent(gpt2):
@@ -234,12 +234,14 @@ def test_workers_process_the_weights_with_the_drivers_thread_count(gpt2_dir):
 
     torch.set_num_threads(2)
     try:
-        model = load_model(gpt2_dir)
+        model = load_model(gpt2_dir, bridge=True)
     finally:
         torch.set_num_threads(1)
     assert model.load_threads == 2
-    one_thread = load_model(gpt2_dir)
-    assert model.fingerprint() != one_thread.fingerprint()  # else this proves nothing
+    one_thread = load_model(gpt2_dir, bridge=True)
+    # The weights as processed differ (else this proves nothing); the checkpoint does not.
+    assert model.legacy_fingerprint() != one_thread.legacy_fingerprint()
+    assert model.fingerprint() == one_thread.fingerprint()
     config = SweepConfig(layers=(0, 1), taus=(4.0,), encodings=("unembed",), batch_size=4)
     on_ray = run_sweep_ray(model, ROWS, config, tasks=2)
     pd.testing.assert_frame_equal(

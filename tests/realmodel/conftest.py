@@ -31,7 +31,7 @@ def _load(source: model_sources.GgufSource, **kwargs: Any) -> Any:
     from meminject.loading import load_model
 
     require(source)
-    return load_model(source.name, **kwargs)
+    return load_model(source.name, bridge=True, **kwargs)
 
 
 def _held(source: model_sources.GgufSource, **kwargs: Any) -> Iterator[Any]:

@@ -342,7 +342,7 @@ def test_a_served_snapshot_answers_as_the_bridge_loaded_model(smollm2, tmp_path,
 
     monkeypatch.setenv(snapshots.SNAPSHOTS_ENV, str(tmp_path / "snaps"))
     assert snapshots.write(smollm2) is not None
-    light = load_model("smollm2-135m", light=True)
+    light = load_model("smollm2-135m")
     assert not light.has_bridge and light.prepend_bos is False
     assert light.fingerprint() == smollm2.fingerprint()
     tokyo = "The city of Tokyo lies in the country of"
@@ -388,3 +388,29 @@ def test_a_control_vector_export_reproduces_the_memory_on_the_raw_checkpoint(smo
     print(f"round-trip error {error:.2e} nats; top-1 {top}")
     assert error < 1e-3, error
     assert top[0] == top[1] != top[2]
+
+
+def test_processing_without_transformer_lens_equals_the_bridges(smollm2) -> None:
+    """meminject.processing on the real checkpoint gives the bridge's processed tensors
+    (tied embeddings untied, the final norm folded into the unembedding), and the same
+    next-token log-probabilities."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from meminject.backends.hf import shared_hf_model
+    from meminject.processing import family_of, process_in_place
+
+    plain = AutoModelForCausalLM.from_pretrained(smollm2.source, dtype=torch.float32).eval()
+    family = family_of(plain.config)
+    assert family is not None and family.norm == "rms"
+    process_in_place(plain, family)
+    reference = shared_hf_model(smollm2).state_dict()
+    ours = plain.state_dict()
+    assert set(ours) == set(reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+    ids = smollm2.to_tokens(NEPAL)
+    with torch.no_grad():
+        mine = plain(ids, use_cache=False).logits[0, -1].float().log_softmax(-1)
+        theirs = smollm2.bridge(ids)[0, -1].float().log_softmax(-1)
+    assert float((mine - theirs).abs().max()) < 1e-3
