@@ -119,43 +119,28 @@ def load_model(
     dtype_name = dtype or "float32"
     bos = BosRule(asked=prepend_bos, files=files_bos, convention=convention)
     if not bridge and source is not None:
-        from meminject import snapshots
+        from meminject import plain_loading, snapshots
 
-        served = snapshots.load_if_cached(
-            Path(source),
+        how: dict[str, Any] = dict(
             name=name,
             device=device_name,
             dtype=dtype_name,
             coordinates=coordinates,
-            bos=bos,
             origin=origin,
             recipe=BridgeRecipe(source, device_name, dtype_name),
         )
-        if served is not None:
-            served.coordinates_asked = coordinates_asked
-            return served
-        from meminject import plain_loading
-
-        family = plain_loading.supported(Path(source))
+        light = snapshots.load_if_cached(Path(source), bos=bos, **how)
+        family = plain_loading.supported(Path(source)) if light is None else None
         if family is not None:
             if convention is None and origin is not None:
                 from transformers import AutoTokenizer
 
                 convention = tokenizer_adds_bos(AutoTokenizer.from_pretrained(source))
                 bos = BosRule(prepend_bos, files_bos, convention)
-            plain = plain_loading.load_plain(
-                Path(source),
-                family,
-                name=name,
-                device=device_name,
-                dtype=dtype_name,
-                coordinates=coordinates,
-                bos=bos,
-                origin=origin,
-                recipe=BridgeRecipe(source, device_name, dtype_name),
-            )
-            plain.coordinates_asked = coordinates_asked
-            return plain
+            light = plain_loading.load_plain(Path(source), family, bos=bos, **how)
+        if light is not None:
+            light.coordinates_asked = coordinates_asked
+            return light
     from transformer_lens.model_bridge import TransformerBridge
 
     booted: TransformerBridge

@@ -52,6 +52,24 @@ def gpt2_tokenizer() -> Any:
     )
 
 
+#: The requested families' config classes and what each adds to the shared shape.
+_EXTRA_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen2": ("Qwen2Config", {"tie_word_embeddings": lambda *_: True}),
+    "mistral": ("MistralConfig", {"sliding_window": lambda d, h, ctx, v: ctx // 2}),
+    **{
+        arch: (
+            config,
+            {
+                "head_dim": lambda d, h, ctx, v: d // h,
+                "sliding_window": lambda d, h, ctx, v: ctx // 2,
+                "pad_token_id": lambda d, h, ctx, v: v - 1,
+            },
+        )
+        for arch, config in (("gemma3", "Gemma3TextConfig"), ("gemma2", "Gemma2Config"))
+    },
+}
+
+
 def _config(arch: str, vocab: int, d_model: int, n_layers: int, n_heads: int, n_ctx: int) -> Any:
     if arch == "gpt2":
         from transformers import GPT2Config
@@ -94,10 +112,11 @@ def _config(arch: str, vocab: int, d_model: int, n_layers: int, n_heads: int, n_
             bos_token_id=vocab - 1,
             eos_token_id=vocab - 1,
         )
-    if arch == "qwen2":
-        from transformers import Qwen2Config
+    if arch in EXTRA_ARCHITECTURES:
+        import transformers
 
-        return Qwen2Config(
+        config_class, extra = _EXTRA_CONFIGS[arch]
+        return getattr(transformers, config_class)(
             hidden_size=d_model,
             num_hidden_layers=n_layers,
             num_attention_heads=n_heads,
@@ -105,58 +124,9 @@ def _config(arch: str, vocab: int, d_model: int, n_layers: int, n_heads: int, n_
             intermediate_size=2 * d_model,
             vocab_size=vocab,
             max_position_embeddings=n_ctx,
-            tie_word_embeddings=True,
             bos_token_id=vocab - 1,
             eos_token_id=vocab - 1,
-        )
-    if arch == "gemma3":
-        from transformers import Gemma3TextConfig
-
-        return Gemma3TextConfig(
-            hidden_size=d_model,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=n_heads // 2,
-            head_dim=d_model // n_heads,
-            intermediate_size=2 * d_model,
-            vocab_size=vocab,
-            max_position_embeddings=n_ctx,
-            sliding_window=n_ctx // 2,
-            bos_token_id=vocab - 1,
-            eos_token_id=vocab - 1,
-            pad_token_id=vocab - 1,
-        )
-    if arch == "gemma2":
-        from transformers import Gemma2Config
-
-        return Gemma2Config(
-            hidden_size=d_model,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=n_heads // 2,
-            head_dim=d_model // n_heads,
-            intermediate_size=2 * d_model,
-            vocab_size=vocab,
-            max_position_embeddings=n_ctx,
-            sliding_window=n_ctx // 2,
-            bos_token_id=vocab - 1,
-            eos_token_id=vocab - 1,
-            pad_token_id=vocab - 1,
-        )
-    if arch == "mistral":
-        from transformers import MistralConfig
-
-        return MistralConfig(
-            hidden_size=d_model,
-            num_hidden_layers=n_layers,
-            num_attention_heads=n_heads,
-            num_key_value_heads=n_heads // 2,
-            intermediate_size=2 * d_model,
-            vocab_size=vocab,
-            max_position_embeddings=n_ctx,
-            sliding_window=n_ctx // 2,
-            bos_token_id=vocab - 1,
-            eos_token_id=vocab - 1,
+            **{key: value(d_model, n_heads, n_ctx, vocab) for key, value in extra.items()},
         )
     known = ARCHITECTURES + EXTRA_ARCHITECTURES
     raise ValueError(f"unknown architecture {arch!r}; choose one of {known}")

@@ -90,3 +90,28 @@ def _fresh_encodings(request: pytest.FixtureRequest) -> Iterator[None]:
     for name in ("smollm2", "smollm2_raw", "gemma3"):
         if name in request.fixturenames:
             request.getfixturevalue(name).encodings.clear()
+
+
+def assert_processing_matches_the_bridge(model: Any, prompt: str, norm: str) -> None:
+    """meminject.processing on the real checkpoint gives the bridge's processed tensors
+    and, to 1e-3, its next-token log-probabilities on ``prompt``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from meminject.backends.hf import shared_hf_model
+    from meminject.processing import family_of, process_in_place
+
+    plain = AutoModelForCausalLM.from_pretrained(model.source, dtype=torch.float32).eval()
+    family = family_of(plain.config)
+    assert family is not None and family.norm == norm
+    process_in_place(plain, family)
+    reference = shared_hf_model(model).state_dict()
+    ours = plain.state_dict()
+    assert set(ours) == set(reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
+    ids = model.to_tokens(prompt)
+    with torch.no_grad():
+        mine = plain(ids, use_cache=False).logits[0, -1].float().log_softmax(-1)
+        theirs = model.bridge(ids)[0, -1].float().log_softmax(-1)
+    assert float((mine - theirs).abs().max()) < 1e-3

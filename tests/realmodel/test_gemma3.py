@@ -17,7 +17,10 @@ import pytest
 from meminject.errors import BadInputError
 from meminject.generation import generate
 from tests.conftest import write
-from tests.realmodel.conftest import worst_log_error_against_reference
+from tests.realmodel.conftest import (
+    assert_processing_matches_the_bridge,
+    worst_log_error_against_reference,
+)
 
 pytestmark = pytest.mark.realmodel
 
@@ -258,24 +261,5 @@ def test_shipped_best_cell_memories_compile_and_raise_their_prompts_answer(gemma
 def test_processing_without_transformer_lens_equals_the_bridges(gemma3) -> None:
     """meminject.processing on the real checkpoint: Gemma's 1 + w norms folded (and set to
     0), the post-sublayer norms and the scaled embedding left alone, tied embeddings
-    untied; the bridge's processed tensors and its next-token log-probabilities."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from meminject.backends.hf import shared_hf_model
-    from meminject.processing import family_of, process_in_place
-
-    plain = AutoModelForCausalLM.from_pretrained(gemma3.source, dtype=torch.float32).eval()
-    family = family_of(plain.config)
-    assert family is not None and family.norm == "rms_offset"
-    process_in_place(plain, family)
-    reference = shared_hf_model(gemma3).state_dict()
-    ours = plain.state_dict()
-    assert set(ours) == set(reference)
-    for name, tensor in reference.items():
-        torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
-    ids = gemma3.to_tokens("The capital of France is")
-    with torch.no_grad():
-        mine = plain(ids, use_cache=False).logits[0, -1].float().log_softmax(-1)
-        theirs = gemma3.bridge(ids)[0, -1].float().log_softmax(-1)
-    assert float((mine - theirs).abs().max()) < 1e-3
+    untied; the bridge's processed tensors and logits."""
+    assert_processing_matches_the_bridge(gemma3, "The capital of France is", "rms_offset")

@@ -13,7 +13,11 @@ import pytest
 from meminject import gguf_cache, model_sources
 from meminject.generation import generate
 from tests.conftest import write
-from tests.realmodel.conftest import require, worst_log_error_against_reference
+from tests.realmodel.conftest import (
+    assert_processing_matches_the_bridge,
+    require,
+    worst_log_error_against_reference,
+)
 
 pytestmark = pytest.mark.realmodel
 
@@ -391,26 +395,6 @@ def test_a_control_vector_export_reproduces_the_memory_on_the_raw_checkpoint(smo
 
 
 def test_processing_without_transformer_lens_equals_the_bridges(smollm2) -> None:
-    """meminject.processing on the real checkpoint gives the bridge's processed tensors
-    (tied embeddings untied, the final norm folded into the unembedding), and the same
-    next-token log-probabilities."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from meminject.backends.hf import shared_hf_model
-    from meminject.processing import family_of, process_in_place
-
-    plain = AutoModelForCausalLM.from_pretrained(smollm2.source, dtype=torch.float32).eval()
-    family = family_of(plain.config)
-    assert family is not None and family.norm == "rms"
-    process_in_place(plain, family)
-    reference = shared_hf_model(smollm2).state_dict()
-    ours = plain.state_dict()
-    assert set(ours) == set(reference)
-    for name, tensor in reference.items():
-        torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-5, msg=name)
-    ids = smollm2.to_tokens(NEPAL)
-    with torch.no_grad():
-        mine = plain(ids, use_cache=False).logits[0, -1].float().log_softmax(-1)
-        theirs = smollm2.bridge(ids)[0, -1].float().log_softmax(-1)
-    assert float((mine - theirs).abs().max()) < 1e-3
+    """meminject.processing on the real checkpoint (tied embeddings untied, the final norm
+    folded into the unembedding) gives the bridge's processed tensors and logits."""
+    assert_processing_matches_the_bridge(smollm2, NEPAL, "rms")
