@@ -28,20 +28,12 @@ from tests.conftest import write
 
 ray = pytest.importorskip("ray", reason='Ray is an optional extra: pip install "meminject[ray]"')
 
+from tests.integration.test_sweep import ROWS as SWEEP_ROWS  # noqa: E402
+
 pytestmark = pytest.mark.integration
 
 ROWS = [
-    PromptRow("The first emperor of Rome was born in the", "Augustus", "city of Rome", None, 0),
-    PromptRow("The capital of the country north of Spain is", "France", "Paris", None, 1),
-    PromptRow("The author of Hamlet was born in", "William Shakespeare", "Stratford", None, 2),
-    PromptRow("Water boils at", "one hundred degrees", "100 degrees", None, 3),
-    PromptRow(
-        "The inventor of the telephone, who also taught the deaf, was born in the city of",
-        "Alexander Graham Bell",
-        "Edinburgh",
-        None,
-        4,
-    ),
+    *SWEEP_ROWS,  # the local sweep tests' prompts, and two more for a second batch
     PromptRow("The river that flows through Cairo ends in the", "Nile", "Mediterranean", None, 5),
     PromptRow("The language spoken in Brazil came from", "Portuguese", "Portugal", None, 6),
 ]
