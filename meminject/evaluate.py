@@ -124,8 +124,9 @@ def evaluate_edit(
     """Run every prompt of ``prompts`` (keys among ``edit``, ``positive``, ``negative``,
     ``neutral``) with and without ``memories`` and report the edit metrics.
 
-    ``target`` is the text the edit should produce after the prompts (as ``learn``'s
-    ``--target``, leading space included); its first token is what "gives the target"
+    ``target`` is the text the edit should produce after the prompts, by the rule of
+    ``learn``'s ``--target`` (``LoadedModel.continuation_ids``: a space is put before it
+    unless it starts with whitespace); its first token is what "gives the target"
     means. ``tokens`` greedy tokens are generated for each prompt both ways."""
     import torch
 
@@ -138,10 +139,8 @@ def evaluate_edit(
     if not any(prompts.get(kind) for kind in KINDS):
         raise BadInputError("evaluate needs prompts: --prompt, --positive, --negative or --neutral")
     if tokens < 0:
-        raise BadInputError("--tokens must be >= 0")
-    target_ids = model.tokenize(target, prepend_bos=False)
-    if not target_ids:
-        raise BadInputError(f"the target {target!r} encodes to no tokens")
+        raise BadInputError("--max-new-tokens must be >= 0")
+    target_ids = model.continuation_ids(target)
     target_id = target_ids[0]
     if isinstance(memories, list) and all(isinstance(m, CompiledHook) for m in memories):
         compiled, bos = list(memories), model.prepend_bos

@@ -92,14 +92,13 @@ class LensReport:
 
 
 def token_id_for(model: LoadedModel, token: str) -> int:
-    """The id of ``token``, which must be exactly one token (write ``" Paris"`` for the
-    word after a space, as GPT-2's tokenizer sees it)."""
-    ids = model.tokenize(token, prepend_bos=False)
+    """The id of ``token`` as it follows the prompt (``LoadedModel.continuation_ids``:
+    'Paris' means ' Paris'), which must be exactly one token."""
+    ids = model.continuation_ids(token, "--token")
     if len(ids) != 1:
         pieces = [model.token_str(i) for i in ids]
         raise BadInputError(
-            f"--token {token!r} is {len(ids)} tokens {pieces!r}; give a single token "
-            "(mind the leading space)"
+            f"--token {token!r} is {len(ids)} tokens {pieces!r}; give a single token"
         )
     return ids[0]
 
@@ -133,7 +132,7 @@ def project_attention(
                 f"(0-{dims.n_layers - 1})"
             )
     if top_k < 0:
-        raise BadInputError("--top-k must be >= 0")
+        raise BadInputError("--show-top must be >= 0")
     if heads and model.post_sublayer_norms:
         raise BadInputError(
             f"--heads is not supported on model '{model.name}': its blocks normalise the "

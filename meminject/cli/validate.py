@@ -10,9 +10,9 @@ from pathlib import Path
 import click
 
 from meminject.cli.options import (
-    file_out_option,
     load_cli_model,
     model_option,
+    output_option,
     outside_paths_option,
 )
 
@@ -63,16 +63,16 @@ def validate(
 
 
 @click.command()
-@file_out_option("-o", "--out", help="Write to this file instead of standard output.")
-def schema(out: Path | None) -> None:
+@output_option("Write to this file instead of standard output.", old_names=("--out",))
+def schema(output: Path | None) -> None:
     """Print the JSON Schema of memory files, including plugins' parameters."""
     from meminject.plugins import get_registry
     from meminject.schema import json_schema
 
     text = json.dumps(json_schema(get_registry().file_model), indent=2, ensure_ascii=False) + "\n"
-    if out is None:
+    if output is None:
         click.echo(text, nl=False)
     else:
         from meminject.atomic import write_text_atomic
 
-        write_text_atomic(out, text, overwrite=True)
+        write_text_atomic(output, text, overwrite=True)

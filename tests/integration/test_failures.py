@@ -128,4 +128,4 @@ def test_same_inputs_and_seed_give_bit_identical_output_across_processes(
     ]
     assert runs[0] == runs[1]
     payload = json.loads(runs[0])
-    assert len(payload["injected"]["new_tokens"]) == 12
+    assert len(payload["new_tokens"]) == 12

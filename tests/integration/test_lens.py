@@ -106,7 +106,7 @@ def test_cli_inspect_table_json_and_heatmap(gpt2, gpt2_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "rank of ' Paris'" in result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    result = runner.invoke(_group(), [*args, "--json", "--top-k", "2", "--layers", "1"])
+    result = runner.invoke(_group(), [*args, "--json", "--show-top", "2", "--layers", "1"])
     payload = json.loads(result.output)
     report = project_attention(gpt2, PROMPT, layers=[1], heads=True, top_k=2, token=" Paris")
     assert payload["projections"] == report.to_dict()["projections"]

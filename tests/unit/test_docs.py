@@ -136,13 +136,17 @@ def test_cli_reference_covers_every_command_and_option() -> None:
     import click
 
     from meminject.cli import cli
+    from meminject.cli.options import current_names
 
     page = docs_hook_module().cli_reference()
     for name, command in cli.commands.items():
         assert f"## meminject {name}\n" in page
         for param in command.params:
             if isinstance(param, click.Option):
-                assert max(param.opts, key=len) in page, (name, param.opts)
+                assert max(current_names(param), key=len) in page, (name, param.opts)
+                hidden = set(param.opts) - set(current_names(param))
+                for old in hidden:  # old spellings parse but are not shown
+                    assert not re.search(rf"(?<![\w-]){re.escape(old)}(?![\w-])", page), old
     for param in cli.params:
         assert param.opts[0] in page
 
