@@ -64,12 +64,23 @@ def validate(
 
 @click.command()
 @output_option("Write to this file instead of standard output.", old_names=("--out",))
-def schema(output: Path | None) -> None:
-    """Print the JSON Schema of memory files, including plugins' parameters."""
-    from meminject.plugins import get_registry
-    from meminject.schema import json_schema
+@click.option(
+    "--generation",
+    is_flag=True,
+    help="The schema of one line of generate --json / --prompts output instead.",
+)
+def schema(output: Path | None, generation: bool) -> None:
+    """Print the JSON Schema of memory files, including plugins' parameters (or, with
+    --generation, of generate's JSON output)."""
+    from meminject.schema import generation_json_schema, json_schema
 
-    text = json.dumps(json_schema(get_registry().file_model), indent=2, ensure_ascii=False) + "\n"
+    if generation:
+        found = generation_json_schema()
+    else:
+        from meminject.plugins import get_registry
+
+        found = json_schema(get_registry().file_model)
+    text = json.dumps(found, indent=2, ensure_ascii=False) + "\n"
     if output is None:
         click.echo(text, nl=False)
     else:
