@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meminject.errors import BadInputError
+from meminject.model_handle import continuation
 
 if TYPE_CHECKING:
     from meminject.engine import MemoriesArg
@@ -148,7 +149,7 @@ def evaluate_edit(
         memory_set = as_memory_set(memories)  # type: ignore[arg-type]
         compiled = compile_memories(model, memory_set)
         bos = model.prepend_bos_for(memory_set.model_info())  # as generation decides it
-    report = EditReport(target, model.token_str(target_id))
+    report = EditReport(continuation(target), model.token_str(target_id))
     for kind in KINDS:
         for text, where in _prompt_items(prompts.get(kind, ())):
             if not text.strip():

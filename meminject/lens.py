@@ -218,7 +218,8 @@ def plot_ranks(report: LensReport, path: Path | str, *, force: bool = False) -> 
     layers, columns, grid = report.rank_grid()
     vmax = max(float(np.nanmax(grid)), 2.0)
     fig, ax = plt.subplots(
-        figsize=(1.8 + 0.55 * len(columns), 1.2 + 0.4 * len(layers)), constrained_layout=True
+        figsize=(max(4.5, 2.0 + 0.62 * len(columns)), max(3.4, 1.4 + 0.42 * len(layers))),
+        constrained_layout=True,
     )
     image = heatmap_panel(
         ax,
@@ -234,4 +235,4 @@ def plot_ranks(report: LensReport, path: Path | str, *, force: bool = False) -> 
         annotate_up_to=400,
     )
     fig.colorbar(image, ax=ax, label="rank (1 = top)")
-    write_bytes_atomic(path, png_bytes(fig, dpi=110), overwrite=force)
+    write_bytes_atomic(path, png_bytes(fig, dpi=130), overwrite=force)

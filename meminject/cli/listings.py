@@ -198,6 +198,7 @@ def models(ctx: click.Context, as_json: bool) -> None:
         return
     from meminject.gguf_cache import cache_root
     from meminject.plugins import get_registry
+    from meminject.progress import size_of
 
     if as_json:
         rows: list[dict[str, Any]] = []
@@ -215,7 +216,15 @@ def models(ctx: click.Context, as_json: bool) -> None:
                 }
             )
         click.echo(
-            json.dumps({"models": rows, "cache": str(cache_root())}, indent=2, ensure_ascii=False)
+            json.dumps(
+                {
+                    "models": rows,
+                    "cache": str(cache_root()),
+                    "cache_bytes": size_of(cache_root()) if cache_root().exists() else 0,
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
         )
         return
     for name, entry in get_registry().models.items():
@@ -226,7 +235,15 @@ def models(ctx: click.Context, as_json: bool) -> None:
         click.echo(f"    {status}{bos}")
         if not where and entry.pull is not None:
             click.echo(f"    get it: meminject models pull {name}")
-    click.echo(f"cache: {cache_root()}")
+    click.echo(f"cache: {cache_root()} ({_cache_size()})")
+
+
+def _cache_size() -> str:
+    from meminject.gguf_cache import cache_root
+    from meminject.progress import human_size, size_of
+
+    root = cache_root()
+    return human_size(size_of(root)) if root.exists() else "empty"
 
 
 @models.command("pull")
