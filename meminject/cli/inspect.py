@@ -69,6 +69,12 @@ def inspect(
         if head_spec is not None
         else None
     )
+    n_heads = model.dims.n_heads
+    for head in heads or ():
+        if not 0 <= head < n_heads:
+            raise BadInputError(
+                f"head {head} is out of range; the model has {n_heads} heads (0-{n_heads - 1})"
+            )
     report = project_attention(
         model, prompt, layers=layers, heads=heads is not None, top_k=show_top, token=token
     )
