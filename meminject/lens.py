@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meminject.errors import BadInputError
+from meminject.model_handle import continuation
 from meminject.sites import hook_name
 
 if TYPE_CHECKING:
@@ -192,7 +193,7 @@ def project_attention(
         prompt=prompt,
         position=int(tokens.shape[1] - 1),
         last_token=model.token_str(int(tokens[0, -1])),
-        token=token,
+        token=continuation(token) if token is not None else None,  # as it was ranked
         token_id=token_id,
         heads=heads,
         projections=projections,

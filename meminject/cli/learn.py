@@ -66,7 +66,12 @@ from meminject.sites import LAYER_SITES
 )
 @click.option("--grid", default=None, help="Boundaries to search, e.g. 0.05-2:0.05.")
 @click.option("--name", default=None, help="Memory name (default: from the target).")
-@output_option("TOML file to write (tensors go beside it).", required=True, old_names=("--out",))
+@output_option(
+    "TOML file to write (tensors go beside it).",
+    required=True,
+    old_names=("--out",),
+    checked_by_command=True,
+)
 @click.option("--append", is_flag=True, help="Add the memory to an existing file.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 @model_option("toyworld")

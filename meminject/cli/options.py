@@ -19,6 +19,9 @@ class AliasOption(click.Option):
         self.old_names = tuple(old_names)
         self.opts = [*self.opts, *(o for o in self.old_names if o not in self.opts)]
 
+    def get_error_hint(self, ctx: click.Context) -> str:
+        return " / ".join(f"'{o}'" for o in self.opts if o not in self.old_names)
+
     def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
         opts, self.opts = self.opts, [o for o in self.opts if o not in self.old_names]
         try:
@@ -97,9 +100,17 @@ def file_out_option(*decls: str, help: str) -> Any:
     )
 
 
-def output_option(help: str, *, required: bool = False, old_names: tuple[str, ...] = ()) -> Any:
+def output_option(
+    help: str,
+    *,
+    required: bool = False,
+    old_names: tuple[str, ...] = (),
+    checked_by_command: bool = False,
+) -> Any:
     """``-o/--output``: the file a command writes (``llm``'s and curl's spelling). Old
-    spellings (``--out``) still parse for one release, hidden from help."""
+    spellings (``--out``) still parse for one release, hidden from help.
+    ``checked_by_command``: the command checks the path itself (``learn``, with one-line
+    errors for a directory and more), so click only converts it."""
     from pathlib import Path
 
     return click.option(
@@ -109,7 +120,7 @@ def output_option(help: str, *, required: bool = False, old_names: tuple[str, ..
         cls=AliasOption,
         old_names=old_names,
         required=required,
-        type=click.Path(dir_okay=False, path_type=Path),
+        type=click.Path(path_type=Path, dir_okay=checked_by_command),
         default=None,
         help=help,
     )

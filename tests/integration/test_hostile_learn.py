@@ -533,7 +533,8 @@ def _doc_blocks(text: str) -> list[str]:
 def test_documented_learn_command_runs_verbatim(toyworld, tmp_path, monkeypatch):
     text = DOCS_PAGE.read_text(encoding="utf-8")
     blocks = _doc_blocks(text)
-    command = next(b for b in blocks if b.startswith("meminject learn "))
+    console = next(b for b in blocks if b.startswith("$ meminject learn "))
+    command = console[2:].split("\nalpha = ")[0]  # the command, before what it printed
     args = shlex.split(command.replace("\\\n", " "))
     assert args[:2] == ["meminject", "learn"]
     printed = next(b for b in blocks if b.startswith("alpha = "))
