@@ -51,7 +51,13 @@ SHOW_TOP = 5
     "--batch-size", 8, click.IntRange(1, 4096), "Prompts per forward pass with --prompts."
 )
 @model_option("files")
-@click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(0, 4096))
+@click.option(
+    "--max-new-tokens",
+    default=20,
+    show_default=True,
+    type=click.IntRange(0, 4096),
+    help="How many tokens to generate at most.",
+)
 @number_option("--temperature", 0.0, click.FloatRange(0), "0 is greedy decoding.")
 @number_option(
     "--top-k", 0, click.IntRange(0), "Sample only from the k most likely tokens (0: all)."
