@@ -340,3 +340,25 @@ def test_a_model_table_means_the_same_in_python_as_on_the_command_line(
             generate(default, PROMPT, memories, max_new_tokens=6)
         chosen = load_model(gpt2_dir, coordinates="processed")
         generate(chosen, PROMPT, memories, max_new_tokens=1)  # asked for: runs
+
+
+def test_chat_prints_the_reply_only(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 29: --chat ran the prompt into the reply; plain output is the reply alone."""
+    import shutil
+
+    directory = tmp_path / "llama"
+    shutil.copytree(model_dirs["llama"], directory)
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    config_path.write_text(json.dumps(config))
+    args = ["generate", "--chat", "--model", str(directory), "--max-new-tokens", "4", "Hi"]
+    plain = CliRunner().invoke(cli, args)
+    as_json = CliRunner().invoke(cli, [*args, "--json"])
+    assert plain.exit_code == 0 and as_json.exit_code == 0, plain.output + as_json.output
+    reply = json.loads(as_json.stdout)
+    assert reply["prompt"] == "Hi" and len(reply["prompt_tokens"]) > 1  # the template's
+    assert plain.stdout == reply["completion"] + "\n"
