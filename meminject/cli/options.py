@@ -19,7 +19,7 @@ class AliasOption(click.Option):
         self.old_names = tuple(old_names)
         self.opts = [*self.opts, *(o for o in self.old_names if o not in self.opts)]
 
-    def get_error_hint(self, ctx: click.Context) -> str:
+    def get_error_hint(self, ctx: click.Context | None) -> str:
         return " / ".join(f"'{o}'" for o in self.opts if o not in self.old_names)
 
     def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
