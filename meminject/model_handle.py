@@ -446,6 +446,18 @@ class LoadedModel:
             ids = [int(bos_id), *ids]
         return [int(t) for t in ids]
 
+    def continuation_ids(self, text: str, what: str = "the target") -> list[int]:
+        """Token ids of ``text`` as it follows a prompt: the one rule of every command
+        that takes a target or token text (``learn``/``evaluate --target``, ``inspect
+        --token``). A space is put before it unless it starts with whitespace, since
+        GPT-2-style tokenizers mark the start of a word with it ('Paris' → ' Paris')."""
+        if not text.strip():
+            raise BadInputError(f"{what} is empty")
+        ids = self.tokenize(continuation(text), prepend_bos=False)
+        if not ids:
+            raise BadInputError(f"{what} {text!r} encodes to no tokens")
+        return ids
+
     def to_tokens(self, text: str) -> Int[Tensor, "1 pos"]:
         import torch
 
@@ -468,6 +480,12 @@ class LoadedModel:
 
     def token_str(self, token_id: int) -> str:
         return self.decode([token_id])
+
+
+def continuation(text: str) -> str:
+    """``text`` as it follows a prompt: a space before it unless it starts with
+    whitespace (see :meth:`LoadedModel.continuation_ids`)."""
+    return text if text[:1].isspace() else " " + text
 
 
 def site_shape(model: LoadedModel, site: str) -> tuple[int, ...]:

@@ -77,6 +77,9 @@ def cli(ctx: click.Context, debug: bool, no_plugins: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    from meminject import progress
+
+    progress.enable(True)  # off with a command's --quiet
 
 
 # The package's attributes stay the command modules (meminject.cli.learn is the module,

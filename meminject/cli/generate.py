@@ -5,6 +5,10 @@ Like every command it imports torch only inside its body. The decoding options a
 ``transformers``' names: ``--top-k``/``--top-p`` filter sampling, and ``--show-top``
 is how many most likely next tokens to print (it was ``--top-k`` before sampling
 filters existed; the two now coexist).
+
+Output: the completion as plain text (terminal or pipe alike); a table when asked to
+compare or to show top tokens; with ``--json`` and ``--prompts``, one JSON object per
+generation per line, :class:`meminject.schema.GenerationRecord` everywhere.
 """
 
 from __future__ import annotations
@@ -19,13 +23,18 @@ import click
 
 from meminject.cli.options import (
     file_in_option,
+    json_option,
     load_cli_model,
     memories_option,
     model_option,
     number_option,
+    output_option,
     outside_paths_option,
 )
 from meminject.errors import BadInputError
+
+#: --show-top when a table or JSON is printed and the option is not given.
+SHOW_TOP = 5
 
 
 @click.command()
@@ -37,16 +46,18 @@ from meminject.errors import BadInputError
     help='A JSONL file, one request a line: {"prompt": …, "memories": [names], '
     "options…}; prints one JSON result a line (instead of PROMPT).",
 )
-@file_in_option(
-    "-o",
-    "--output",
-    help="With --prompts: write the JSONL results here (atomically) instead of stdout.",
-)
+@output_option("With --prompts: write the JSONL results here (atomically) instead of stdout.")
 @number_option(
     "--batch-size", 8, click.IntRange(1, 4096), "Prompts per forward pass with --prompts."
 )
 @model_option("files")
-@click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(0, 4096))
+@click.option(
+    "--max-new-tokens",
+    default=20,
+    show_default=True,
+    type=click.IntRange(0, 4096),
+    help="How many tokens to generate at most.",
+)
 @number_option("--temperature", 0.0, click.FloatRange(0), "0 is greedy decoding.")
 @number_option(
     "--top-k", 0, click.IntRange(0), "Sample only from the k most likely tokens (0: all)."
@@ -71,8 +82,18 @@ from meminject.errors import BadInputError
     is_flag=True,
     help="Wrap the prompt in the tokenizer's chat template (for instruct models).",
 )
-@number_option("--show-top", 5, click.IntRange(0), "How many most likely next tokens to show.")
-@click.option("--compare", is_flag=True, help="Show the baseline beside the injected run.")
+@click.option(
+    "--show-top",
+    default=None,
+    type=click.IntRange(0),
+    help=f"Show the N most likely next tokens in a table (JSON: default {SHOW_TOP}).",
+)
+@click.option(
+    "--compare",
+    is_flag=True,
+    help="Also run without the memories: a table of both (with --json or --prompts, a "
+    "baseline record before each injected one).",
+)
 @click.option("--no-kv-cache", is_flag=True, help="Recompute the whole sequence each step.")
 @click.option(
     "--backend",
@@ -82,13 +103,15 @@ from meminject.errors import BadInputError
     "memories' sites (fastest); bridge: TransformerBridge (every hook point); a plugin's "
     "backend by name; auto: the first that serves every site.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option(
+    "Print one JSON object per generation per line (the schema: meminject schema --generation)."
+)
 @outside_paths_option
 def generate(
     prompt: str | None,
     memory_paths: Sequence[str],
     prompts_file: str | None,
-    output: str | None,
+    output: Path | None,
     batch_size: int,
     model_name: str | None,
     max_new_tokens: int,
@@ -100,19 +123,24 @@ def generate(
     stop: tuple[str, ...],
     ignore_eos: bool,
     chat: bool,
-    show_top: int,
+    show_top: int | None,
     compare: bool,
     no_kv_cache: bool,
     backend: str,
     as_json: bool,
     allow_outside_paths: bool,
 ) -> None:
-    """Generate a completion of PROMPT (or of every line of --prompts) with a memory set
-    injected."""
+    """Generate a completion of PROMPT (- reads it from standard input; or of every line
+    of --prompts) with a memory set injected.
+
+    Prints the completion as plain text; a table with --compare or --show-top; one JSON
+    object per generation per line with --json (always with --prompts)."""
     from meminject.loading import load_memories
 
     if (prompt is None) == (prompts_file is None):
         raise BadInputError("give a PROMPT or --prompts FILE.jsonl (one of them)")
+    if prompt == "-":
+        prompt = _read_stdin()
     if output is not None and prompts_file is None:
         raise BadInputError("--output goes with --prompts")
     requests = None
@@ -129,18 +157,72 @@ def generate(
 
     from meminject.generation import DecodeOptions, decode_options
 
-    params = click.get_current_context().params
+    params = dict(click.get_current_context().params)
+    table = compare or show_top is not None
+    params["show_top"] = SHOW_TOP if show_top is None else show_top
     # Per-token log-probabilities are for callers that read them (the Python API).
     names = {f.name for f in dataclasses.fields(DecodeOptions)} - {"stop_at_eos", "logprobs"}
     options = decode_options(**{name: params[name] for name in names}, stop_at_eos=not ignore_eos)
     common: dict[str, Any] = dict(chat=chat, use_kv_cache=not no_kv_cache, backend=backend)
     if requests is not None:
         _run_file(
-            model, memory_set, requests, options, batch_size, output, allow_outside_paths, common
+            model,
+            memory_set,
+            requests,
+            options,
+            batch_size,
+            output,
+            compare,
+            allow_outside_paths,
+            common,
         )
     else:
         assert prompt is not None
-        _run_one(model, memory_set, prompt, options, compare, as_json, allow_outside_paths, common)
+        shown = "json" if as_json else "table" if table else "text"
+        _run_one(model, memory_set, prompt, options, compare, shown, allow_outside_paths, common)
+
+
+def _read_stdin() -> str:
+    """The prompt from standard input (``generate -``), one trailing newline removed, as
+    a shell's ``$(…)`` would."""
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        raise BadInputError(f"standard input is not UTF-8 text: {exc.reason}") from None
+    text = text[:-1] if text.endswith("\n") else text
+    if text.endswith("\r"):
+        text = text[:-1]
+    if not text:
+        raise BadInputError("PROMPT is - but standard input was empty")
+    return text
+
+
+def record(
+    model: Any,
+    prompt: str,
+    result: Any,
+    memories: list[str],
+    request_id: str | int | None = None,
+) -> str:
+    """One generation as one JSON line (:class:`meminject.schema.GenerationRecord`)."""
+    from meminject.schema import GenerationRecord, NextToken
+
+    line = GenerationRecord(
+        id=request_id,
+        model=model.name,
+        prompt=prompt,
+        memories=memories,
+        completion=result.completion,
+        finish_reason=result.finish_reason,
+        prompt_tokens=list(result.prompt_tokens),
+        new_tokens=list(result.new_tokens),
+        top_next=[
+            NextToken(token=t.token, token_id=t.token_id, prob=t.prob) for t in result.top_next
+        ],
+        backend=result.backend,
+    )
+    return json.dumps(line.model_dump(mode="json"), ensure_ascii=False, allow_nan=False)
 
 
 def _check_names(requests: list[Any], memory_set: Any) -> None:
@@ -162,7 +244,7 @@ def _run_one(
     prompt: str,
     options: Any,
     compare: bool,
-    as_json: bool,
+    shown: str,
     allow_outside_paths: bool,
     common: dict[str, Any],
 ) -> None:
@@ -185,18 +267,16 @@ def _run_one(
     else:
         (baseline,) = generate_batch(model, [prompt], None, options=options, **common)
     names = [e.name for e in memory_set.entries if e.memory.enabled] if memory_set else []
-    if as_json:
-        payload = {
-            "model": model.name,
-            "coordinates": model.coordinates,
-            "prompt": prompt,
-            "memories": names,
-            "baseline": baseline.to_dict() if baseline else None,
-            "injected": injected.to_dict() if injected else None,
-        }
-        click.echo(json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False))
-        return
-    _print_generation(prompt, names, baseline, injected, options.show_top)
+    if shown == "json":
+        for result, used in ((baseline, []), (injected, names)):
+            if result is not None:
+                click.echo(record(model, prompt, result, used))
+    elif shown == "table":
+        _print_generation(prompt, names, baseline, injected, options.show_top)
+    else:
+        shown_run = injected if injected is not None else baseline
+        assert shown_run is not None
+        click.echo(shown_run.completion)
 
 
 def _run_file(
@@ -205,7 +285,8 @@ def _run_file(
     requests: list[Any],
     options: Any,
     batch_size: int,
-    output: str | None,
+    output: Path | None,
+    compare: bool,
     allow_outside_paths: bool,
     common: dict[str, Any],
 ) -> None:
@@ -215,14 +296,17 @@ def _run_file(
     from meminject.generation import generate_batch
 
     compiled_by_names: dict[tuple[str, ...] | None, Any] = {}
-    per_prompt, per_options = [], []
+    prompts: list[str] = []
+    per_prompt: list[Any] = []
+    per_options: list[Any] = []
+    runs: list[tuple[Any, list[str]]] = []
+    all_names = [e.name for e in memory_set.entries if e.memory.enabled] if memory_set else []
     for line in requests:
         try:
             opt = dataclasses.replace(options, **line.request.overrides())
             opt.check(model.dims.d_vocab)  # here, so the error names the line
         except BadInputError as exc:
             raise BadInputError(f"{line.where}: {exc}") from None
-        per_options.append(opt)
         names = line.request.memories
         key = tuple(sorted(names)) if names is not None else None
         if key not in compiled_by_names:
@@ -233,33 +317,29 @@ def _run_file(
                 compiled_by_names[key] = compile_memories(
                     model, chosen, allow_outside_paths=allow_outside_paths
                 )
+        used = list(names) if names is not None else all_names
+        if compare and compiled_by_names[key] is not None:
+            # The baseline first, as for one prompt; both rows go through one batch run.
+            prompts.append(line.request.prompt)
+            per_prompt.append(None)
+            per_options.append(opt)
+            runs.append((line, []))
+        prompts.append(line.request.prompt)
         per_prompt.append(compiled_by_names[key])
+        per_options.append(opt)
+        runs.append((line, used if compiled_by_names[key] is not None else []))
     results = generate_batch(
         model,
-        [line.request.prompt for line in requests],
+        prompts,
         memories_per_prompt=per_prompt,
         options=per_options,
         batch_size=batch_size,
         **common,
     )
-    all_names = [e.name for e in memory_set.entries if e.memory.enabled] if memory_set else []
-    lines = []
-    for line, result in zip(requests, results, strict=True):
-        names = line.request.memories
-        record: dict[str, Any] = {"id": line.request.id} if line.request.id is not None else {}
-        record.update(
-            prompt=result.prompt,
-            completion=result.completion,
-            memories=list(names) if names is not None else all_names,
-            finish_reason=result.finish_reason,
-            prompt_tokens=len(result.prompt_tokens),
-            new_tokens=result.new_tokens,
-            top_next=[
-                {"token": t.token, "id": t.token_id, "prob": t.prob} for t in result.top_next
-            ],
-            backend=result.backend,
-        )
-        lines.append(json.dumps(record, ensure_ascii=False, allow_nan=False))
+    lines = [
+        record(model, line.request.prompt, result, used, line.request.id)
+        for (line, used), result in zip(runs, results, strict=True)
+    ]
     text = "".join(f"{line}\n" for line in lines)
     if output is None:
         sys.stdout.write(text)
@@ -267,7 +347,7 @@ def _run_file(
         return
     from meminject.atomic import write_text_atomic
 
-    write_text_atomic(Path(output), text, overwrite=True)
+    write_text_atomic(output, text, overwrite=True)
     click.echo(f"wrote {len(lines)} results to {output}", err=True)
 
 
@@ -279,6 +359,7 @@ def _print_generation(
     from rich.table import Table
 
     console = Console(highlight=False, soft_wrap=True)
+    console.print(f"[bold]prompt[/]: {escape(prompt)}")
     if names:
         console.print(f"[bold]memories[/]: {', '.join(names)}")
     runs = [(label, g) for label, g in (("baseline", baseline), ("injected", injected)) if g]
@@ -286,10 +367,7 @@ def _print_generation(
     table.add_column("")
     for label, _ in runs:
         table.add_column(label, overflow="fold")
-    table.add_row(
-        "completion",
-        *[f"[dim]{escape(prompt)}[/][bold]{escape(g.completion)}[/]" for _, g in runs],
-    )
+    table.add_row("completion", *[f"[bold]{escape(repr(g.completion))}[/]" for _, g in runs])
     for i in range(show_top):
         cells = []
         for _, g in runs:
