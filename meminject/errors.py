@@ -142,3 +142,11 @@ class PluginConfigError(PluginError):
 
 class InjectionError(MeminjectError):
     """A hook failed while a memory set was active (the model's hooks are restored)."""
+
+
+class NonFiniteScoresError(InjectionError):
+    """A prompt's next-token scores became non-finite (inf or NaN) while it generated,
+    almost always because a memory's τ·v pushed the activations past the dtype's range.
+    In a batch it ends that prompt only (a server answers its request 400): the other
+    rows compute on their own activations and are unaffected."""
+
