@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -20,6 +20,9 @@ from meminject.cli.options import (
     number_option,
 )
 from meminject.sweep.stats import DEFAULT_RANK, RANK_STATS
+
+if TYPE_CHECKING:
+    from meminject.plugins import Registry
 
 
 @click.command()
@@ -286,7 +289,7 @@ def sweep(
     _print_summary(result, top, out, plot, rank_by)
 
 
-def _source(dataset: str, registry: Any) -> str:
+def _source(dataset: str, registry: Registry) -> str:
     """How a row error names its dataset: the file (as given) or the registered name."""
     from meminject.datasets import dataset_target
 
