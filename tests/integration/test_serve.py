@@ -657,27 +657,11 @@ def test_compiled_choices_are_bounded(served, local):
 
 # -- a fuzzed API ---------------------------------------------------------------------
 
-_FIELDS = {
-    "prompt": None,
-    "messages": None,
-    "model": None,
-    "max_tokens": None,
-    "temperature": None,
-    "top_p": None,
-    "stop": None,
-    "seed": None,
-    "stream": None,
-    "logprobs": None,
-    "memories": None,
-    "presence_penalty": None,
-    "response_format": None,
-    "n": None,
-}
 
-
-def _bodies():
-    """Bodies near the API (its field names with any JSON values, plausible memories)
-    and far from it (any JSON, any bytes)."""
+def _requests():
+    """(route, body) pairs: valid bodies of each route with fuzzed memory choices and
+    at most one field replaced by any JSON value, and bodies far from the API (any
+    JSON, any bytes)."""
     from hypothesis import strategies as st
 
     scalars = (
@@ -693,53 +677,70 @@ def _bodies():
         max_leaves=12,
     )
     names = st.sampled_from(["paris", "london", "far", "nope", ""])
+    taus = (
+        st.none() | st.floats(allow_nan=False) | st.integers(-(2**70), 2**70) | st.text(max_size=3)
+    )
     choice = names | st.fixed_dictionaries(
         {"name": names},
-        optional={
-            "tau": st.floats(allow_nan=False) | st.integers() | st.text(max_size=3),
-            "enabled": st.booleans() | st.none() | st.integers(0, 1),
-        },
+        optional={"tau": taus, "enabled": st.booleans() | st.none() | st.integers(0, 1)},
     )
-    values = {
-        "prompt": st.text(max_size=60) | anything,
-        "messages": st.lists(
-            st.fixed_dictionaries(
-                {
-                    "role": st.sampled_from(["user", "system", "assistant", "tool"]),
-                    "content": st.text(max_size=30),
-                }
-            ),
-            max_size=3,
-        )
-        | anything,
-        "max_tokens": st.integers(-2, 40) | anything,
-        "temperature": st.floats(-1, 3) | anything,
-        "memories": st.lists(choice, max_size=4) | anything,
-        "stop": st.lists(st.text(max_size=4), max_size=3) | anything,
-        "stream": st.booleans() | anything,
+    valid = {
+        "temperature": st.floats(0, 2),
+        "top_p": st.floats(0.01, 1),
+        "stop": st.lists(st.text(min_size=1, max_size=4), max_size=3),
+        "seed": st.integers(0, 2**64 - 1),
+        "stream": st.booleans(),
+        "presence_penalty": st.just(0),
+        "response_format": st.just({"type": "text"}),
+        "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
     }
-    near = st.fixed_dictionaries(
-        {},
-        optional={key: values.get(key, anything) for key in _FIELDS},
-    ).map(lambda d: json.dumps(d).encode())
-    far = anything.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=200)
-    return near | far
+    fields = [*valid, "logprobs", "model", "n", "bogus", "prompt", "messages", "max_tokens"]
+    broken = st.dictionaries(st.sampled_from([*fields, "memories"]), anything, max_size=1)
+    messages = st.lists(
+        st.fixed_dictionaries(
+            {
+                "role": st.sampled_from(["user", "system", "assistant", "tool"]),
+                "content": st.text(max_size=30),
+            }
+        ),
+        min_size=1,
+        max_size=3,
+    )
+    base = {"max_tokens": st.integers(0, 8), "memories": st.lists(choice, max_size=4)}
+    completion = st.tuples(
+        st.just("completions"),
+        st.fixed_dictionaries({**base, "prompt": st.text(max_size=60)}, optional=valid),
+        broken,
+    )
+    chat = st.tuples(
+        st.just("chat/completions"),
+        st.fixed_dictionaries({**base, "messages": messages}, optional=valid),
+        broken,
+    )
+    near = (completion | chat).map(
+        lambda parts: (parts[0], json.dumps({**parts[1], **parts[2]}).encode())
+    )
+    routes = st.sampled_from(["completions", "chat/completions"])
+    far = st.tuples(
+        routes, anything.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=200)
+    )
+    return near | near | far
 
 
 def test_fuzzed_bodies_get_a_json_4xx_or_a_200_and_the_server_stays_right(served, local):
     """Any body, on either route: a JSON error 4xx or a 200, never a 5xx or a hang; and
     afterwards an ordinary request gets exactly its ordinary answer."""
     from hypothesis import HealthCheck, given, settings
-    from hypothesis import strategies as st
 
     @settings(
-        max_examples=120,
+        max_examples=150,
         deadline=None,
         derandomize=True,
         suppress_health_check=list(HealthCheck),
     )
-    @given(body=_bodies(), route=st.sampled_from(["completions", "chat/completions"]))
-    def check(body: bytes, route: str) -> None:
+    @given(request=_requests())
+    def check(request: tuple[str, bytes]) -> None:
+        route, body = request
         reply = httpx.post(
             f"{served['base']}/{route}", content=body, headers=json_auth(), timeout=60
         )
