@@ -754,3 +754,42 @@ def test_fuzzed_bodies_get_a_json_4xx_or_a_200_and_the_server_stays_right(served
     check()
     reply = complete(served, ["paris"])
     assert reply.choices[0].text == expected(local, served, PROMPT, ["paris"]).completion
+
+
+def test_a_job_that_fails_in_the_worker_fails_alone(served, local):
+    """Item 2, in the batcher itself (past the handlers' checks): a choice that does not
+    compile fails its own job only, and a job that makes the whole batch raise (here a
+    prompt over the context) is found by rerunning the batch one job at a time."""
+    import asyncio
+
+    from meminject.generation import DecodeOptions
+    from meminject.loading import load_memories
+    from meminject.memfile import MemoryChoice
+    from meminject.serve.batcher import Batcher, Job
+
+    memory_set = load_memories([served["memories"]])
+    unfit = memory_set.choose([MemoryChoice("paris", tau=1e39)])  # τ·v overflows: no compile
+    normal = memory_set.choose([MemoryChoice("paris")])
+    options = DecodeOptions(max_new_tokens=3)
+    batcher = Batcher(local, batch_size=4, wait_s=0.5)
+
+    async def run() -> list[object]:
+        loop = asyncio.get_running_loop()
+        jobs = [
+            Job(PROMPT, normal, normal.choice_key(), options, loop),
+            Job(PROMPT, unfit, unfit.choice_key(), options, loop),
+            Job("x " * 400, None, (), options, loop),
+            Job(PROMPT, None, (), options, loop),
+        ]
+        for job in jobs:
+            batcher.submit(job)
+        return await asyncio.gather(*(job.done for job in jobs), return_exceptions=True)
+
+    try:
+        got = asyncio.run(run())
+    finally:
+        batcher.close()
+    want = [expected(local, served, PROMPT, names, max_tokens=3) for names in (["paris"], [])]
+    assert [got[0].new_tokens, got[3].new_tokens] == [w.new_tokens for w in want]
+    assert "τ·v is not finite" in str(got[1])
+    assert "longer than the model's context" in str(got[2])
