@@ -793,3 +793,34 @@ def test_a_job_that_fails_in_the_worker_fails_alone(served, local):
     assert [got[0].new_tokens, got[3].new_tokens] == [w.new_tokens for w in want]
     assert "τ·v is not finite" in str(got[1])
     assert "longer than the model's context" in str(got[2])
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_408(monkeypatch):
+    """Low item (timeouts): a client that declares a body and never sends it holds its
+    handler for at most BODY_TIMEOUT_S (shortened here), then gets 408."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from meminject.serve import app as app_module
+    from meminject.serve.protocol import APIError
+
+    monkeypatch.setattr(app_module, "BODY_TIMEOUT_S", 0.2)
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/completions",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+    }
+
+    async def receive() -> dict:
+        await asyncio.sleep(3600)  # the body never comes
+        return {}
+
+    async def run() -> APIError:
+        with pytest.raises(APIError) as caught:
+            await app_module.read_body(Request(scope, receive))
+        return caught.value
+
+    error = asyncio.run(run())
+    assert error.status == 408 and error.body["error"]["code"] == "timeout"
