@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -24,6 +24,9 @@ from meminject.cli.options import (
     show_progress,
 )
 from meminject.sweep.stats import DEFAULT_RANK, RANK_STATS
+
+if TYPE_CHECKING:
+    from meminject.plugins import Registry
 
 
 @click.command()
@@ -196,7 +199,7 @@ def sweep(
     (obscure_sentence, explicit_entity, answer); meminject datasets lists the loaders.
     """
     from meminject.datasets import parse_options, resolve_dataset
-    from meminject.errors import BadInputError
+    from meminject.errors import BadInputError, RowError
     from meminject.plots import plot_heatmap
     from meminject.plugins import get_registry
     from meminject.specs import (
@@ -258,32 +261,35 @@ def sweep(
     )
 
     checkpoint = files.checkpoint if files.partial is not None else None
-    if executor == "ray":
-        from meminject.sweep import run_sweep_ray
+    try:
+        if executor == "ray":
+            from meminject.sweep import run_sweep_ray
 
-        result = run_sweep_ray(
-            model,
-            rows,
-            config,
-            address=address,
-            tasks=tasks,
-            threads=model_flag("threads") or 1,
-            allow_pickle_weights=bool(model_flag("allow_pickle_weights")),
-            registry=registry,
-            progress=show_progress(),
-            done=files.done,
-            checkpoint=checkpoint,
-        )
-    else:
-        result = run_sweep(
-            model,
-            rows,
-            config,
-            registry=registry,
-            progress=show_progress(),
-            done=files.done,
-            checkpoint=checkpoint,
-        )
+            result = run_sweep_ray(
+                model,
+                rows,
+                config,
+                address=address,
+                tasks=tasks,
+                threads=model_flag("threads") or 1,
+                allow_pickle_weights=bool(model_flag("allow_pickle_weights")),
+                registry=registry,
+                progress=show_progress(),
+                done=files.done,
+                checkpoint=checkpoint,
+            )
+        else:
+            result = run_sweep(
+                model,
+                rows,
+                config,
+                registry=registry,
+                progress=show_progress(),
+                done=files.done,
+                checkpoint=checkpoint,
+            )
+    except RowError as exc:  # "row 3: …" alone does not say which dataset's row 3
+        raise exc.in_dataset(_source(dataset, registry)) from None
     files.finish(result.records)
     summary = result.summary
     if plot is not None and not summary.empty:
@@ -294,6 +300,14 @@ def sweep(
         )
         plot_heatmap(summary, plot, stat=plot_stat or rank_by, title=title, force=force)
     _print_summary(result, top, output, plot, rank_by)
+
+
+def _source(dataset: str, registry: Registry) -> str:
+    """How a row error names its dataset: the file (as given) or the registered name."""
+    from meminject.datasets import dataset_target
+
+    name, path = dataset_target(dataset, registry)
+    return path if path is not None else f"dataset '{name}'"
 
 
 def _fmt_pct(value: Any) -> str:

@@ -441,6 +441,22 @@ def test_cli_sweep_bad_input_is_one_line_exit_2(gpt2_dir, tmp_path):
     assert result.exit_code == 2 and "unknown output format" in result.output
 
 
+def test_cli_sweep_row_errors_name_the_file(gpt2_dir, tmp_path):
+    """Issue 26: "row 1: … longer than the model's context" alone does not say which
+    file's row 1."""
+    long = " ".join(["word"] * 400)
+    bad = write(
+        tmp_path / "rows.csv",
+        f'obscure_sentence,explicit_entity,answer\nShort prompt,M,A\n"{long}",M,A\n',
+    )
+    args = ["sweep", str(bad), "--model", str(gpt2_dir), "--layers", "0", "--tau", "1"]
+    result = CliRunner().invoke(_group(), [*args, "--no-progress"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {bad}: row 1: "), lines
+    assert "longer than the model's context" in lines[0]
+
+
 @pytest.mark.slow
 def test_toyworld_sweep_matches_reference(tmp_path):
     from meminject import toyworld
