@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,6 @@ from typing import Any
 import pytest
 
 from tests.doc_blocks import DOCS, ROOT, blocks, pages_with_examples
-
-pytest_plugins = ["pytester"]
 
 
 @pytest.fixture(scope="module")
@@ -28,40 +27,13 @@ def toyworld() -> Any:
     return load_model("toyworld")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _import_rich_fully() -> None:
-    """Import (and render with) every part of rich the commands use, before any test.
-
-    The ``pytester`` fixture removes from ``sys.modules``, when its test ends, whatever
-    was first imported during the test. If an example is the first to render a rich
-    table, half of rich is dropped and re-imported later as a second copy whose
-    ``Style`` class is not the first one's; every later table in this process then
-    fails. A module-scoped fixture runs before ``pytester`` takes its snapshot."""
-    import io
-
-    from rich.console import Console
-    from rich.progress import Progress
-    from rich.table import Table
-
-    console = Console(file=io.StringIO(), width=80, force_terminal=True)
-    table = Table(title="t", header_style="bold")
-    table.add_column("a", style="bold", overflow="fold")
-    table.add_row("[dim]x[/][bold]y[/]")
-    console.print(table)
-    console.print("[bold]markup[/]: text")
-    with Progress(console=console, transient=True) as progress:
-        progress.add_task("task", total=1)
-
-
 @pytest.mark.parametrize(
     "page", pages_with_examples(), ids=lambda p: p.relative_to(DOCS).as_posix()
 )
 def test_doc_examples_run(
-    page: Path, monkeypatch: pytest.MonkeyPatch, pytester: pytest.Pytester, toyworld: Any
+    page: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, toyworld: Any
 ) -> None:
     import meminject.loading
-
-    tmp_path = pytester.path  # the scratch directory, also where pytest blocks run
 
     real_load = meminject.loading.load_model
 
@@ -98,9 +70,19 @@ def test_doc_examples_run(
             else:
                 test_file = f"test_docs_example_{index}.py"
                 (tmp_path / test_file).write_text(body + "\n", encoding="utf-8")
-                result = pytester.runpytest_inprocess(test_file, "-q", "-p", "no:cacheprovider")
-                outcomes = result.parseoutcomes()
-                assert result.ret == 0 and outcomes.get("passed", 0) > 0, result.stdout.str()
+                # A pytest block runs in its own process, as a reader runs it. (In this
+                # process, pytest's pytester would drop from sys.modules whatever the
+                # example imported first, TransformerLens's lazily imported modules
+                # among them; their second copies break later tests' bridges.)
+                result = subprocess.run(
+                    [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider"],
+                    cwd=tmp_path,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
+                passed = re.search(r"(\d+) passed", result.stdout)
+                assert result.returncode == 0 and passed, result.stdout + result.stderr
     finally:
         toyworld.encodings.clear()
         for name in set(sys.modules) - modules_before:
