@@ -1,0 +1,281 @@
+"""Generation in vLLM with a memory set: ``meminject generate --backend vllm`` and
+:func:`load_vllm`.
+
+vLLM runs its own decoding loop, scheduler and batching in other processes, so it is
+not a :class:`meminject.backends.Backend` (one forward per call of meminject's loop);
+it is a second way to generate, beside :mod:`meminject.generation`, that returns the
+same :class:`~meminject.generation.Generation` records.
+
+How a run goes:
+
+1. The model loads once the meminject way (:func:`meminject.loading.load_model`, plain
+   Hugging Face modules, no TransformerLens), and the memory set compiles on it with
+   meminject's own engine, so encoders, τ units, head routing and gate checks are the
+   ones every other backend runs (:mod:`meminject.vllm_backend.plan`). Only the plan's
+   data and the tokenizer are kept; the weights are released before vLLM loads its own.
+2. ``vllm.LLM`` loads the same checkpoint directory with meminject's worker extension
+   (:mod:`meminject.vllm_backend.worker`), eager mode (hooks are Python, outside any
+   compiled graph), and ``collective_rpc`` installs the plan on every worker.
+3. Prompts are tokenized by meminject (its BOS rule and chat template), sent as token
+   ids, and carry the plan's digest as their prefix-cache salt: keys and values
+   computed under one memory set are never reused under another, or without memories,
+   so prefix caching can stay on.
+
+vLLM itself is imported only inside functions: meminject does not depend on it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meminject.errors import BadInputError
+
+if TYPE_CHECKING:
+    from meminject.generation import DecodeOptions, Generation
+    from meminject.memfile import MemorySet
+    from meminject.vllm_backend.plan import MemoryPlan
+
+#: The importable class vLLM mixes into its workers.
+WORKER_EXTENSION = "meminject.vllm_backend.worker.MemoryWorkerExtension"
+
+
+def vllm_available() -> str | None:
+    """None when vLLM imports, else why not (one line)."""
+    try:
+        import vllm  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+    except Exception as exc:
+        return f"vllm is not importable ({type(exc).__name__}: {exc}); see docs/vllm.md"
+    return None
+
+
+@dataclass
+class _Tokens:
+    """What is kept of the meminject-loaded model once the plan is compiled."""
+
+    name: str
+    tokenizer: Any
+    prepend_bos: bool
+    eos: int | None
+
+
+class VLLMModel:
+    """A vLLM engine with a memory set installed in its workers."""
+
+    def __init__(self, llm: Any, tokens: _Tokens, source: str, load_seconds: float):
+        self.llm = llm
+        self._tokens = tokens
+        self.name = tokens.name
+        self.source = source
+        #: Seconds ``vllm.LLM`` took to start (engine core, weights, KV cache).
+        self.load_seconds = load_seconds
+        self.plan: MemoryPlan | None = None
+        self.salt: str | None = None
+
+    def install(self, plan: MemoryPlan | None) -> None:
+        """Make ``plan`` (None or empty: no memories) the engine's memory set."""
+        if plan:
+            counts = self.llm.collective_rpc("meminject_install", args=(plan.payload(),))
+            if any(c != len(plan.hooks) for c in counts):  # pragma: no cover - defensive
+                raise RuntimeError(f"meminject: workers installed {counts} hooks")
+        else:
+            self.llm.collective_rpc("meminject_clear")
+        self.plan = plan if plan else None
+        self.salt = plan.digest() if plan else None
+
+    def prompt_ids(self, prompt: str, chat: bool = False) -> list[int]:
+        """The prompt's token ids, as meminject's own loop would feed them."""
+        tok = self._tokens.tokenizer
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise BadInputError(
+                    f"model '{self.name}' has no chat template in its tokenizer; drop --chat"
+                )
+            out = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+            )
+            ids = out["input_ids"] if hasattr(out, "keys") else out
+            return [int(t) for t in ids]
+        ids = [int(t) for t in tok.encode(prompt, add_special_tokens=False)]
+        if self._tokens.prepend_bos:
+            if tok.bos_token_id is None:
+                raise BadInputError(f"model '{self.name}' has no BOS token to prepend")
+            ids = [int(tok.bos_token_id), *ids]
+        if not ids:
+            raise BadInputError("the prompt is empty (no tokens)")
+        return ids
+
+    def generate(
+        self,
+        prompts: list[str],
+        options: DecodeOptions | list[DecodeOptions] | None = None,
+        *,
+        chat: bool = False,
+    ) -> list[Generation]:
+        """Generate a completion of each prompt with the installed memory set, in one
+        vLLM batch (continuous batching decides the steps)."""
+        from vllm import SamplingParams  # type: ignore[import-not-found,unused-ignore]
+
+        from meminject.generation import DecodeOptions, Generation, TokenProb
+
+        if options is None:
+            options = DecodeOptions()
+        per = options if isinstance(options, list) else [options] * len(prompts)
+        vocab = len(self._tokens.tokenizer)
+        requests, params = [], []
+        for prompt, opt in zip(prompts, per, strict=True):
+            opt.check(vocab)
+            ids = self.prompt_ids(prompt, chat)
+            request: dict[str, Any] = {"prompt_token_ids": ids}
+            if self.salt is not None:
+                request["cache_salt"] = self.salt
+            requests.append(request)
+            params.append(
+                SamplingParams(
+                    max_tokens=opt.max_new_tokens,
+                    temperature=opt.temperature,
+                    top_k=opt.top_k if opt.top_k > 0 else -1,
+                    top_p=opt.top_p,
+                    repetition_penalty=opt.repetition_penalty,
+                    seed=opt.seed,
+                    stop=list(opt.stop) or None,
+                    ignore_eos=not opt.stop_at_eos,
+                    logprobs=opt.logprobs,
+                )
+            )
+        if any(opt.max_new_tokens == 0 for opt in per):
+            raise BadInputError("the vllm backend needs max_new_tokens >= 1")
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        results = []
+        for prompt, request, out in zip(prompts, requests, outputs, strict=True):
+            completion = out.outputs[0]
+            reason = completion.finish_reason or "length"
+            finish = {"stop": "eos" if completion.stop_reason is None else "stop"}.get(
+                reason, reason
+            )
+            results.append(
+                Generation(
+                    prompt=prompt,
+                    completion=completion.text,
+                    prompt_tokens=list(request["prompt_token_ids"]),
+                    new_tokens=[int(t) for t in completion.token_ids],
+                    top_next=list[TokenProb](),
+                    backend="vllm",
+                    finish_reason=finish,
+                )
+            )
+        return results
+
+    def close(self) -> None:
+        """Shut the engine down (its processes end)."""
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(engine, "shutdown", None) or getattr(
+                getattr(engine, "engine_core", None), "shutdown", None
+            )
+            if shutdown is not None:
+                shutdown()
+
+
+def compile_for_vllm(
+    name_or_path: str | None,
+    memories: MemorySet | None,
+    *,
+    dtype: str | None = None,
+    coordinates: str | None = None,
+    prepend_bos: bool | None = None,
+    allow_outside_paths: bool = False,
+) -> tuple[MemoryPlan, _Tokens, str]:
+    """Load the model the meminject way, compile ``memories`` into a plan, and keep only
+    the plan, the tokenizer and the checkpoint directory vLLM should load."""
+    import gc
+
+    from meminject.loading import load_model
+    from meminject.vllm_backend.plan import MemoryPlan, check_family, compile_plan
+
+    model = load_model(
+        name_or_path,
+        memories=memories,
+        dtype=dtype,
+        coordinates=coordinates,
+        prepend_bos=prepend_bos,
+    )
+    source = Path(model.source)
+    if not (source / "config.json").is_file():
+        raise BadInputError(
+            f"the vllm backend loads a local Hugging Face directory (or a registered model or "
+            f"GGUF file meminject dequantizes into one); '{model.source}' is not one"
+        )
+    config = json.loads((source / "config.json").read_text())
+    check_family(config.get("model_type"), str(source))
+    plan = (
+        compile_plan(model, memories, allow_outside_paths=allow_outside_paths)
+        if memories is not None
+        else MemoryPlan()
+    )
+    info = memories.model_info() if memories is not None else None
+    tokens = _Tokens(model.name, model.tokenizer, model.prepend_bos_for(info), None)
+    del model
+    gc.collect()
+    return plan, tokens, str(source)
+
+
+def load_vllm(
+    name_or_path: str | None = None,
+    memories: Any = None,
+    *,
+    dtype: str = "float32",
+    coordinates: str | None = None,
+    prepend_bos: bool | None = None,
+    allow_outside_paths: bool = False,
+    max_model_len: int = 512,
+    **llm_options: Any,
+) -> VLLMModel:
+    """A vLLM engine on ``name_or_path`` (a registered model, a Hugging Face directory or
+    a GGUF file, as :func:`meminject.loading.load_model` takes) with ``memories`` (a
+    set, paths or tables, as :func:`meminject.engine.compile_memories` takes) installed.
+
+    ``llm_options`` go to ``vllm.LLM`` (``tensor_parallel_size``, ``gpu_memory_utilization``,
+    ``enable_prefix_caching``…); ``enforce_eager`` is always on, since the memories' hooks
+    run as Python outside any compiled graph. Memories that cannot run are refused, one
+    line each, before vLLM starts (:class:`~meminject.vllm_backend.plan.NotRunnable`).
+    """
+    reason = vllm_available()
+    if reason is not None:
+        raise BadInputError(reason)
+    memory_set = None
+    if memories is not None:
+        from meminject.engine import as_memory_set
+
+        memory_set = as_memory_set(memories)
+    plan, tokens, source = compile_for_vllm(
+        name_or_path,
+        memory_set,
+        dtype=dtype,
+        coordinates=coordinates,
+        prepend_bos=prepend_bos,
+        allow_outside_paths=allow_outside_paths,
+    )
+    if llm_options.pop("enforce_eager", True) is not True:
+        raise BadInputError("the vllm backend runs with enforce_eager=True (hooks are Python)")
+    from vllm import LLM  # type: ignore[import-not-found,unused-ignore]
+
+    started = time.perf_counter()
+    llm = LLM(
+        model=source,
+        dtype=dtype,
+        enforce_eager=True,
+        max_model_len=max_model_len,
+        worker_extension_cls=WORKER_EXTENSION,
+        **llm_options,
+    )
+    loaded = VLLMModel(llm, tokens, source, time.perf_counter() - started)
+    loaded.install(plan)
+    return loaded
+
+
+__all__ = ["WORKER_EXTENSION", "VLLMModel", "compile_for_vllm", "load_vllm", "vllm_available"]
