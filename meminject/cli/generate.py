@@ -79,8 +79,9 @@ from meminject.errors import BadInputError
     default="auto",
     show_default=True,
     help="hf: the plain Hugging Face modules over the bridge's weights, hooked only at the "
-    "memories' sites (fastest); bridge: TransformerBridge (every hook point); a plugin's "
-    "backend by name; auto: the first that serves every site.",
+    "memories' sites (fastest); bridge: TransformerBridge (every hook point); vllm: vLLM's "
+    "engine with the memories rebuilt in its workers (docs/vllm.md); a plugin's backend by "
+    "name; auto: the first that serves every site.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @outside_paths_option
@@ -123,6 +124,14 @@ def generate(
     memory_set = load_memories(memory_paths) if memory_paths else None
     if requests is not None:
         _check_names(requests, memory_set)
+    if backend == "vllm":
+        if no_kv_cache:
+            raise BadInputError("--no-kv-cache does not apply to --backend vllm")
+        from meminject.vllm_backend import vllm_available
+
+        reason = vllm_available()  # before the model loads
+        if reason is not None:
+            raise BadInputError(reason)
     model = load_cli_model(model_name, memory_set, bridge=backend == "bridge")
 
     import dataclasses
@@ -133,6 +142,22 @@ def generate(
     # Per-token log-probabilities are for callers that read them (the Python API).
     names = {f.name for f in dataclasses.fields(DecodeOptions)} - {"stop_at_eos", "logprobs"}
     options = decode_options(**{name: params[name] for name in names}, stop_at_eos=not ignore_eos)
+    if backend == "vllm":
+        holder = [model]  # _run_vllm drops the last reference before vLLM loads its copy
+        del model
+        _run_vllm(
+            holder,
+            memory_set,
+            prompt,
+            requests,
+            options,
+            compare,
+            as_json,
+            output,
+            chat,
+            allow_outside_paths,
+        )
+        return
     common: dict[str, Any] = dict(chat=chat, use_kv_cache=not no_kv_cache, backend=backend)
     if requests is not None:
         _run_file(
@@ -242,6 +267,12 @@ def _run_file(
         batch_size=batch_size,
         **common,
     )
+    _write_file_results(requests, results, memory_set, output)
+
+
+def _write_file_results(
+    requests: list[Any], results: list[Any], memory_set: Any, output: str | None
+) -> None:
     all_names = [e.name for e in memory_set.entries if e.memory.enabled] if memory_set else []
     lines = []
     for line, result in zip(requests, results, strict=True):
@@ -269,6 +300,105 @@ def _run_file(
 
     write_text_atomic(Path(output), text, overwrite=True)
     click.echo(f"wrote {len(lines)} results to {output}", err=True)
+
+
+def _run_vllm(
+    holder: list[Any],
+    memory_set: Any,
+    prompt: str | None,
+    requests: list[Any] | None,
+    options: Any,
+    compare: bool,
+    as_json: bool,
+    output: str | None,
+    chat: bool,
+    allow_outside_paths: bool,
+) -> None:
+    """Generation in vLLM (docs/vllm.md): every memory choice the run needs compiles on
+    the meminject-loaded model first (refusals, one line per memory, exit 2, before vLLM
+    starts), the model is released, then one engine runs each choice in turn."""
+    import dataclasses
+    import gc
+    import os
+
+    from meminject.errors import EXIT_BAD_INPUT
+    from meminject.vllm_backend import prepare, start_engine
+    from meminject.vllm_backend.plan import MemoryPlan, NotRunnable, compile_plan
+
+    # vLLM logs to stdout by default; keep stdout for results (JSON, JSONL).
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    model = holder.pop()
+    tokens, source, dtype = prepare(model, memory_set)
+    keys: list[tuple[str, ...] | None] = []
+    per_options = []
+    if requests is not None:
+        for line in requests:
+            try:
+                opt = dataclasses.replace(options, **line.request.overrides())
+                opt.check(model.dims.d_vocab)
+            except BadInputError as exc:
+                raise BadInputError(f"{line.where}: {exc}") from None
+            per_options.append(opt)
+            names = line.request.memories
+            keys.append(tuple(sorted(names)) if names is not None else None)
+    plans: dict[tuple[str, ...] | None, Any] = {}
+    try:
+        for key in [None, *keys]:
+            if key in plans:
+                continue
+            if memory_set is None or key == ():
+                plans[key] = MemoryPlan()
+            else:
+                chosen = memory_set if key is None else memory_set.subset(key)
+                plans[key] = compile_plan(model, chosen, allow_outside_paths=allow_outside_paths)
+    except NotRunnable as exc:
+        for problem in exc.problems:  # one line per memory, before vLLM starts
+            click.echo(f"Error: {problem}", err=True)
+        click.get_current_context().exit(EXIT_BAD_INPUT)
+    name, coordinates = model.name, model.coordinates
+    del model
+    gc.collect()
+    engine = start_engine(tokens, source, dtype)
+    try:
+        if requests is not None:
+            results: list[Any] = [None] * len(requests)
+            for key in dict.fromkeys(keys):
+                rows = [i for i, k in enumerate(keys) if k == key]
+                engine.install(plans[key])
+                outs = engine.generate(
+                    [requests[i].request.prompt for i in rows],
+                    [per_options[i] for i in rows],
+                    chat=chat,
+                )
+                for i, out in zip(rows, outs, strict=True):
+                    results[i] = out
+            _write_file_results(requests, results, memory_set, output)
+            return
+        assert prompt is not None
+        plan = plans[None]
+        baseline = injected = None
+        if not plan or compare:
+            engine.install(None)
+            (baseline,) = engine.generate([prompt], options, chat=chat)
+        if plan:
+            engine.install(plan)
+            (injected,) = engine.generate([prompt], options, chat=chat)
+    finally:
+        engine.close()
+    names = [e.name for e in memory_set.entries if e.memory.enabled] if memory_set else []
+    if as_json:
+        payload = {
+            "model": name,
+            "coordinates": coordinates,
+            "prompt": prompt,
+            "memories": names,
+            "baseline": baseline.to_dict() if baseline else None,
+            "injected": injected.to_dict() if injected else None,
+        }
+        click.echo(json.dumps(payload, indent=2, ensure_ascii=False, allow_nan=False))
+        return
+    _print_generation(prompt, names, baseline, injected, options.show_top)
 
 
 def _print_generation(

@@ -37,6 +37,7 @@ from meminject.errors import BadInputError
 if TYPE_CHECKING:
     from meminject.generation import DecodeOptions, Generation
     from meminject.memfile import MemorySet
+    from meminject.model_handle import LoadedModel
     from meminject.vllm_backend.plan import MemoryPlan
 
 #: The importable class vLLM mixes into its workers.
@@ -119,7 +120,7 @@ class VLLMModel:
         vLLM batch (continuous batching decides the steps)."""
         from vllm import SamplingParams  # type: ignore[import-not-found,unused-ignore]
 
-        from meminject.generation import DecodeOptions, Generation, TokenProb
+        from meminject.generation import DecodeOptions
 
         if options is None:
             options = DecodeOptions()
@@ -128,11 +129,16 @@ class VLLMModel:
         requests, params = [], []
         for prompt, opt in zip(prompts, per, strict=True):
             opt.check(vocab)
+            if opt.max_new_tokens == 0:
+                raise BadInputError("the vllm backend needs max_new_tokens >= 1")
             ids = self.prompt_ids(prompt, chat)
             request: dict[str, Any] = {"prompt_token_ids": ids}
             if self.salt is not None:
                 request["cache_salt"] = self.salt
             requests.append(request)
+            # vLLM's logprobs are the model's own (before temperature and filters), as
+            # meminject's are; the first step's also give the top next tokens.
+            wanted = max(opt.logprobs or 0, opt.show_top)
             params.append(
                 SamplingParams(
                     max_tokens=opt.max_new_tokens,
@@ -143,31 +149,60 @@ class VLLMModel:
                     seed=opt.seed,
                     stop=list(opt.stop) or None,
                     ignore_eos=not opt.stop_at_eos,
-                    logprobs=opt.logprobs,
+                    logprobs=wanted if opt.logprobs is not None or opt.show_top else None,
                 )
             )
-        if any(opt.max_new_tokens == 0 for opt in per):
-            raise BadInputError("the vllm backend needs max_new_tokens >= 1")
         outputs = self.llm.generate(requests, params, use_tqdm=False)
-        results = []
-        for prompt, request, out in zip(prompts, requests, outputs, strict=True):
-            completion = out.outputs[0]
-            reason = completion.finish_reason or "length"
-            finish = {"stop": "eos" if completion.stop_reason is None else "stop"}.get(
-                reason, reason
-            )
-            results.append(
-                Generation(
-                    prompt=prompt,
-                    completion=completion.text,
-                    prompt_tokens=list(request["prompt_token_ids"]),
-                    new_tokens=[int(t) for t in completion.token_ids],
-                    top_next=list[TokenProb](),
-                    backend="vllm",
-                    finish_reason=finish,
+        return [
+            self._generation(prompt, request["prompt_token_ids"], opt, out)
+            for prompt, request, opt, out in zip(prompts, requests, per, outputs, strict=True)
+        ]
+
+    def _generation(self, prompt: str, ids: list[int], opt: DecodeOptions, out: Any) -> Generation:
+        import math
+
+        from meminject.generation import Generation, TokenLogprob, TokenProb
+
+        completion = out.outputs[0]
+        reason = completion.finish_reason or "length"
+        if reason == "stop":
+            reason = "eos" if completion.stop_reason is None else "stop"
+        new_tokens = [int(t) for t in completion.token_ids]
+        steps = completion.logprobs or []
+
+        def ranked(step: Any, k: int) -> list[tuple[int, Any]]:
+            ordered = sorted(step.items(), key=lambda kv: kv[1].rank or 0)
+            return [(int(t), lp) for t, lp in ordered if lp.rank is not None and lp.rank <= k]
+
+        top_next = []
+        if opt.show_top and steps:
+            top_next = [
+                TokenProb(self._token_str(t), t, math.exp(lp.logprob))
+                for t, lp in ranked(steps[0], opt.show_top)
+            ]
+        token_logprobs = []
+        if opt.logprobs is not None:
+            for token, step in zip(new_tokens, steps, strict=False):
+                top = tuple(
+                    (self._token_str(t), t, float(lp.logprob))
+                    for t, lp in ranked(step, opt.logprobs)
                 )
-            )
-        return results
+                token_logprobs.append(
+                    TokenLogprob(self._token_str(token), token, float(step[token].logprob), top)
+                )
+        return Generation(
+            prompt=prompt,
+            completion=completion.text,
+            prompt_tokens=list(ids),
+            new_tokens=new_tokens,
+            top_next=top_next,
+            backend="vllm",
+            finish_reason=reason,
+            token_logprobs=token_logprobs,
+        )
+
+    def _token_str(self, token_id: int) -> str:
+        return str(self._tokens.tokenizer.decode([token_id]))
 
     def close(self) -> None:
         """Shut the engine down (its processes end)."""
@@ -181,47 +216,50 @@ class VLLMModel:
                 shutdown()
 
 
-def compile_for_vllm(
-    name_or_path: str | None,
-    memories: MemorySet | None,
-    *,
-    dtype: str | None = None,
-    coordinates: str | None = None,
-    prepend_bos: bool | None = None,
-    allow_outside_paths: bool = False,
-) -> tuple[MemoryPlan, _Tokens, str]:
-    """Load the model the meminject way, compile ``memories`` into a plan, and keep only
-    the plan, the tokenizer and the checkpoint directory vLLM should load."""
-    import gc
+def prepare(model: LoadedModel, memories: MemorySet | None = None) -> tuple[_Tokens, str, str]:
+    """What vLLM needs from a meminject-loaded model: the tokenizer and BOS rule (prompts
+    are tokenized the meminject way), the checkpoint directory and the dtype name.
+    Refuses a model vLLM would have to fetch, or whose decoder layers the worker does not
+    know."""
+    from meminject.dtypes import dtype_name
+    from meminject.vllm_backend.plan import check_family
 
-    from meminject.loading import load_model
-    from meminject.vllm_backend.plan import MemoryPlan, check_family, compile_plan
-
-    model = load_model(
-        name_or_path,
-        memories=memories,
-        dtype=dtype,
-        coordinates=coordinates,
-        prepend_bos=prepend_bos,
-    )
     source = Path(model.source)
     if not (source / "config.json").is_file():
         raise BadInputError(
-            f"the vllm backend loads a local Hugging Face directory (or a registered model or "
-            f"GGUF file meminject dequantizes into one); '{model.source}' is not one"
+            "the vllm backend loads a local Hugging Face directory (or a registered model "
+            f"or GGUF file meminject dequantizes into one); '{model.source}' is not one"
         )
     config = json.loads((source / "config.json").read_text())
     check_family(config.get("model_type"), str(source))
-    plan = (
-        compile_plan(model, memories, allow_outside_paths=allow_outside_paths)
-        if memories is not None
-        else MemoryPlan()
-    )
     info = memories.model_info() if memories is not None else None
     tokens = _Tokens(model.name, model.tokenizer, model.prepend_bos_for(info), None)
-    del model
-    gc.collect()
-    return plan, tokens, str(source)
+    return tokens, str(source), dtype_name(model.dtype)
+
+
+def start_engine(
+    tokens: _Tokens, source: str, dtype: str, *, max_model_len: int = 512, **llm_options: Any
+) -> VLLMModel:
+    """Start ``vllm.LLM`` on ``source`` with meminject's worker extension (no memories
+    installed yet: :meth:`VLLMModel.install`). ``enforce_eager`` is always on, since the
+    memories' hooks run as Python outside any compiled graph."""
+    reason = vllm_available()
+    if reason is not None:
+        raise BadInputError(reason)
+    if llm_options.pop("enforce_eager", True) is not True:
+        raise BadInputError("the vllm backend runs with enforce_eager=True (hooks are Python)")
+    from vllm import LLM  # type: ignore[import-not-found,unused-ignore]
+
+    started = time.perf_counter()
+    llm = LLM(
+        model=source,
+        dtype=dtype,
+        enforce_eager=True,
+        max_model_len=max_model_len,
+        worker_extension_cls=WORKER_EXTENSION,
+        **llm_options,
+    )
+    return VLLMModel(llm, tokens, source, time.perf_counter() - started)
 
 
 def load_vllm(
@@ -239,11 +277,17 @@ def load_vllm(
     a GGUF file, as :func:`meminject.loading.load_model` takes) with ``memories`` (a
     set, paths or tables, as :func:`meminject.engine.compile_memories` takes) installed.
 
-    ``llm_options`` go to ``vllm.LLM`` (``tensor_parallel_size``, ``gpu_memory_utilization``,
-    ``enable_prefix_caching``…); ``enforce_eager`` is always on, since the memories' hooks
-    run as Python outside any compiled graph. Memories that cannot run are refused, one
-    line each, before vLLM starts (:class:`~meminject.vllm_backend.plan.NotRunnable`).
+    The model loads once the meminject way to compile the set, and only the plan and the
+    tokenizer are kept before vLLM loads its own copy. ``llm_options`` go to ``vllm.LLM``
+    (``tensor_parallel_size``, ``gpu_memory_utilization``, ``enable_prefix_caching``…).
+    Memories that cannot run are refused, one line each, before vLLM starts
+    (:class:`~meminject.vllm_backend.plan.NotRunnable`).
     """
+    import gc
+
+    from meminject.loading import load_model
+    from meminject.vllm_backend.plan import MemoryPlan, compile_plan
+
     reason = vllm_available()
     if reason is not None:
         raise BadInputError(reason)
@@ -252,30 +296,31 @@ def load_vllm(
         from meminject.engine import as_memory_set
 
         memory_set = as_memory_set(memories)
-    plan, tokens, source = compile_for_vllm(
+    model = load_model(
         name_or_path,
-        memory_set,
+        memories=memory_set,
         dtype=dtype,
         coordinates=coordinates,
         prepend_bos=prepend_bos,
-        allow_outside_paths=allow_outside_paths,
     )
-    if llm_options.pop("enforce_eager", True) is not True:
-        raise BadInputError("the vllm backend runs with enforce_eager=True (hooks are Python)")
-    from vllm import LLM  # type: ignore[import-not-found,unused-ignore]
-
-    started = time.perf_counter()
-    llm = LLM(
-        model=source,
-        dtype=dtype,
-        enforce_eager=True,
-        max_model_len=max_model_len,
-        worker_extension_cls=WORKER_EXTENSION,
-        **llm_options,
+    tokens, source, dtype_used = prepare(model, memory_set)
+    plan = (
+        compile_plan(model, memory_set, allow_outside_paths=allow_outside_paths)
+        if memory_set is not None
+        else MemoryPlan()
     )
-    loaded = VLLMModel(llm, tokens, source, time.perf_counter() - started)
+    del model
+    gc.collect()
+    loaded = start_engine(tokens, source, dtype_used, max_model_len=max_model_len, **llm_options)
     loaded.install(plan)
     return loaded
 
 
-__all__ = ["WORKER_EXTENSION", "VLLMModel", "compile_for_vllm", "load_vllm", "vllm_available"]
+__all__ = [
+    "WORKER_EXTENSION",
+    "VLLMModel",
+    "load_vllm",
+    "prepare",
+    "start_engine",
+    "vllm_available",
+]

