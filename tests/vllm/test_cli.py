@@ -41,8 +41,8 @@ def test_refuses_each_memory_it_cannot_run_before_vllm_starts(tmp_path: Path) ->
     (tmp_path / "set.toml").write_text(
         "version = 1\n\n"
         '[[memory]]\nname = "fine"\ntext = " Paris"\nlayer = 3\ntau = 2.0\nsite = "attn_out"\n\n'
-        '[[memory]]\nname = "hidden"\ntext = " Paris"\nlayer = 3\ntau = 2.0\n'
-        'site = "mlp_post"\nencoding = "embed"\n\n'
+        '[[memory]]\nname = "hidden"\nstrategy = "gated"\nsite = "mlp_post"\nlayer = 3\n'
+        'tensors = "never-read.safetensors"\nboundary = 0.3\n\n'
         '[[memory]]\nname = "gate-z"\nstrategy = "gated"\nsite = "attn_z"\nlayer = 2\n'
         'tensors = "never-read.safetensors"\nboundary = 0.3\n'
     )
