@@ -47,7 +47,9 @@ WORKER_EXTENSION = "meminject.vllm_backend.worker.MemoryWorkerExtension"
 def vllm_available() -> str | None:
     """None when vLLM imports, else why not (one line)."""
     try:
-        import vllm  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+        # LLM, not just the package: a directory named vllm on sys.path (a namespace
+        # package) imports too.
+        from vllm import LLM  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
     except Exception as exc:
         return f"vllm is not importable ({type(exc).__name__}: {exc}); see docs/vllm.md"
     return None

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from meminject import model_sources
-from tests.vllm.conftest import require_vllm
+from tests.vllm_tier.conftest import require_vllm
 
 pytestmark = pytest.mark.vllm
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from meminject import model_sources
-from tests.vllm.conftest import require_vllm
+from tests.vllm_tier.conftest import require_vllm
 
 pytestmark = pytest.mark.vllm
 
