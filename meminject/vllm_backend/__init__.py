@@ -62,7 +62,6 @@ class _Tokens:
     name: str
     tokenizer: Any
     prepend_bos: bool
-    eos: int | None
 
 
 class VLLMModel:
@@ -81,6 +80,16 @@ class VLLMModel:
     def install(self, plan: MemoryPlan | None) -> None:
         """Make ``plan`` (None or empty: no memories) the engine's memory set."""
         if plan:
+            from meminject.vllm_backend.plan import UNSPLIT_SITES
+
+            parallel = self.llm.llm_engine.vllm_config.parallel_config
+            split = [h["site"] for h in plan.hooks if h["site"] in UNSPLIT_SITES]
+            if split and parallel.tensor_parallel_size > 1:
+                raise BadInputError(
+                    f"memories at {', '.join(sorted(set(split)))} do not run with "
+                    "tensor_parallel_size > 1 (the MLP's hidden activation is split across "
+                    "ranks)"
+                )
             counts = self.llm.collective_rpc("meminject_install", args=(plan.payload(),))
             if any(c != len(plan.hooks) for c in counts):  # pragma: no cover - defensive
                 raise RuntimeError(f"meminject: workers installed {counts} hooks")
@@ -235,7 +244,7 @@ def prepare(model: LoadedModel, memories: MemorySet | None = None) -> tuple[_Tok
     config = json.loads((source / "config.json").read_text())
     check_family(config.get("model_type"), str(source))
     info = memories.model_info() if memories is not None else None
-    tokens = _Tokens(model.name, model.tokenizer, model.prepend_bos_for(info), None)
+    tokens = _Tokens(model.name, model.tokenizer, model.prepend_bos_for(info))
     return tokens, str(source), dtype_name(model.dtype)
 
 

@@ -27,10 +27,13 @@ if TYPE_CHECKING:
     from meminject.memfile import MemoryEntry, MemorySet
     from meminject.model_handle import LoadedModel
 
-#: Sites whose activation vLLM's Llama-family decoder layers expose as a whole-width
-#: tensor on every tensor-parallel rank (after the row-parallel all-reduce), and where
-#: the worker hooks them (see :mod:`meminject.vllm_backend.worker`).
-SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+#: Sites the worker hooks on vLLM's Llama-family decoder layers (see
+#: :mod:`meminject.vllm_backend.worker`). All but ``mlp_post`` are whole-width tensors on
+#: every tensor-parallel rank (after the row-parallel all-reduce); ``mlp_post`` (the
+#: down projection's input) is split across ranks, so it runs without tensor
+#: parallelism only (:data:`UNSPLIT_SITES`).
+SITES = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_post")
+UNSPLIT_SITES = ("mlp_post",)
 
 #: Sites an ``add`` memory may name because the add strategy lowers them onto
 #: ``attn_out`` (a head's result, or a change routed through a head's value mix): in

