@@ -316,7 +316,8 @@ def _run_vllm(
 ) -> None:
     """Generation in vLLM (docs/vllm.md): every memory choice the run needs compiles on
     the meminject-loaded model first (refusals, one line per memory, exit 2, before vLLM
-    starts), the model is released, then one engine runs each choice in turn."""
+    starts), the model is released, then one engine runs them (the lines of --prompts in
+    one batch, each request with its own choice)."""
     import dataclasses
     import gc
     import os
@@ -362,28 +363,26 @@ def _run_vllm(
     engine = start_engine(tokens, source, dtype)
     try:
         if requests is not None:
-            results: list[Any] = [None] * len(requests)
-            for key in dict.fromkeys(keys):
-                rows = [i for i, k in enumerate(keys) if k == key]
-                engine.install(plans[key])
-                outs = engine.generate(
-                    [requests[i].request.prompt for i in rows],
-                    [per_options[i] for i in rows],
-                    chat=chat,
-                )
-                for i, out in zip(rows, outs, strict=True):
-                    results[i] = out
+            # One batch: each line's request runs its own memory choice in shared steps.
+            results = engine.generate(
+                [line.request.prompt for line in requests],
+                per_options,
+                chat=chat,
+                memories=[plans[key] for key in keys],
+            )
             _write_file_results(requests, results, memory_set, output)
             return
         assert prompt is not None
         plan = plans[None]
         baseline = injected = None
-        if not plan or compare:
-            engine.install(None)
+        if plan and compare:  # one batch, as the other backends run it
+            baseline, injected = engine.generate(
+                [prompt, prompt], options, chat=chat, memories=[None, plan]
+            )
+        elif plan:
+            (injected,) = engine.generate([prompt], options, chat=chat, memories=[plan])
+        else:
             (baseline,) = engine.generate([prompt], options, chat=chat)
-        if plan:
-            engine.install(plan)
-            (injected,) = engine.generate([prompt], options, chat=chat)
     finally:
         engine.close()
     names = [e.name for e in memory_set.entries if e.memory.enabled] if memory_set else []

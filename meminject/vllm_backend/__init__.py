@@ -65,7 +65,8 @@ class _Tokens:
 
 
 class VLLMModel:
-    """A vLLM engine with a memory set installed in its workers."""
+    """A vLLM engine with memory plans installed in its workers: a default plan (what a
+    request runs unless it names another) and any others requests name."""
 
     def __init__(self, llm: Any, tokens: _Tokens, source: str, load_seconds: float):
         self.llm = llm
@@ -74,29 +75,56 @@ class VLLMModel:
         self.source = source
         #: Seconds ``vllm.LLM`` took to start (engine core, weights, KV cache).
         self.load_seconds = load_seconds
-        self.plan: MemoryPlan | None = None
-        self.salt: str | None = None
+        #: The plans the workers hold, by digest.
+        self.plans: dict[str, MemoryPlan] = {}
+        #: The digest of the plan requests run unless they name another (None: none).
+        self.default: str | None = None
+
+    @property
+    def plan(self) -> MemoryPlan | None:
+        """The default plan."""
+        return self.plans.get(self.default) if self.default else None
 
     def install(self, plan: MemoryPlan | None) -> None:
-        """Make ``plan`` (None or empty: no memories) the engine's memory set."""
+        """Make ``plan`` (None or empty: no memories) the engine's only memory set."""
+        self.plans = {}
+        self.default = None
         if plan:
-            from meminject.vllm_backend.plan import UNSPLIT_SITES
+            self.default = self._key(plan)
+            self.plans[self.default] = plan
+        self._push()
 
-            parallel = self.llm.llm_engine.vllm_config.parallel_config
-            split = [h["site"] for h in plan.hooks if h["site"] in UNSPLIT_SITES]
-            if split and parallel.tensor_parallel_size > 1:
-                raise BadInputError(
-                    f"memories at {', '.join(sorted(set(split)))} do not run with "
-                    "tensor_parallel_size > 1 (the MLP's hidden activation is split across "
-                    "ranks)"
-                )
-            counts = self.llm.collective_rpc("meminject_install", args=(plan.payload(),))
-            if any(c != len(plan.hooks) for c in counts):  # pragma: no cover - defensive
-                raise RuntimeError(f"meminject: workers installed {counts} hooks")
-        else:
-            self.llm.collective_rpc("meminject_clear")
-        self.plan = plan if plan else None
-        self.salt = plan.digest() if plan else None
+    def _key(self, plan: MemoryPlan) -> str:
+        digest = plan.digest()
+        assert digest is not None  # a non-empty plan has one
+        return digest
+
+    def _push(self) -> None:
+        from meminject.vllm_backend.plan import UNSPLIT_SITES
+
+        hooks = [h for plan in self.plans.values() for h in plan.hooks]
+        split = sorted({h["site"] for h in hooks if h["site"] in UNSPLIT_SITES})
+        parallel = self.llm.llm_engine.vllm_config.parallel_config
+        if split and parallel.tensor_parallel_size > 1:
+            raise BadInputError(
+                f"memories at {', '.join(split)} do not run with tensor_parallel_size > 1 "
+                "(the MLP's hidden activation is split across ranks)"
+            )
+        payloads = {key: plan.payload() for key, plan in self.plans.items()}
+        counts = self.llm.collective_rpc("meminject_set", args=(payloads, self.default))
+        if any(c != len(hooks) for c in counts):  # pragma: no cover - defensive
+            raise RuntimeError(f"meminject: workers installed {counts} changes, not {len(hooks)}")
+
+    def _route(self, plan: MemoryPlan | None) -> tuple[str, str | None]:
+        """The ``extra_args`` key and the prefix-cache salt of a request that runs
+        ``plan``, installing it in the workers first if they lack it."""
+        if not plan:
+            return "", None
+        key = self._key(plan)
+        if key not in self.plans:
+            self.plans[key] = plan
+            self._push()
+        return key, key
 
     def prompt_ids(self, prompt: str, chat: bool = False) -> list[int]:
         """The prompt's token ids, as meminject's own loop would feed them."""
@@ -126,9 +154,12 @@ class VLLMModel:
         options: DecodeOptions | list[DecodeOptions] | None = None,
         *,
         chat: bool = False,
+        memories: list[MemoryPlan | None] | None = None,
     ) -> list[Generation]:
-        """Generate a completion of each prompt with the installed memory set, in one
-        vLLM batch (continuous batching decides the steps)."""
+        """Generate a completion of each prompt in one vLLM batch (continuous batching
+        decides the steps): with the default plan, or with ``memories[i]`` for prompt
+        ``i`` (None or an empty plan: no memories), each request running its own set
+        inside the shared steps."""
         from vllm import SamplingParams  # type: ignore[import-not-found,unused-ignore]
 
         from meminject.generation import DecodeOptions
@@ -136,16 +167,23 @@ class VLLMModel:
         if options is None:
             options = DecodeOptions()
         per = options if isinstance(options, list) else [options] * len(prompts)
+        if memories is not None and len(memories) != len(prompts):
+            raise BadInputError(f"{len(memories)} memory choices for {len(prompts)} prompts")
         vocab = len(self._tokens.tokenizer)
         requests, params = [], []
-        for prompt, opt in zip(prompts, per, strict=True):
+        for i, (prompt, opt) in enumerate(zip(prompts, per, strict=True)):
             opt.check(vocab)
             if opt.max_new_tokens == 0:
                 raise BadInputError("the vllm backend needs max_new_tokens >= 1")
             ids = self.prompt_ids(prompt, chat)
             request: dict[str, Any] = {"prompt_token_ids": ids}
-            if self.salt is not None:
-                request["cache_salt"] = self.salt
+            extra: dict[str, Any] | None = None
+            salt = self.default
+            if memories is not None:
+                key, salt = self._route(memories[i])
+                extra = {"meminject": key}
+            if salt is not None:
+                request["cache_salt"] = salt
             requests.append(request)
             # vLLM's logprobs are the model's own (before temperature and filters), as
             # meminject's are; the first step's also give the top next tokens.
@@ -161,6 +199,7 @@ class VLLMModel:
                     stop=list(opt.stop) or None,
                     ignore_eos=not opt.stop_at_eos,
                     logprobs=wanted if opt.logprobs is not None or opt.show_top else None,
+                    extra_args=extra,
                 )
             )
         outputs = self.llm.generate(requests, params, use_tqdm=False)

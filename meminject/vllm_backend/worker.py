@@ -46,11 +46,13 @@ _STATE = "_meminject_state"
 
 
 class _StepLayout:
-    """Each token's absolute position and its request's prompt length, for this step."""
+    """Each token's absolute position, its request's prompt length and the number of the
+    memory plan its request runs (0: none), for this step."""
 
     def __init__(self) -> None:
         self.positions: Any = None
         self.prompt_len: Any = None
+        self.plan: Any = None
 
 
 def _position_mask(mode: Any, layout: _StepLayout) -> Any:
@@ -83,26 +85,20 @@ def _update(parts: list[dict[str, Any]], activation: Any, layout: _StepLayout) -
     total = torch.zeros_like(activation)
     for part in parts:
         mask = _position_mask(part["positions"], layout)
-        if mask is not None and mask.device != activation.device:
+        mine = layout.plan == part["plan"]
+        mask = mine if mask is None else mask & mine
+        if mask.device != activation.device:
             mask = mask.to(activation.device)
         if part["kind"] == "add":
             vector = part["vector"].to(activation.dtype)
-            if mask is None:
-                total = total + vector
-            else:
-                total = total + mask.unsqueeze(-1).to(activation.dtype) * vector
+            total = total + mask.unsqueeze(-1).to(activation.dtype) * vector
             continue
-        current = activation + total
-        rows = current if mask is None else current[mask]
+        rows = (activation + total)[mask]
         if rows.shape[0] == 0:
             continue
         gates = gate_values(rows.float(), part["keys"], part["boundary"], part["hardness"])
-        change = (gates @ part["deltas"]).to(activation.dtype)
-        if mask is None:
-            total = total + change
-        else:
-            total = total.clone()
-            total[mask] += change
+        total = total.clone()
+        total[mask] += (gates @ part["deltas"]).to(activation.dtype)
     return total
 
 
@@ -111,13 +107,14 @@ class MemoryWorkerExtension:
 
     model_runner: Any  # set by vLLM's worker
 
-    def meminject_install(self, payload: dict[str, Any]) -> int:
-        """Replace the installed memories by ``payload``'s; returns the hooks installed."""
+    def meminject_set(self, plans: dict[str, dict[str, Any]], default: str | None) -> int:
+        """Replace the installed memories by ``plans`` (key → payload). A request runs
+        the plan its ``SamplingParams.extra_args["meminject"]`` names (``""``: none), or
+        ``default`` when it names none. Returns the number of changes installed."""
         from safetensors.torch import load
 
         self.meminject_clear()
-        hooks = payload.get("hooks") or []
-        if not hooks:
+        if not any(p.get("hooks") for p in plans.values()):
             return 0
         runner = self.model_runner
         model = runner.get_model() if hasattr(runner, "get_model") else runner.model
@@ -128,32 +125,42 @@ class MemoryWorkerExtension:
                 f"meminject: {type(model).__name__} has no model.layers; the vllm backend "
                 "hooks Llama-family decoder layers"
             )
-        for attr in ("input_batch", "query_start_loc"):
+        for attr in ("input_batch", "query_start_loc", "requests"):
             if not hasattr(runner, attr):
                 raise RuntimeError(f"meminject: vLLM's model runner has no '{attr}'")
         device = next(model.parameters()).device
-        tensors = {k: v.to(device) for k, v in load(bytes(payload["tensors"])).items()}
+        # Plan 0 is "no memories"; the others are numbered in key order.
+        index = {key: i for i, key in enumerate(sorted(plans), start=1)}
+        if default is not None and default not in index:
+            raise RuntimeError(f"meminject: the default plan '{default}' is not among the plans")
         by_point: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-        for record in hooks:
-            part = {"kind": record["kind"], "positions": record["positions"]}
-            for role, name in record["tensors"].items():
-                part[role] = tensors[name]
-            by_point[(record["site"], int(record["layer"]))].append(part)
+        count = 0
+        for key, payload in plans.items():
+            hooks = payload.get("hooks") or []
+            if not hooks:
+                continue
+            tensors = {k: v.to(device) for k, v in load(bytes(payload["tensors"])).items()}
+            for record in hooks:
+                part = {"kind": record["kind"], "positions": record["positions"]}
+                part["plan"] = index[key]
+                for role, name in record["tensors"].items():
+                    part[role] = tensors[name]
+                by_point[(record["site"], int(record["layer"]))].append(part)
+                count += 1
         layout = _StepLayout()
         # The step's layout is read at the first decoder layer (whose first argument is
         # the positions), not on the model: vLLM's compile decorator replaces the model's
         # __call__, which skips module hooks. Registered first, it runs before any
         # memory's pre-hook on that layer.
         first_layer = layers[0]
-        handles = [
-            first_layer.register_forward_pre_hook(_layout_hook(runner, layout), with_kwargs=True)
-        ]
+        hook = _layout_hook(runner, layout, index, index[default] if default else 0)
+        handles = [first_layer.register_forward_pre_hook(hook, with_kwargs=True)]
         for (site, layer), parts in by_point.items():
             if not 0 <= layer < len(layers):
                 raise RuntimeError(f"meminject: layer {layer} is not in this model")
             handles.append(_install(layers[layer], site, parts, layout))
         setattr(self, _STATE, handles)
-        return len(hooks)
+        return count
 
     def meminject_clear(self) -> None:
         """Remove every hook this extension installed."""
@@ -166,7 +173,7 @@ class MemoryWorkerExtension:
         return len(getattr(self, _STATE, None) or ())
 
 
-def _layout_hook(runner: Any, layout: _StepLayout) -> Any:
+def _layout_hook(runner: Any, layout: _StepLayout, index: dict[str, int], default: int) -> Any:
     def hook(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         import numpy as np
         import torch
@@ -186,10 +193,38 @@ def _layout_hook(runner: Any, layout: _StepLayout) -> Any:
             )
         full = np.full(n, -1, dtype=np.int64)  # padding rows: never "prompt" or "last"
         full[: per_token.shape[0]] = per_token
+        plans = np.zeros(n, dtype=np.int64)  # padding rows: no plan
+        plans[: per_token.shape[0]] = np.repeat(
+            np.array(
+                [
+                    _plan_of(runner, rid, index, default)
+                    for rid in runner.input_batch.req_ids[:num_reqs]
+                ],
+                dtype=np.int64,
+            ),
+            counts,
+        )
         layout.positions = positions.reshape(-1)[:n].long()
         layout.prompt_len = torch.from_numpy(full).to(positions.device)
+        layout.plan = torch.from_numpy(plans).to(positions.device)
 
     return hook
+
+
+def _plan_of(runner: Any, req_id: str, index: dict[str, int], default: int) -> int:
+    """The plan a request runs: the one its ``extra_args["meminject"]`` names, else the
+    default."""
+    state = runner.requests.get(req_id)
+    params = getattr(state, "sampling_params", None)
+    extra = getattr(params, "extra_args", None) or {}
+    key = extra.get("meminject")
+    if key is None:
+        return default
+    if key == "":
+        return 0
+    if key not in index:
+        raise RuntimeError(f"meminject: request {req_id} names memory plan '{key}', not installed")
+    return index[key]
 
 
 def _install(layer: Any, site: str, parts: list[dict[str, Any]], layout: _StepLayout) -> Any:

@@ -214,6 +214,31 @@ def test_prefix_cache_never_reuses_another_sets_keys(engine: Any, hf_model: Any)
     assert first is not None and other is not None and first != other
 
 
+def test_four_sets_in_one_batch_each_equal_their_solo_run(
+    engine: Any, hf_model: Any, gated_dir: Path
+) -> None:
+    """Nine prompts in one vLLM batch, each with one of four memory choices (none, one
+    memory, three with a gate, the shipped mlp_post gate): every request gets what hf
+    gives it alone, so each token took its own request's set."""
+    from meminject.engine import compile_memories
+    from meminject.generation import DecodeOptions, generate_batch
+    from meminject.vllm_backend.plan import compile_plan
+
+    tokyo = Path(__file__).resolve().parents[2] / "memories/smollm2-135m/tokyo-kath.toml"
+    sets: list[Any] = [None, _one(), _three(gated_dir), tokyo]
+    prompts = ["The city of Tokyo lies in the country of", *PROMPTS[1:]]
+    choice = [sets[i % 4] for i in range(len(prompts))]
+    plans = [compile_plan(hf_model, s) if s is not None else None for s in sets]
+    engine.install(None)
+    options = DecodeOptions(max_new_tokens=NEW_TOKENS)
+    mixed = engine.generate(prompts, options, memories=[plans[i % 4] for i in range(len(prompts))])
+    for i, (prompt, memories) in enumerate(zip(prompts, choice, strict=True)):
+        compiled = compile_memories(hf_model, memories) if memories is not None else None
+        (solo,) = generate_batch(hf_model, [prompt], compiled, options=options, backend="hf")
+        assert mixed[i].new_tokens == solo.new_tokens, (i, mixed[i].completion, solo.completion)
+    assert len(engine.plans) == 3  # the empty choice installs nothing
+
+
 def test_workers_hold_one_hook_per_change(engine: Any, hf_model: Any, gated_dir: Path) -> None:
     from meminject.vllm_backend.plan import compile_plan
 
