@@ -209,6 +209,16 @@ def test_prefix_cache_never_reuses_another_sets_keys(engine: Any, hf_model: Any)
     _assert_same(_vllm(engine, hf_model, _one()), with_set)
     _assert_same(_vllm(engine, hf_model, None), plain)
     _assert_same(_vllm(engine, hf_model, _one()), with_set)
+    # The same prompt under both sets, interleaved inside one batch.
+    plan = compile_plan(hf_model, _one())
+    engine.install(None)
+    same = [PROMPTS[0]] * 4
+    from meminject.generation import DecodeOptions
+
+    mixed = engine.generate(
+        same, DecodeOptions(max_new_tokens=NEW_TOKENS), memories=[None, plan, None, plan]
+    )
+    assert [m.new_tokens for m in mixed] == [plain[0].new_tokens, with_set[0].new_tokens] * 2
     first = compile_plan(hf_model, _one()).digest()
     other = compile_plan(hf_model, [{**_one()[0], "tau": 4.5}]).digest()
     assert first is not None and other is not None and first != other
