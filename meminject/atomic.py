@@ -20,11 +20,8 @@ def write_bytes_atomic(path: Path | str, data: bytes, *, overwrite: bool = False
     if path.exists() and not overwrite:
         raise BadInputError(f"{path} exists; pass --force to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = temp_beside(path)
     try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would
-        # (or keep the replaced file's), so results stay readable as users expect.
-        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -33,6 +30,21 @@ def write_bytes_atomic(path: Path | str, data: bytes, *, overwrite: bool = False
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def temp_beside(path: Path) -> tuple[int, str]:
+    """A temporary file in ``path``'s directory (open descriptor, name) to be renamed
+    onto ``path``, with the mode every file meminject writes gets: the replaced file's,
+    else what a plain ``open()`` gives (0666 less the umask). ``mkstemp`` alone would make
+    it private (0600), so files written this way would differ from the others."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
 
 
 def _umask() -> int:

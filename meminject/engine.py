@@ -232,6 +232,33 @@ def compile_memories(
     return compiled
 
 
+def added_scales(
+    model: LoadedModel, memories: MemoriesLike, registry: Registry | None = None
+) -> dict[str, float]:
+    """For each ``add`` memory of the set, the largest |component| of the vector its τ
+    multiplies (in τ·N·v/‖v‖ units when ``tau_units = "resid_norm"``), by name.
+
+    Why: a server must refuse a τ override whose τ·v is not finite before the request
+    joins a batch, and without running an encoder (which may run the model, on the
+    worker thread only). The vectors were encoded when the set was compiled at start,
+    so this reads the cache."""
+    registry = registry or get_registry()
+    memory_set = as_memory_set(memories, registry)
+    compiler = _Compiler(model, registry, memory_set.entries)
+    scales: dict[str, float] = {}
+    for entry in memory_set.entries:
+        memory = entry.memory
+        if memory.strategy != "add":
+            continue
+        vector = compiler.encode(memory)
+        largest = float(vector.abs().max())
+        if memory.tau_units == "resid_norm":
+            norm = float(vector.float().norm())
+            largest = largest * memory.resid_norm / norm if norm else 0.0
+        scales[entry.name] = largest
+    return scales
+
+
 def chain_parts(hook_name: str, parts: list[CompiledHook], ctx: InjectionContext) -> Any:
     """One function running every compiled body of a hook point in turn, naming the
     strategy and plugin when a body fails. Bridge hooks pass ``hook``; the plain-model

@@ -142,3 +142,27 @@ class PluginConfigError(PluginError):
 
 class InjectionError(MeminjectError):
     """A hook failed while a memory set was active (the model's hooks are restored)."""
+
+
+class NonFiniteScoresError(InjectionError):
+    """A prompt's next-token scores became non-finite (inf or NaN) while it generated,
+    almost always because a memory's τ·v pushed the activations past the dtype's range.
+    In a batch it ends that prompt only (a server answers its request 400): the other
+    rows compute on their own activations and are unaffected."""
+
+
+class RowError(BadInputError):
+    """A dataset row cannot be used; ``row_id`` says which, and the command that knows
+    the dataset's file adds its name (:meth:`in_dataset`), so the line points at it."""
+
+    def __init__(self, message: str, row_id: int) -> None:
+        self.row_id = row_id
+        super().__init__(message)
+
+    def in_dataset(self, source: str) -> RowError:
+        """The same error, prefixed with the dataset it came from."""
+        return type(self)(f"{source}: {self}", self.row_id)
+
+
+class RowTooLongError(RowError, ContextTooLongError):
+    """A dataset row is longer than the model's context."""

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meminject.errors import BadInputError
+from meminject.model_handle import continuation
 
 if TYPE_CHECKING:
     from meminject.engine import MemoriesArg
@@ -124,8 +125,9 @@ def evaluate_edit(
     """Run every prompt of ``prompts`` (keys among ``edit``, ``positive``, ``negative``,
     ``neutral``) with and without ``memories`` and report the edit metrics.
 
-    ``target`` is the text the edit should produce after the prompts (as ``learn``'s
-    ``--target``, leading space included); its first token is what "gives the target"
+    ``target`` is the text the edit should produce after the prompts, by the rule of
+    ``learn``'s ``--target`` (``LoadedModel.continuation_ids``: a space is put before it
+    unless it starts with whitespace); its first token is what "gives the target"
     means. ``tokens`` greedy tokens are generated for each prompt both ways."""
     import torch
 
@@ -138,10 +140,8 @@ def evaluate_edit(
     if not any(prompts.get(kind) for kind in KINDS):
         raise BadInputError("evaluate needs prompts: --prompt, --positive, --negative or --neutral")
     if tokens < 0:
-        raise BadInputError("--tokens must be >= 0")
-    target_ids = model.tokenize(target, prepend_bos=False)
-    if not target_ids:
-        raise BadInputError(f"the target {target!r} encodes to no tokens")
+        raise BadInputError("--max-new-tokens must be >= 0")
+    target_ids = model.continuation_ids(target)
     target_id = target_ids[0]
     if isinstance(memories, list) and all(isinstance(m, CompiledHook) for m in memories):
         compiled, bos = list(memories), model.prepend_bos
@@ -149,7 +149,7 @@ def evaluate_edit(
         memory_set = as_memory_set(memories)  # type: ignore[arg-type]
         compiled = compile_memories(model, memory_set)
         bos = model.prepend_bos_for(memory_set.model_info())  # as generation decides it
-    report = EditReport(target, model.token_str(target_id))
+    report = EditReport(continuation(target), model.token_str(target_id))
     for kind in KINDS:
         for text, where in _prompt_items(prompts.get(kind, ())):
             if not text.strip():

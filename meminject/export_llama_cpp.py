@@ -30,7 +30,6 @@ PyTorch hooks.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,7 +114,9 @@ def write_control_vector(
     if path.exists() and not overwrite:
         raise BadInputError(f"{path} exists; pass --force to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    from meminject.atomic import temp_beside
+
+    fd, tmp = temp_beside(path)  # the mode every written file gets, not mkstemp's 0600
     os.close(fd)
     try:
         writer = gguf.GGUFWriter(tmp, ARCHITECTURE)

@@ -34,7 +34,7 @@ from meminject.engine import (
     compile_memories,
     group_by_hook,
 )
-from meminject.errors import BadInputError, InjectionError
+from meminject.errors import BadInputError, MeminjectError, NonFiniteScoresError
 from meminject.extension import InjectionContext
 
 if TYPE_CHECKING:
@@ -70,6 +70,9 @@ class TokenLogprob:
 #: Called after each row picks a token: (the prompt's index, the token id). Returning
 #: False ends that prompt there (finish reason ``cancelled``); the others go on.
 OnToken = Callable[[int, int], "bool | None"]
+#: Called once per prompt as soon as its row ends, while the batch's other rows go on:
+#: (the prompt's index, its result, or the error that ended that row alone).
+OnFinish = Callable[[int, "Generation | MeminjectError"], None]
 
 
 @dataclass(frozen=True)
@@ -327,6 +330,7 @@ def generate_batch(
     registry: Registry | None = None,
     backend: str = "auto",
     on_token: OnToken | None = None,
+    on_finish: OnFinish | None = None,
     prepend_bos: bool | None = None,
 ) -> list[Generation]:
     """Generate a completion for each prompt, ``batch_size`` prompts per forward.
@@ -338,6 +342,11 @@ def generate_batch(
     Results come back in the order of ``prompts``; each equals the prompt run alone
     (greedy tokens exactly; sampled ones too, given the same seed). ``on_token`` sees
     each token as it is picked (streaming) and may end a prompt early (a client gone).
+    ``on_finish`` receives each prompt's result as soon as its row ends, so a short
+    answer need not wait for the longest row of its batch (a server answers with it);
+    with it, a row whose scores turn non-finite ends alone and is reported with its
+    :class:`~meminject.errors.NonFiniteScoresError` (its result, finish reason
+    ``error``, stays in the list), where without it the error is raised.
     ``prepend_bos``: as :func:`generate`'s, for every prompt.
     """
     from meminject.backends import select_backend
@@ -360,13 +369,20 @@ def generate_batch(
         bos = bos_by_id[key] if prepend_bos is None else prepend_bos
         ids = prompt_ids(model, prompt, chat, bos)
         text = prompt if isinstance(prompt, str) else model.decode(ids)
-        rows.append(_Row(index, text, ids, compiled_by_id[key], key, opt, on_token))
+        row = _Row(index, text, ids, compiled_by_id[key], key, opt, on_token)
+        row.isolate = on_finish is not None
+        rows.append(row)
     hook_names = sorted({c.hook.hook_name for hooks in compiled_by_id.values() for c in hooks})
     chosen, note = select_backend(model, hook_names, backend, registry)
     results: list[Generation | None] = [None] * len(rows)
+
+    def ended(row: _Row) -> None:
+        results[row.index] = _result(model, row, chosen.name, note)
+        if on_finish is not None:
+            on_finish(row.index, row.error or results[row.index])  # type: ignore[arg-type]
+
     for chunk in _chunks(model, rows, batch_size, chosen):
-        for row in _run_chunk(model, chosen, chunk, use_kv_cache):
-            results[row.index] = _result(model, row, chosen.name, note)
+        _run_chunk(model, chosen, chunk, use_kv_cache, ended)
     return [r for r in results if r is not None]
 
 
@@ -398,6 +414,10 @@ class _Row:
     top: list[TokenProb] = field(default_factory=list)
     finish_reason: str | None = None
     completion: str | None = None  # set when a stop string cut it
+    #: End this row alone on non-finite scores (``error``) rather than raise.
+    isolate: bool = False
+    error: MeminjectError | None = None
+    reported: bool = False
 
 
 def _per_prompt(memories: Any, per_prompt: Sequence[Any] | None, n: int) -> list[Any]:
@@ -519,8 +539,13 @@ def _position_free(parts: list[CompiledHook]) -> bool:
 
 
 def _run_chunk(
-    model: LoadedModel, backend: Backend, chunk: list[_Row], use_kv_cache: bool
-) -> list[_Row]:
+    model: LoadedModel,
+    backend: Backend,
+    chunk: list[_Row],
+    use_kv_cache: bool,
+    ended: Callable[[_Row], None],
+) -> None:
+    """Decode one batch; ``ended`` gets each row once, at the step it finishes."""
     import torch
 
     from meminject.backends import Step
@@ -585,10 +610,18 @@ def _run_chunk(
             sequence = torch.cat([sequence, column], dim=1)
             if mask is not None:
                 mask = torch.cat([mask, torch.ones_like(column)], dim=1)
+            _report(chunk, ended)
     for row in chunk:
         if row.finish_reason is None:
             row.finish_reason = "length"
-    return chunk
+    _report(chunk, ended)
+
+
+def _report(chunk: list[_Row], ended: Callable[[_Row], None]) -> None:
+    for row in chunk:
+        if row.finish_reason is not None and not row.reported:
+            row.reported = True
+            ended(row)
 
 
 def _step_row(
@@ -608,10 +641,14 @@ def _step_row(
         return row.new_tokens[-1] if row.new_tokens else row.ids[-1]
     opt = row.options
     if not finite:
-        raise InjectionError(
+        error = NonFiniteScoresError(
             f"the model's next-token scores became non-finite at step {step + 1}; "
             "a memory's vector is probably too large for the model's dtype"
         )
+        if not row.isolate:
+            raise error
+        row.error, row.finish_reason = error, "error"
+        return row.new_tokens[-1] if row.new_tokens else row.ids[-1]
     if step == 0 and opt.show_top:
         row.top = top_tokens(model, last, opt.show_top)
     if step >= opt.max_new_tokens:

@@ -76,10 +76,16 @@ def content_hash(path: Path, root: Path | None = None) -> str:
         index = {}
     if isinstance(index, dict) and isinstance(index.get(key), str):
         return index[key]
+    from meminject import progress
+
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
+    with (
+        path.open("rb") as handle,
+        progress.bar(f"reading {path.name}", stat.st_size, unit="bytes") as advance,
+    ):
         while block := handle.read(1 << 22):
             digest.update(block)
+            advance(len(block))
     value = digest.hexdigest()
     index = index if isinstance(index, dict) else {}
     index[key] = value
@@ -113,6 +119,13 @@ def dequantized_dir(path: str | os.PathLike[str], root: Path | None = None) -> P
         return target
     architecture = _architecture(gguf_path)
     _check_supported(gguf_path, architecture)
+    from meminject import progress
+
+    progress.note(
+        f"first use of {gguf_path.name}: converting its weights to float32 and caching "
+        f"them, once (about {_estimate_mb(gguf_path):,} MB in {root / 'gguf'}; "
+        "this takes a minute or two on a CPU)"
+    )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
@@ -128,6 +141,11 @@ def dequantized_dir(path: str | os.PathLike[str], root: Path | None = None) -> P
         (work / MARKER).write_text(json.dumps(marker, indent=1) + "\n", encoding="utf-8")
         # A half-made target is from an older meminject; a whole one, from a race.
         publish_dir(work, target, is_converted)
+        progress.note(
+            f"cached {gguf_path.name} as {target} "
+            f"({progress.human_size(progress.size_of(target))}; later runs start from it; "
+            "delete it to free the space)"
+        )
     except OSError as exc:
         shutil.rmtree(work, ignore_errors=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -185,11 +203,14 @@ def _convert(path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from meminject import progress
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        quantized: Any = AutoModelForCausalLM.from_pretrained(
-            path.parent, gguf_file=path.name, dtype=torch.float32
-        )
+        with progress.step(f"dequantizing {path.name} (transformers)"):
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            quantized: Any = AutoModelForCausalLM.from_pretrained(
+                path.parent, gguf_file=path.name, dtype=torch.float32
+            )
     except OSError:
         raise
     except Exception as exc:
@@ -197,8 +218,10 @@ def _convert(path: Path, out: Path) -> None:
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain: Any = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantized.state_dict(), strict=True)
-    del quantized
-    plain.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    with progress.step("copying the weights into a plain model"):
+        plain: Any = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantized.state_dict(), strict=True)
+        del quantized
+    with progress.step(f"writing float32 safetensors to {out.parent}"):
+        plain.save_pretrained(out)
+        tokenizer.save_pretrained(out)

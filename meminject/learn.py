@@ -192,15 +192,9 @@ class LearnedMemory:
 
 
 def target_tokens(model: LoadedModel, target: str) -> list[int]:
-    """The target as it continues a prompt: a leading space is added unless the target
-    already starts with whitespace (GPT-2-style tokenizers mark word starts with it)."""
-    if not target.strip():
-        raise BadInputError("the target is empty")
-    text = target if target[:1].isspace() else " " + target
-    ids = model.tokenize(text, prepend_bos=False)
-    if not ids:
-        raise BadInputError(f"the target {target!r} encodes to no tokens")
-    return ids
+    """The target as it continues a prompt (``LoadedModel.continuation_ids``: a leading
+    space is added unless the target already starts with whitespace)."""
+    return model.continuation_ids(target)
 
 
 def check_fits(model: LoadedModel, prompt: str, extra: int = 0, where: str = "") -> int:

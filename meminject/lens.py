@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meminject.errors import BadInputError
+from meminject.model_handle import continuation
 from meminject.sites import hook_name
 
 if TYPE_CHECKING:
@@ -92,14 +93,13 @@ class LensReport:
 
 
 def token_id_for(model: LoadedModel, token: str) -> int:
-    """The id of ``token``, which must be exactly one token (write ``" Paris"`` for the
-    word after a space, as GPT-2's tokenizer sees it)."""
-    ids = model.tokenize(token, prepend_bos=False)
+    """The id of ``token`` as it follows the prompt (``LoadedModel.continuation_ids``:
+    'Paris' means ' Paris'), which must be exactly one token."""
+    ids = model.continuation_ids(token, "--token")
     if len(ids) != 1:
         pieces = [model.token_str(i) for i in ids]
         raise BadInputError(
-            f"--token {token!r} is {len(ids)} tokens {pieces!r}; give a single token "
-            "(mind the leading space)"
+            f"--token {token!r} is {len(ids)} tokens {pieces!r}; give a single token"
         )
     return ids[0]
 
@@ -133,7 +133,7 @@ def project_attention(
                 f"(0-{dims.n_layers - 1})"
             )
     if top_k < 0:
-        raise BadInputError("--top-k must be >= 0")
+        raise BadInputError("--show-top must be >= 0")
     if heads and model.post_sublayer_norms:
         raise BadInputError(
             f"--heads is not supported on model '{model.name}': its blocks normalise the "
@@ -193,7 +193,7 @@ def project_attention(
         prompt=prompt,
         position=int(tokens.shape[1] - 1),
         last_token=model.token_str(int(tokens[0, -1])),
-        token=token,
+        token=continuation(token) if token is not None else None,  # as it was ranked
         token_id=token_id,
         heads=heads,
         projections=projections,
@@ -219,7 +219,8 @@ def plot_ranks(report: LensReport, path: Path | str, *, force: bool = False) -> 
     layers, columns, grid = report.rank_grid()
     vmax = max(float(np.nanmax(grid)), 2.0)
     fig, ax = plt.subplots(
-        figsize=(1.8 + 0.55 * len(columns), 1.2 + 0.4 * len(layers)), constrained_layout=True
+        figsize=(max(4.5, 2.0 + 0.62 * len(columns)), max(3.4, 1.4 + 0.42 * len(layers))),
+        constrained_layout=True,
     )
     image = heatmap_panel(
         ax,
@@ -235,4 +236,4 @@ def plot_ranks(report: LensReport, path: Path | str, *, force: bool = False) -> 
         annotate_up_to=400,
     )
     fig.colorbar(image, ax=ax, label="rank (1 = top)")
-    write_bytes_atomic(path, png_bytes(fig, dpi=110), overwrite=force)
+    write_bytes_atomic(path, png_bytes(fig, dpi=130), overwrite=force)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from meminject import gguf_cache
+from meminject import gguf_cache, progress
 from meminject.bridge_boot import (
     boot_bridge,
     official_name,
@@ -137,7 +137,8 @@ def load_model(
 
                 convention = tokenizer_adds_bos(AutoTokenizer.from_pretrained(source))
                 bos = BosRule(prepend_bos, files_bos, convention)
-            light = plain_loading.load_plain(Path(source), family, bos=bos, **how)
+            with progress.step(f"loading {name} ({coordinates} coordinates)"):
+                light = plain_loading.load_plain(Path(source), family, bos=bos, **how)
         if light is not None:
             light.coordinates_asked = coordinates_asked
             return light
@@ -150,7 +151,8 @@ def load_model(
         recipe = None
     else:
         source = source or official_name(str(target))
-        booted = boot_bridge(source, device_name, dtype_name, coordinates)
+        with progress.step(f"loading {name} through TransformerLens ({coordinates} coordinates)"):
+            booted = boot_bridge(source, device_name, dtype_name, coordinates)
         recipe = BridgeRecipe(source, device_name, dtype_name)
     if convention is None and origin is not None:
         bos = BosRule(prepend_bos, files_bos, tokenizer_adds_bos(booted.tokenizer))

@@ -228,14 +228,32 @@ class MemorySet:
         """The memories chosen, each with its overrides applied, files kept in order: what
         a request to a server (or a script) runs with. An unknown name is an
         :class:`UnknownMemoryError` naming the loaded ones; a τ for a memory without one
-        (a gated memory) is a :class:`BadInputError`."""
+        (a gated memory) is a :class:`BadInputError`.
+
+        A name chosen twice is refused rather than resolved: with two overrides of one
+        memory there is no right answer to pick, and a server that took either would
+        let the order of a list decide a request's output (and let one request of
+        10,000 copies of a name cost 10,000 compilations). So a list longer than the
+        set is refused before it is looked at."""
         known = {entry.name for entry in self.entries}
+        if len(choices) > len(known):
+            raise BadInputError(
+                f"{len(choices)} memories were chosen, but the set has only {len(known)}; "
+                "name each memory at most once"
+            )
+        seen: set[str] = set()
         for choice in choices:
             if choice.name not in known:
-                listed = ", ".join(sorted(known)) or "none are loaded"
+                listed = shorten(", ".join(sorted(known)) or "none are loaded", 1000)
                 raise UnknownMemoryError(
                     f"unknown memory '{shorten(choice.name)}' (loaded: {listed})"
                 )
+            if choice.name in seen:
+                raise BadInputError(
+                    f"memory '{shorten(choice.name)}' is chosen twice; name each memory "
+                    "at most once"
+                )
+            seen.add(choice.name)
         by_name = {choice.name: choice for choice in choices}
         files = []
         for loaded in self.subset(list(by_name)).files:
@@ -256,6 +274,21 @@ class MemorySet:
                 entries.append(dataclasses.replace(entry, memory=memory))
             files.append(dataclasses.replace(loaded, entries=tuple(entries)))
         return MemorySet(tuple(files))
+
+    def choice_key(self) -> tuple[tuple[str, float | None, bool], ...]:
+        """What tells two choices of one loaded set apart once overrides are applied:
+        each memory's name with its effective τ (None for memories without one) and
+        ``enabled``, sorted by name. Two requests that run the same memories the same
+        way share the key whatever order or spelling they chose them in (``"paris"``
+        and ``{"name": "paris", "tau": <the file's τ>}``), so a server can cache
+        compiled hooks by it. It identifies a choice only among subsets of one loaded
+        set: the memories' other fields are not part of it."""
+        return tuple(
+            sorted(
+                (entry.name, getattr(entry.memory, "tau", None), bool(entry.memory.enabled))
+                for entry in self.entries
+            )
+        )
 
     def model_info(self) -> ModelInfo | None:
         """The set's ``[model]`` table; files that declare one must agree."""

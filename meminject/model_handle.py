@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from torch import Tensor
     from transformer_lens.model_bridge import TransformerBridge
 
+    from meminject.processing import TiedUnembedding
     from meminject.schema import ModelInfo
 
 #: ``processed``: LayerNorm folded and weights centred (the paper's HookedTransformer);
@@ -180,14 +181,18 @@ class BridgeRecipe:
 
 @dataclass(eq=False)
 class Served:
-    """The plain model a :class:`LoadedModel` loaded from a served snapshot runs on
-    (:mod:`meminject.snapshots` writes and reads them)."""
+    """The plain model a :class:`LoadedModel` loaded without the bridge runs on: from
+    the checkpoint (:mod:`meminject.plain_loading`) or from a served snapshot
+    (:mod:`meminject.snapshots`)."""
 
     hf: Any
     tokenizer: Any
     device: str
     dtype: torch.dtype
     directory: Path
+    #: The processed unembedding when ``hf``'s ``lm_head`` stays tied to the embedding
+    #: (:class:`meminject.processing.TiedUnembedding`); None when ``lm_head`` holds it.
+    unembedding: TiedUnembedding | None = None
 
 
 class LoadedModel:
@@ -348,10 +353,26 @@ class LoadedModel:
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        """The unembedding, in this model's coordinates."""
+        """The unembedding, in this model's coordinates. A plain model whose unembedding
+        stays tied to its embedding computes it here, a full copy: read a few columns
+        with :meth:`unembed_columns` instead."""
         if self._bridge is None:
-            return self._served().hf.get_output_embeddings().weight.T
+            served = self._served()
+            embedding = served.hf.get_input_embeddings().weight
+            if served.unembedding is not None:
+                return served.unembedding.matrix(embedding)
+            return served.hf.get_output_embeddings().weight.T
         return self._bridge.W_U
+
+    def unembed_columns(self, tokens: list[int]) -> Float[Tensor, "d_model n"]:
+        """``W_U[:, tokens]`` in float32, without a second copy of a tied unembedding."""
+        if self._bridge is None:
+            served = self._served()
+            if served.unembedding is not None:
+                embedding = served.hf.get_input_embeddings().weight
+                return served.unembedding.columns(embedding, tokens)
+            return served.hf.get_output_embeddings().weight.T[:, tokens].float()
+        return self._bridge.W_U[:, tokens].float()
 
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
@@ -425,6 +446,18 @@ class LoadedModel:
             ids = [int(bos_id), *ids]
         return [int(t) for t in ids]
 
+    def continuation_ids(self, text: str, what: str = "the target") -> list[int]:
+        """Token ids of ``text`` as it follows a prompt: the one rule of every command
+        that takes a target or token text (``learn``/``evaluate --target``, ``inspect
+        --token``). A space is put before it unless it starts with whitespace, since
+        GPT-2-style tokenizers mark the start of a word with it ('Paris' → ' Paris')."""
+        if not text.strip():
+            raise BadInputError(f"{what} is empty")
+        ids = self.tokenize(continuation(text), prepend_bos=False)
+        if not ids:
+            raise BadInputError(f"{what} {text!r} encodes to no tokens")
+        return ids
+
     def to_tokens(self, text: str) -> Int[Tensor, "1 pos"]:
         import torch
 
@@ -447,6 +480,12 @@ class LoadedModel:
 
     def token_str(self, token_id: int) -> str:
         return self.decode([token_id])
+
+
+def continuation(text: str) -> str:
+    """``text`` as it follows a prompt: a space before it unless it starts with
+    whitespace (see :meth:`LoadedModel.continuation_ids`)."""
+    return text if text[:1].isspace() else " " + text
 
 
 def site_shape(model: LoadedModel, site: str) -> tuple[int, ...]:

@@ -15,11 +15,11 @@ import importlib.util
 import os
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from meminject.atomic import temp_beside
 from meminject.errors import ModelLoadError
 from meminject.gguf_cache import cache_root
 
@@ -95,7 +95,7 @@ def _find_in_package(module: str, relative: str) -> Path | None:
 
 def _assemble(pieces: list[Path], target: Path, sha256: str | None) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    fd, tmp = temp_beside(target)
     digest = hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as out:

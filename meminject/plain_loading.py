@@ -126,12 +126,16 @@ def load_plain(
     plain = plain.to(device).eval()
     for parameter in plain.parameters():
         parameter.requires_grad_(False)
-    if coordinates == "processed":
-        process_in_place(plain, family)
+    unembedding = process_in_place(plain, family) if coordinates == "processed" else None
     facts = facts_of(plain.config, family)
     tokenizer = AutoTokenizer.from_pretrained(str(source_dir))
     served = Served(
-        hf=plain, tokenizer=tokenizer, device=device, dtype=torch_dtype, directory=source_dir
+        hf=plain,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=torch_dtype,
+        directory=source_dir,
+        unembedding=unembedding,
     )
     loaded = LoadedModel(
         bridge=None,

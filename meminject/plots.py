@@ -29,21 +29,43 @@ def heatmap_panel(
     fmt: str,
     annotate_up_to: int,
 ) -> Any:
-    """One layers × something panel, numbers written in the cells while they fit."""
+    """One layers × something panel, numbers written in the cells while they fit, each
+    in black or white, whichever reads on its cell's colour."""
     import numpy as np
 
     image = ax.imshow(grid, origin="lower", aspect="auto", cmap=cmap, norm=norm)
-    ax.set_xticks(range(len(xticks)), list(xticks), fontsize=7)
-    ax.set_yticks(range(len(yticks)), list(yticks), fontsize=7)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=9)
+    ax.set_xticks(range(len(xticks)), list(xticks), fontsize=9)
+    ax.set_yticks(range(len(yticks)), list(yticks), fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=10)
+    ax.set_ylabel(ylabel, fontsize=10)
+    ax.set_title(title, fontsize=11)
     if grid.size <= annotate_up_to:
         for y in range(grid.shape[0]):
             for x in range(grid.shape[1]):
                 if np.isfinite(grid[y, x]):
-                    ax.text(x, y, fmt.format(grid[y, x]), ha="center", va="center", fontsize=6)
+                    colour = text_colour(image.cmap(image.norm(grid[y, x])))
+                    ax.text(
+                        x,
+                        y,
+                        fmt.format(grid[y, x]),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color=colour,
+                    )
     return image
+
+
+def text_colour(rgba: Sequence[float]) -> str:
+    """Black on light cells, white on dark ones (relative luminance, WCAG's weights on
+    linearised sRGB; the cut-off where both contrasts are equal)."""
+
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(float(c)) for c in rgba[:3])
+    luminance = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    return "black" if luminance > 0.179 else "white"
 
 
 def png_bytes(fig: Any, dpi: int) -> bytes:
@@ -131,9 +153,10 @@ def plot_heatmap(
     fig, axes = plt.subplots(
         n_rows,
         n_cols,
+        # Cells wide enough for their numbers, panels of a readable size at any grid.
         figsize=(
-            1.2 + max(3.0, 0.42 * len(taus)) * n_cols,
-            0.8 + max(2.2, 0.32 * len(yticks)) * n_rows,
+            1.6 + max(4.5, 0.62 * len(taus)) * n_cols,
+            1.2 + max(3.4, 0.42 * len(yticks)) * n_rows,
         ),
         squeeze=False,
         constrained_layout=True,
@@ -163,6 +186,6 @@ def plot_heatmap(
 
         # Wrapped to the figure's width (about 11 characters per inch at this size), so a
         # long dataset name is not cut off at the edges.
-        width = max(20, int(fig.get_figwidth() * 11))
-        fig.suptitle("\n".join(textwrap.wrap(title, width)), fontsize=10)
-    write_bytes_atomic(path, png_bytes(fig, dpi=90), overwrite=force)
+        width = max(20, int(fig.get_figwidth() * 9))
+        fig.suptitle("\n".join(textwrap.wrap(title, width)), fontsize=12)
+    write_bytes_atomic(path, png_bytes(fig, dpi=130), overwrite=force)

@@ -20,11 +20,18 @@ What processing does, in the order TransformerLens applies it (docs/architecture
    ``b_V ← 0`` (grouped key/value heads repeated to the query heads first), then the
    bias is centred again in LayerNorm models.
 
-Tied embeddings are untied first: processing changes the unembedding and not the
-embedding. Everything is computed in float32 and written back in the model's dtype, a
-block at a time, so the only extra memory is one block's tensors (and the untied
-unembedding). The families are a table (:data:`FAMILIES`), keyed by the configuration's
-``model_type``; tests hold the result to TransformerBridge's processed tensors for each.
+**Tied embeddings stay tied** in RMSNorm families (Llama, SmolLM2, Qwen2, Gemma): the
+unembedding is the embedding (262k × 640 in Gemma 3, a second copy would be 168M
+parameters), so the final norm keeps its gain and the unembedding is neither folded nor
+centred in the model. The forward pass then gives the processed logits plus one constant
+per position — the centring's shift, which softmax ignores — and the processed ``W_U``
+itself is a :class:`TiedUnembedding`, computed column by column when an encoder reads it.
+LayerNorm families (GPT-2) untie: their embedding is centred over ``d_model`` and their
+unembedding is not, so one tensor cannot serve both. Everything is computed in float32
+and written back in the model's dtype, a block at a time, so the only extra memory is
+one block's tensors (and GPT-2's untied unembedding). The families are a table
+(:data:`FAMILIES`), keyed by the configuration's ``model_type``; tests hold the result
+to TransformerBridge's processed tensors for each.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     import torch
+    from jaxtyping import Float
     from torch import Tensor
 
 #: How a family's norms compute: ``layer`` (gain and bias, centring), ``rms`` (gain),
@@ -135,9 +143,44 @@ def family_of(config: Any) -> Family | None:
     return FAMILIES.get(str(getattr(config, "model_type", "")))
 
 
-def process_in_place(model: Any, family: Family) -> None:
+@dataclass(frozen=True)
+class TiedUnembedding:
+    """The processed unembedding of a model whose ``lm_head`` still is its embedding:
+    ``W_U[:, t] = g ⊙ W_E[t] − c``, with ``g`` the final norm's gain (not folded into the
+    shared tensor) and ``c = g ⊙ mean_t W_E[t]`` the vocabulary centring (absent when
+    logits are soft-capped). Columns are computed when read, in float32, so the second
+    ``d_vocab × d_model`` copy never exists unless the whole matrix is asked for."""
+
+    gain: Tensor
+    centre: Tensor | None
+
+    def columns(
+        self, embedding: Float[Tensor, "d_vocab d_model"], tokens: list[int]
+    ) -> Float[Tensor, "d_model n"]:
+        """The processed unembedding's columns for ``tokens``, in float32."""
+        cols = embedding[tokens].float().T * self.gain[:, None]
+        return cols if self.centre is None else cols - self.centre[:, None]
+
+    def matrix(
+        self, embedding: Float[Tensor, "d_vocab d_model"]
+    ) -> Float[Tensor, "d_model d_vocab"]:
+        """The whole processed unembedding, in the embedding's dtype (a full copy)."""
+        w_u = embedding.T.to(dtype=embedding.dtype, copy=True)
+        for start in range(0, w_u.shape[1], _CHUNK):
+            part = w_u[:, start : start + _CHUNK]
+            part.copy_(self.columns(embedding, list(range(start, start + part.shape[1]))))
+        return w_u
+
+
+#: Rows of the vocabulary handled at once where a float32 copy of the whole matrix
+#: would be the largest tensor in the process.
+_CHUNK = 16384
+
+
+def process_in_place(model: Any, family: Family) -> TiedUnembedding | None:
     """Put ``model`` (a plain ``AutoModelForCausalLM``) in processed coordinates, in
-    place (see the module's docstring)."""
+    place (see the module's docstring). Returns the processed unembedding when it stays
+    tied to the embedding (then ``lm_head`` holds the raw shared tensor), else None."""
     import torch
 
     config = model.config
@@ -145,32 +188,65 @@ def process_in_place(model: Any, family: Family) -> None:
     softcap = getattr(config, "final_logit_softcapping", None)
     modules = dict(model.named_modules())
     blocks = list(modules[family.blocks])
-    _untie(model, modules[family.embed], modules[family.lm_head])
+    embed, lm_head = modules[family.embed], modules[family.lm_head]
+    tied = _shares_weight(embed, lm_head)
+    if tied and layer_norm:
+        _untie(model, embed, lm_head)
+    keep_tie = tied and not layer_norm
     with torch.no_grad():
         for block in blocks:
             inner = dict(block.named_modules())
             _fold_norm(family, inner[family.ln1], [inner[n] for n in family.attn_in])
             _fold_norm(family, inner[family.ln2], [inner[n] for n in family.mlp_in])
-        lm_head = modules[family.lm_head]
-        _fold_norm(family, modules[family.final_norm], [lm_head])
+        if not keep_tie:
+            _fold_norm(family, modules[family.final_norm], [lm_head])
         if layer_norm:
-            _centre_rows(modules[family.embed])
+            _centre_rows(embed)
             if family.pos_embed is not None:
                 _centre_rows(modules[family.pos_embed])
             for block in blocks:
                 inner = dict(block.named_modules())
                 for name in (family.attn_out, family.mlp_out):
                     _centre_output(family, inner[name])
-        if not softcap:
-            with _float32(lm_head.weight) as w_u:
-                w_u -= w_u.mean(dim=0, keepdim=True)
-        bias = _bias(lm_head, lm_head.weight.shape[0])
-        if not softcap:
-            with _float32(bias) as b_u:
-                b_u -= b_u.mean()
+        if not keep_tie:
+            _centre_unembedding(lm_head, centre=not softcap)
         for block in blocks:
             inner = dict(block.named_modules())
             _fold_value_bias(family, config, inner)
+        if keep_tie:
+            return _tied_unembedding(family, modules[family.final_norm], embed, softcap)
+    return None
+
+
+def _centre_unembedding(lm_head: Any, *, centre: bool) -> None:
+    """Centre the unembedding over the vocabulary (weight and a bias it gains), unless
+    logits are soft-capped (the cap is not shift-invariant)."""
+    if centre:
+        with _float32(lm_head.weight) as w_u:
+            w_u -= w_u.mean(dim=0, keepdim=True)
+    bias = _bias(lm_head, lm_head.weight.shape[0])
+    if centre:
+        with _float32(bias) as b_u:
+            b_u -= b_u.mean()
+
+
+def _tied_unembedding(
+    family: Family, final_norm: Any, embedding: Any, softcap: object
+) -> TiedUnembedding:
+    """The processed unembedding of an RMSNorm model that keeps its tie: the final
+    norm's gain, and the centring term computed a chunk of the vocabulary at a time."""
+    import torch
+
+    gain = final_norm.weight.detach().float().clone()
+    if family.norm == "rms_offset":
+        gain = gain + 1.0
+    if softcap:
+        return TiedUnembedding(gain=gain, centre=None)
+    w_e = embedding.weight.detach()
+    total = torch.zeros(w_e.shape[1], dtype=torch.float32, device=w_e.device)
+    for start in range(0, w_e.shape[0], _CHUNK):
+        total += w_e[start : start + _CHUNK].float().sum(dim=0)
+    return TiedUnembedding(gain=gain, centre=gain * (total / w_e.shape[0]))
 
 
 @contextmanager
@@ -215,6 +291,11 @@ def _fold_norm(family: Family, norm: Any, readers: list[Any]) -> None:
     if family.norm == "rms_offset":
         gain = gain + 1.0
     shift = getattr(norm, "bias", None)
+    if family.norm != "layer":
+        for reader in readers:
+            _scale_input_axis(reader, gain)
+        norm.weight.fill_(0.0 if family.norm == "rms_offset" else 1.0)
+        return
     for reader in readers:
         w = _weight_in_out(reader)  # [d_model, out]
         if family.norm == "layer" and shift is not None:
@@ -228,6 +309,22 @@ def _fold_norm(family: Family, norm: Any, readers: list[Any]) -> None:
     norm.weight.fill_(0.0 if family.norm == "rms_offset" else 1.0)
     if shift is not None:
         shift.zero_()
+
+
+def _scale_input_axis(reader: Any, gain: Tensor) -> None:
+    """``W ← W·diag(gain)`` in place, a slab of rows at a time in float32 and rounded
+    once to the weight's dtype: the same numbers as through a float32 copy of the whole
+    matrix, without the copy (at 1B parameters that copy costs seconds and gigabytes)."""
+    weight = reader.weight
+    axis_gain = gain[:, None] if _conv1d(reader) else gain[None, :]
+    if weight.dtype == gain.dtype:
+        weight.mul_(axis_gain)
+        return
+    step = max(1, (1 << 20) // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], step):
+        rows = weight[start : start + step]
+        scale = axis_gain[start : start + step] if _conv1d(reader) else axis_gain
+        rows.copy_(rows.float().mul_(scale))
 
 
 def _centre_rows(embedding: Any) -> None:
@@ -281,11 +378,16 @@ def _fold_value_bias(family: Family, config: Any, inner: dict[str, Any]) -> None
             b32.zero_()
 
 
+def _shares_weight(embed: Any, lm_head: Any) -> bool:
+    return bool(
+        lm_head.weight is embed.weight or lm_head.weight.data_ptr() == embed.weight.data_ptr()
+    )
+
+
 def _untie(model: Any, embed: Any, lm_head: Any) -> None:
-    """Give the unembedding its own tensor when it shares the embedding's: processing
-    changes one and not the other."""
+    """Give the unembedding its own tensor (a LayerNorm model's embedding is centred
+    over ``d_model`` and its unembedding is not)."""
     import torch
 
-    if lm_head.weight is embed.weight or lm_head.weight.data_ptr() == embed.weight.data_ptr():
-        lm_head.weight = torch.nn.Parameter(lm_head.weight.detach().clone(), requires_grad=False)
-        model.config.tie_word_embeddings = False
+    lm_head.weight = torch.nn.Parameter(lm_head.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False

@@ -363,3 +363,52 @@ def json_schema(file_model: type[BaseModel]) -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "meminject memory file"
     return schema
+
+
+# --- The output of a generation ---------------------------------------------------------
+
+
+class NextToken(BaseModel):
+    """One of the most likely next tokens after the prompt, before sampling."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: str = Field(description="The token's text, as the tokenizer decodes it alone.")
+    token_id: int = Field(description="The token's id in the model's vocabulary.")
+    prob: float = Field(description="Its probability (softmax of the scores), 0 to 1.")
+
+
+class GenerationRecord(BaseModel):
+    """One generation, as ``meminject generate --json`` and ``--prompts`` print it: one
+    JSON object per line, the same fields for a single prompt, every line of a prompt
+    file, and both runs of ``--compare`` (the baseline has ``memories: []``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | int | None = Field(
+        default=None, description="The prompt file line's id (null for a PROMPT argument)."
+    )
+    model: str = Field(description="The model's name.")
+    prompt: str = Field(description="The prompt, as given (before any chat template).")
+    memories: list[str] = Field(description="Names of the memories injected; [] for none.")
+    completion: str = Field(description="The generated text (the reply with --chat).")
+    finish_reason: Literal["eos", "stop", "length", "context", "cancelled"] = Field(
+        description="eos, stop (a stop string), length (max_new_tokens), context (the "
+        "model's context is full) or cancelled."
+    )
+    prompt_tokens: list[int] = Field(
+        description="Token ids the model read (BOS and chat template included)."
+    )
+    new_tokens: list[int] = Field(description="Token ids generated.")
+    top_next: list[NextToken] = Field(
+        description="The most likely next tokens after the prompt (--show-top of them)."
+    )
+    backend: str = Field(description="The backend that ran the forward passes.")
+
+
+def generation_json_schema() -> dict[str, Any]:
+    """JSON Schema of one ``generate --json`` line (docs/python-api.md publishes it)."""
+    schema = GenerationRecord.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "meminject generation"
+    return schema

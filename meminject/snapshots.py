@@ -128,9 +128,16 @@ def write(model: LoadedModel) -> Path | None:
     except OSError as exc:
         log.warning("meminject: no served snapshot written (%s)", exc)
         return None
+    from meminject import progress
+
     try:
-        _write_into(work, model, backend)
-        publish_dir(work, target, lambda d: (d / MARKER).is_file())
+        with progress.step(f"storing {model.name}'s served snapshot for later runs"):
+            _write_into(work, model, backend)
+            publish_dir(work, target, lambda d: (d / MARKER).is_file())
+        progress.note(
+            f"stored {model.name}'s served snapshot in {target} "
+            f"({progress.human_size(progress.size_of(target))}); later runs load from it"
+        )
     except OSError as exc:
         shutil.rmtree(work, ignore_errors=True)
         log.warning("meminject: no served snapshot written (%s)", exc)

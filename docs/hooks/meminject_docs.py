@@ -7,7 +7,8 @@ the page keeps describing the old one. So nothing here is written down twice:
   model that the built-in plugins assemble (``build_registry(load_entrypoints=False)``),
   the same schema ``meminject --no-plugins schema`` prints and
   ``memories/memory.schema.json`` holds;
-- ``reference/memory.schema.json`` is that schema, downloadable;
+- ``reference/memory.schema.json`` is that schema, downloadable, and
+  ``reference/generation.schema.json`` the schema of ``generate --json``'s lines;
 - ``reference/cli.md`` walks the click group ``meminject.cli.cli`` and renders each
   command's usage, help and options as ``--help`` would show them;
 - in any page, ``<!-- api: dotted.name -->`` becomes the signature and docstring of a
@@ -51,6 +52,13 @@ def schema_json() -> str:
     from meminject.schema import json_schema
 
     return json.dumps(json_schema(_registry().file_model), indent=2, ensure_ascii=False) + "\n"
+
+
+def generation_schema_json() -> str:
+    """The JSON Schema of one line of ``generate --json`` (``schema --generation``)."""
+    from meminject.schema import generation_json_schema
+
+    return json.dumps(generation_json_schema(), indent=2, ensure_ascii=False) + "\n"
 
 
 def _cell(text: str) -> str:
@@ -448,6 +456,7 @@ GENERATED_PAGES = {
     "reference/memory-file.md": memory_file_reference,
     "reference/cli.md": cli_reference,
     "reference/memory.schema.json": schema_json,
+    "reference/generation.schema.json": generation_schema_json,
 }
 
 

@@ -28,7 +28,7 @@ from meminject.cli import (
     sweep,
     validate,
 )
-from meminject.errors import EXIT_RUNTIME, MeminjectError
+from meminject.errors import EXIT_BAD_INPUT, EXIT_RUNTIME, MeminjectError, one_line
 
 _DEBUG_ENV = "MEMINJECT_DEBUG"
 
@@ -44,6 +44,13 @@ class _Group(click.Group):
                 raise
             click.echo(f"Error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except click.BadParameter as exc:
+            # A value out of range (--seed -1) is bad input like any other: one line,
+            # exit 2, not click's usage block (unknown options still get the block).
+            if _debug(ctx):
+                raise
+            click.echo(f"Error: {one_line(exc.format_message())}", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
         except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
             raise
         except Exception as exc:
@@ -77,6 +84,9 @@ def cli(ctx: click.Context, debug: bool, no_plugins: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    from meminject import progress
+
+    progress.enable(True)  # off with a command's --quiet
 
 
 # The package's attributes stay the command modules (meminject.cli.learn is the module,

@@ -10,24 +10,40 @@ from typing import Any
 
 import click
 
-from meminject.cli.options import load_cli_model, model_option, number_option, outside_paths_option
+from meminject.cli.options import (
+    CONTINUATION_RULE,
+    AliasOption,
+    json_option,
+    load_cli_model,
+    model_option,
+    outside_paths_option,
+)
 
 
 @click.command()
 @click.argument("memory_paths", nargs=-1, required=True, type=click.Path())
 @model_option("files")
-@click.option("--target", required=True, help="What the edit should make the model say next.")
+@click.option(
+    "--target",
+    required=True,
+    help=f"What the edit should make the model say next; its first token is scored. "
+    f"{CONTINUATION_RULE}",
+)
 @click.option("--prompt", "edit_prompts", multiple=True, help="A prompt the edit was made on.")
 @click.option("--positive", "positive_file", type=click.Path(), help="Paraphrases, one a line.")
 @click.option("--negative", "negative_file", type=click.Path(), help="Near misses, one a line.")
 @click.option("--neutral", "neutral_file", type=click.Path(), help="Unrelated prompts.")
-@number_option(
-    "--tokens",
-    5,
-    click.IntRange(0, 256),
-    "Greedy tokens generated per prompt, with and without the memories.",
+@click.option(
+    "--max-new-tokens",
+    "max_new_tokens",
+    cls=AliasOption,
+    old_names=("--tokens",),
+    default=5,
+    show_default=True,
+    type=click.IntRange(0, 256),
+    help="Greedy tokens generated per prompt, with and without the memories.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 @outside_paths_option
 def evaluate(
     memory_paths: Sequence[str],
@@ -37,7 +53,7 @@ def evaluate(
     positive_file: str | None,
     negative_file: str | None,
     neutral_file: str | None,
-    tokens: int,
+    max_new_tokens: int,
     as_json: bool,
     allow_outside_paths: bool,
 ) -> None:
@@ -61,7 +77,7 @@ def evaluate(
     from meminject.evaluate import evaluate_edit
 
     compiled = compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
-    report = evaluate_edit(model, compiled, target=target, prompts=prompts, tokens=tokens)
+    report = evaluate_edit(model, compiled, target=target, prompts=prompts, tokens=max_new_tokens)
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=False))
         return

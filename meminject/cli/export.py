@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from meminject.cli.options import load_cli_model, model_option, outside_paths_option
+from meminject.cli.options import load_cli_model, model_option, output_option, outside_paths_option
 
 
 @click.command()
@@ -21,20 +21,14 @@ from meminject.cli.options import load_cli_model, model_option, outside_paths_op
     show_default=True,
     help="llama-cpp: a control-vector GGUF (add memories at resid_post, positions all).",
 )
-@click.option(
-    "-o",
-    "--out",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The file to write (.gguf).",
-)
-@click.option("--force", is_flag=True, help="Overwrite --out.")
+@output_option("The file to write (.gguf).", required=True, old_names=("--out",))
+@click.option("--force", is_flag=True, help="Overwrite the --output file.")
 @model_option("files")
 @outside_paths_option
 def export(
     memory_paths: Sequence[str],
     export_format: str,
-    out: Path,
+    output: Path,
     force: bool,
     model_name: str | None,
     allow_outside_paths: bool,
@@ -50,8 +44,8 @@ def export(
     )
     from meminject.loading import load_memories
 
-    if out.exists() and not force:
-        raise BadInputError(f"{out} exists; pass --force to overwrite it")
+    if output.exists() and not force:
+        raise BadInputError(f"{output} exists; pass --force to overwrite it")
     memory_set = load_memories(memory_paths)
     model = load_cli_model(model_name, memory_set)
     try:
@@ -60,10 +54,10 @@ def export(
         for problem in exc.problems:  # one line per memory, nothing written
             click.echo(f"Error: {problem}", err=True)
         click.get_current_context().exit(EXIT_BAD_INPUT)
-    write_control_vector(out, vectors, hint=model_hint(model), overwrite=force)
+    write_control_vector(output, vectors, hint=model_hint(model), overwrite=force)
     plural = "s" * (len(vectors) != 1)
     blocks = ", ".join(str(b) for b in vectors)
     click.echo(
         f"wrote {len(vectors)} direction{plural} (block{plural} {blocks}) for {model.name} "
-        f"to {out}; τ is baked in"
+        f"to {output}; τ is baked in"
     )

@@ -9,29 +9,43 @@ from typing import Any
 
 import click
 
-from meminject.cli.options import file_out_option, load_cli_model, model_option
+from meminject.cli.options import (
+    CONTINUATION_RULE,
+    file_out_option,
+    heads_option,
+    json_option,
+    load_cli_model,
+    model_option,
+)
 
 
 @click.command()
 @click.argument("prompt")
 @model_option("toyworld")
-@click.option("--heads", is_flag=True, help="Also project every head's result.")
+@heads_option("Also project these heads' results (SPEC: 0-3, 0,5 or all; --heads alone: all).")
 @click.option("--layers", "layer_spec", default="all", show_default=True, help="Layers: 0-11 …")
-@click.option("--top-k", default=5, show_default=True, type=click.IntRange(0), help="Tokens shown.")
+@click.option(
+    "--show-top",
+    "show_top",
+    default=5,
+    show_default=True,
+    type=click.IntRange(0),
+    help="How many most likely tokens to show per projection.",
+)
 @click.option(
     "--token",
     default=None,
-    help="Rank this single token (mind the leading space: ' Paris') in every projection.",
+    help=f"Rank this token in every projection (one token). {CONTINUATION_RULE}",
 )
 @file_out_option("--plot", help="Heatmap of --token's rank, layers × heads (PNG).")
 @click.option("--force", is_flag=True, help="Overwrite the --plot file.")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 def inspect(
     prompt: str,
     model_name: str,
-    heads: bool,
+    head_spec: str | None,
     layer_spec: str,
-    top_k: int,
+    show_top: int,
     token: str | None,
     plot: Path | None,
     force: bool,
@@ -50,7 +64,28 @@ def inspect(
         raise BadInputError(f"{plot} exists; pass --force to overwrite it")
     model = load_cli_model(model_name, None, bridge=True)
     layers = parse_int_spec(layer_spec, "layer", universe=range(model.dims.n_layers))
-    report = project_attention(model, prompt, layers=layers, heads=heads, top_k=top_k, token=token)
+    heads = (
+        parse_int_spec(head_spec, "head", universe=range(model.dims.n_heads))
+        if head_spec is not None
+        else None
+    )
+    n_heads = model.dims.n_heads
+    for head in heads or ():
+        if not 0 <= head < n_heads:
+            raise BadInputError(
+                f"head {head} is out of range; the model has {n_heads} heads (0-{n_heads - 1})"
+            )
+    report = project_attention(
+        model, prompt, layers=layers, heads=heads is not None, top_k=show_top, token=token
+    )
+    if heads is not None and len(heads) < model.dims.n_heads:
+        import dataclasses
+
+        chosen = set(heads)
+        report = dataclasses.replace(
+            report,
+            projections=[p for p in report.projections if p.head is None or p.head in chosen],
+        )
     if plot is not None:
         plot_ranks(report, plot, force=force)
     if as_json:

@@ -7,13 +7,24 @@ from typing import Any
 
 import click
 
-from meminject.cli.options import file_in_option, load_cli_model, model_option, number_option
+from meminject.cli.options import (
+    CONTINUATION_RULE,
+    file_in_option,
+    load_cli_model,
+    model_option,
+    number_option,
+    output_option,
+)
 from meminject.sites import LAYER_SITES
 
 
 @click.command()
 @click.argument("prompt")
-@click.option("--target", required=True, help="What the prompt should continue with.")
+@click.option(
+    "--target",
+    required=True,
+    help=f"What the prompt should continue with. {CONTINUATION_RULE}",
+)
 @click.option("--layer", required=True, type=click.IntRange(0), help="Layer ℓ of the site.")
 @click.option(
     "--site",
@@ -55,11 +66,11 @@ from meminject.sites import LAYER_SITES
 )
 @click.option("--grid", default=None, help="Boundaries to search, e.g. 0.05-2:0.05.")
 @click.option("--name", default=None, help="Memory name (default: from the target).")
-@click.option(
-    "--out",
+@output_option(
+    "TOML file to write (tensors go beside it).",
     required=True,
-    type=click.Path(path_type=Path),
-    help="TOML file to write (tensors go beside it).",
+    old_names=("--out",),
+    checked_by_command=True,
 )
 @click.option("--append", is_flag=True, help="Add the memory to an existing file.")
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
@@ -81,7 +92,7 @@ def learn(
     boundary: float | None,
     grid: str | None,
     name: str | None,
-    out: Path,
+    output: Path,
     append: bool,
     force: bool,
     model_name: str,
@@ -106,7 +117,7 @@ def learn(
     boundaries = learning.check_grid(
         parse_float_spec(grid, "grid") if grid is not None else learning.DEFAULT_GRID
     )
-    learning.check_output(out, name=name, append=append, force=force)
+    learning.check_output(output, name=name, append=append, force=force)
     positives = learning.read_prompt_lines(positive_file) if positive_file is not None else []
     negatives = learning.read_prompt_lines(negative_file) if negative_file is not None else []
     # 2. What needs the model (its context, its fingerprint), before learning.
@@ -114,7 +125,7 @@ def learn(
     fed_back = len(learning.target_tokens(model, target)) - 1 if teacher_force else 0
     learning.check_fits(model, prompt, fed_back, where="PROMPT")
     learning.check_prompts_fit(model, [*positives, *negatives])
-    learning.check_output(out, name=name, append=append, force=force, model=model)
+    learning.check_output(output, name=name, append=append, force=force, model=model)
     auto_steps = alpha is None and ctx.get_parameter_source("steps") == ParameterSource.DEFAULT
     learned = learning.learn(
         model,
@@ -131,7 +142,8 @@ def learn(
     used = learned.steps
     note = f"; {steps} step{'s' * (steps > 1)} did not reach top-1" if used != steps else ""
     click.echo(
-        f"alpha = {learned.alpha:.6g} ({used} step{'s' * (used > 1)}{note}); p(target) "
+        f"alpha = {learned.alpha:.6g} ({used} step{'s' * (used > 1)}{note}); "
+        f"p({_target_shown(model, target)}) "
         f"{learned.prob_before:.4f} -> {learned.prob_after:.4f} at the key's position"
     )
     choice = None
@@ -150,7 +162,7 @@ def learn(
     elif boundary is None:
         boundary = 0.25
     toml_path, tensor_path = learning.write_learned(
-        out,
+        output,
         learned,
         model,
         name=name,
@@ -163,6 +175,16 @@ def learn(
     click.echo(
         f"wrote {toml_path} and {tensor_path.name} (boundary {boundary:g}, hardness {hardness:g})"
     )
+
+
+def _target_shown(model: Any, target: str) -> str:
+    """The target's first token, which is what a step makes top-1 (all of them with
+    --teacher-force), with how many tokens it has when more than one."""
+    from meminject.learn import target_tokens
+
+    ids = target_tokens(model, target)
+    first = repr(model.token_str(ids[0]))
+    return first if len(ids) == 1 else f"{first}, first of {len(ids)} tokens"
 
 
 def _print_failing(model: Any, choice: Any, positives: Any, negatives: Any) -> None:

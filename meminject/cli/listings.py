@@ -9,11 +9,12 @@ from typing import Any
 
 import click
 
+from meminject.cli.options import json_option
 from meminject.errors import BadInputError
 
 
 @click.command()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@json_option()
 def plugins(as_json: bool) -> None:
     """List loaded plugins and the hooks they implement."""
     from meminject.plugins import get_registry
@@ -44,9 +45,44 @@ def plugins(as_json: bool) -> None:
         click.echo(f"not loaded (MEMINJECT_LOAD_PLUGINS or --no-plugins): {left_out}")
 
 
-def _listing(kind: str, entries: dict[str, Any], describe: Any) -> None:
+def _listing(entries: dict[str, Any], describe: Any, as_json: bool) -> None:
+    if as_json:
+        _print_json(
+            [
+                {"name": name, "plugin": entry.plugin, "description": describe(entry)}
+                for name, entry in entries.items()
+            ]
+        )
+        return
     for name, entry in entries.items():
         click.echo(f"{name}  [{entry.plugin}]  {describe(entry)}")
+
+
+def _print_json(rows: list[dict[str, Any]]) -> None:
+    click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+
+
+def _field_rows(model: Any) -> list[dict[str, Any]]:
+    """A pydantic model's fields for --json: name, type, required, default, description."""
+    rows = []
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        kind = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+        required = info.is_required()
+        rows.append(
+            {
+                "name": name,
+                "type": kind.replace("typing.", ""),
+                "required": required,
+                "default": None if required else _plain(info.default),
+                "description": info.description,
+            }
+        )
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
 
 
 def _first_line(obj: Any) -> str:
@@ -68,22 +104,53 @@ def _fields(model: Any) -> list[str]:
 
 
 @click.command()
-def encoders() -> None:
+@json_option()
+def encoders(as_json: bool) -> None:
     """List registered encoders and the parameters each takes ([memory.params])."""
     from meminject.plugins import get_registry
 
-    for name, entry in get_registry().encoders.items():
+    entries = get_registry().encoders
+    if as_json:
+        _print_json(
+            [
+                {
+                    "name": name,
+                    "plugin": entry.plugin,
+                    "description": _first_line(entry.encoder),
+                    "params": _field_rows(entry.params_model) if entry.params_model else [],
+                }
+                for name, entry in entries.items()
+            ]
+        )
+        return
+    for name, entry in entries.items():
         click.echo(f"{name}  [{entry.plugin}]  {_first_line(entry.encoder)}")
         for line in _fields(entry.params_model) if entry.params_model is not None else ():
             click.echo(f"    params.{line}")
 
 
 @click.command()
-def datasets() -> None:
+@json_option()
+def datasets(as_json: bool) -> None:
     """List registered datasets for sweep: what each reads and the options it takes."""
     from meminject.plugins import get_registry
 
-    for name, entry in get_registry().datasets.items():
+    entries = get_registry().datasets
+    if as_json:
+        _print_json(
+            [
+                {
+                    "name": name,
+                    "plugin": entry.plugin,
+                    "description": entry.description,
+                    "suffixes": list(entry.suffixes),
+                    "options": _field_rows(entry.options_model) if entry.options_model else [],
+                }
+                for name, entry in entries.items()
+            ]
+        )
+        return
+    for name, entry in entries.items():
         click.echo(f"{name}  [{entry.plugin}]  {entry.description}")
         if entry.suffixes:
             click.echo(f"    reads files ending {', '.join(entry.suffixes)} (or {name}:PATH)")
@@ -92,35 +159,74 @@ def datasets() -> None:
 
 
 @click.command()
-def strategies() -> None:
+@json_option()
+def strategies(as_json: bool) -> None:
     """List registered injection strategies."""
     from meminject.plugins import get_registry
 
-    _listing("strategy", get_registry().strategies, lambda e: _first_line(e.strategy_cls))
+    _listing(get_registry().strategies, lambda e: _first_line(e.strategy_cls), as_json)
 
 
 @click.command()
-def backends() -> None:
+@json_option()
+def backends(as_json: bool) -> None:
     """List registered generation backends (--backend NAME); auto tries those marked."""
     from meminject.plugins import get_registry
 
+    if as_json:
+        _print_json(
+            [
+                {"name": name, "plugin": e.plugin, "auto": e.auto, "description": e.description}
+                for name, e in get_registry().backends.items()
+            ]
+        )
+        return
     _listing(
-        "backend",
         get_registry().backends,
         lambda e: f"{'(auto) ' if e.auto else ''}{e.description}",
+        False,
     )
 
 
 @click.group(invoke_without_command=True)
+@json_option()
 @click.pass_context
-def models(ctx: click.Context) -> None:
+def models(ctx: click.Context, as_json: bool) -> None:
     """List registered model sources, whether each is available and where from (any local
     Hugging Face directory, GGUF file or hub name works too)."""
     if ctx.invoked_subcommand is not None:
         return
     from meminject.gguf_cache import cache_root
     from meminject.plugins import get_registry
+    from meminject.progress import size_of
 
+    if as_json:
+        rows: list[dict[str, Any]] = []
+        for name, entry in get_registry().models.items():
+            where = entry.where() if entry.where is not None else None
+            rows.append(
+                {
+                    "name": name,
+                    "plugin": entry.plugin,
+                    "description": entry.description,
+                    "available": bool(where) if entry.where is not None else None,
+                    "where": str(where) if where else None,
+                    "prepend_bos": entry.prepend_bos,
+                    "pullable": entry.pull is not None,
+                }
+            )
+        click.echo(
+            json.dumps(
+                {
+                    "models": rows,
+                    "cache": str(cache_root()),
+                    "cache_bytes": size_of(cache_root()) if cache_root().exists() else 0,
+                },
+                indent=2,
+                ensure_ascii=False,
+            )
+        )
+        return
     for name, entry in get_registry().models.items():
         where = entry.where() if entry.where is not None else "(not reported)"
         status = f"available: {where}" if where else "not installed"
@@ -129,7 +235,15 @@ def models(ctx: click.Context) -> None:
         click.echo(f"    {status}{bos}")
         if not where and entry.pull is not None:
             click.echo(f"    get it: meminject models pull {name}")
-    click.echo(f"cache: {cache_root()}")
+    click.echo(f"cache: {cache_root()} ({_cache_size()})")
+
+
+def _cache_size() -> str:
+    from meminject.gguf_cache import cache_root
+    from meminject.progress import human_size, size_of
+
+    root = cache_root()
+    return human_size(size_of(root)) if root.exists() else "empty"
 
 
 @models.command("pull")

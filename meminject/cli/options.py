@@ -10,6 +10,32 @@ from meminject.dtypes import DTYPES
 from meminject.model_handle import COORDINATES
 
 
+class AliasOption(click.Option):
+    """An option with old spellings kept for one release: they parse as the option does,
+    but help (and the generated CLI reference) shows the current names only."""
+
+    def __init__(self, *args: Any, old_names: tuple[str, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.old_names = tuple(old_names)
+        self.opts = [*self.opts, *(o for o in self.old_names if o not in self.opts)]
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        return " / ".join(f"'{o}'" for o in self.opts if o not in self.old_names)
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        opts, self.opts = self.opts, [o for o in self.opts if o not in self.old_names]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = opts
+
+
+def current_names(param: click.Parameter) -> list[str]:
+    """A parameter's option names without its old spellings (see :class:`AliasOption`)."""
+    old = getattr(param, "old_names", ())
+    return [o for o in param.opts if o not in old]
+
+
 def _to_meta(ctx: click.Context, param: click.Parameter, value: Any) -> None:
     # Options every model-loading command shares but whose bodies never read: kept in
     # the context for load_cli_model, so commands need no parameter for them.
@@ -74,6 +100,58 @@ def file_out_option(*decls: str, help: str) -> Any:
     )
 
 
+def output_option(
+    help: str,
+    *,
+    required: bool = False,
+    old_names: tuple[str, ...] = (),
+    checked_by_command: bool = False,
+) -> Any:
+    """``-o/--output``: the file a command writes (``llm``'s and curl's spelling). Old
+    spellings (``--out``) still parse for one release, hidden from help.
+    ``checked_by_command``: the command checks the path itself (``learn``, with one-line
+    errors for a directory and more), so click only converts it."""
+    from pathlib import Path
+
+    return click.option(
+        "-o",
+        "--output",
+        "output",
+        cls=AliasOption,
+        old_names=old_names,
+        required=required,
+        type=click.Path(path_type=Path, dir_okay=checked_by_command),
+        default=None,
+        help=help,
+    )
+
+
+def json_option(what: str = "Print JSON instead of text.") -> Any:
+    """``--json``: machine-readable output, on every command that prints results."""
+    return click.option("--json", "as_json", is_flag=True, help=what)
+
+
+def heads_option(help: str) -> Any:
+    """``--heads [SPEC]``: heads as a list spec (0-3, 0,5, all); the bare flag means all."""
+    return click.option(
+        "--heads",
+        "head_spec",
+        is_flag=False,
+        flag_value="all",
+        default=None,
+        metavar="[SPEC]",
+        help=help,
+    )
+
+
+#: The one rule for text that continues a prompt (learn --target, evaluate --target,
+#: inspect --token); meminject.model_handle.continuation applies it.
+CONTINUATION_RULE = (
+    "Written as it follows the prompt; a space is put before it unless it starts with "
+    "whitespace ('Paris' means ' Paris')."
+)
+
+
 def memories_option(help: str) -> Any:
     """``-m/--memories``: memory files or directories, repeatable."""
     return click.option(
@@ -98,6 +176,7 @@ def model_options(f: Any = None, *, memory_files: bool = True) -> Any:
     files = "the memory files' [model], else " if memory_files else ""
 
     def decorate(f: Any) -> Any:
+        f = quiet_option(f)
         f = click.option(
             "--allow-pickle-weights",
             "allow_pickle_weights",
@@ -153,6 +232,37 @@ def model_options(f: Any = None, *, memory_files: bool = True) -> Any:
         return f
 
     return decorate(f) if f is not None else decorate
+
+
+def _quiet(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    from meminject import progress
+
+    if value:
+        progress.enable(False)
+    ctx.meta["meminject_quiet"] = bool(value)
+
+
+def quiet_option(f: Any) -> Any:
+    """``-q/--quiet``: no first-use notes and no progress on standard error (the command
+    line shows them otherwise; live progress only on a terminal)."""
+    return click.option(
+        "-q",
+        "--quiet",
+        cls=AliasOption,
+        old_names=("--no-progress",),
+        is_flag=True,
+        expose_value=False,
+        callback=_quiet,
+        help="No progress or first-use notes on standard error (live progress is shown on "
+        "a terminal only).",
+    )(f)
+
+
+def show_progress() -> bool:
+    """Whether this command shows progress (``--quiet`` not given)."""
+    from meminject import progress
+
+    return progress.enabled()
 
 
 def model_flag(name: str) -> Any:

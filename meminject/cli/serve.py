@@ -31,6 +31,20 @@ from meminject.cli import options
     default=None,
     help="Require 'Authorization: Bearer KEY' (also from $MEMINJECT_API_KEY).",
 )
+@click.option(
+    "--trusted-host",
+    "trusted_hosts",
+    multiple=True,
+    help="A host name clients may send in Host and Origin besides 127.0.0.1, localhost "
+    "and --host (repeatable; '*' for any: only behind your own proxy).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="warning",
+    show_default=True,
+    help="The server's log: errors (with request ids) at warning, cancelled requests at info.",
+)
 @click.option("--served-name", default=None, help="The model name clients send (default: --model).")
 @click.option("--backend", default="auto", show_default=True, help="Generation backend.")
 @options.outside_paths_option
@@ -43,18 +57,32 @@ def serve(
     batch_wait_ms: int,
     max_queue: int,
     api_key: str | None,
+    trusted_hosts: Sequence[str],
+    log_level: str,
     served_name: str | None,
     backend: str,
     allow_outside_paths: bool,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API; each request may choose
     memories by name (body field "memories")."""
+    import logging
+    import os
+
     from meminject.errors import BadInputError
 
+    # An empty key must not mean "no auth": a deployment that meant to set one and got
+    # an empty variable would serve everyone (click reads an empty variable as unset).
+    from_env = os.environ.get("MEMINJECT_API_KEY")
+    if api_key is None and from_env is not None and not from_env.strip():
+        raise BadInputError(
+            "MEMINJECT_API_KEY is empty; set a key, or unset it to serve without one"
+        )
+    if api_key is not None and not api_key.strip():
+        raise BadInputError("--api-key is empty; give a key, or leave it out to serve without one")
     try:
         import uvicorn
 
-        from meminject.serve.app import Server, create_app
+        from meminject.serve.app import LOCAL_HOSTS, Server, create_app
         from meminject.serve.batcher import Batcher
     except ImportError as exc:
         raise BadInputError(
@@ -77,10 +105,25 @@ def serve(
         allow_outside_paths=allow_outside_paths,
     )
     name = served_name or model.name
-    server = Server(model, memory_set, batcher, served_name=name, api_key=api_key)
+    server = Server(
+        model,
+        memory_set,
+        batcher,
+        served_name=name,
+        api_key=api_key,
+        trusted_hosts=(*LOCAL_HOSTS, host, *trusted_hosts),
+        memory_roots=memory_paths,
+    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    serve_log = logging.getLogger("meminject.serve")
+    serve_log.addHandler(handler)
+    serve_log.setLevel(log_level.upper())
     count = len(memory_set) if memory_set is not None else 0
     click.echo(
         f"meminject: serving '{name}' with {count} memories on http://{host}:{port}/v1",
         err=True,
     )
-    uvicorn.run(create_app(server), host=host, port=port, log_level="warning")
+    # Idle keep-alive connections close after 5 s; a body must arrive within
+    # BODY_TIMEOUT_S (the app answers 408), so a slow client holds no worker.
+    uvicorn.run(create_app(server), host=host, port=port, log_level=log_level, timeout_keep_alive=5)

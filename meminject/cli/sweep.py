@@ -8,18 +8,25 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from meminject.cli.options import (
+    AliasOption,
     file_out_option,
+    heads_option,
     load_cli_model,
     model_flag,
     model_option,
     number_option,
+    output_option,
+    show_progress,
 )
 from meminject.sweep.stats import DEFAULT_RANK, RANK_STATS
+
+if TYPE_CHECKING:
+    from meminject.plugins import Registry
 
 
 @click.command()
@@ -48,13 +55,10 @@ from meminject.sweep.stats import DEFAULT_RANK, RANK_STATS
     "layer's mean residual-stream norm (measured on the dataset's prompts, printed and "
     "recorded), so one τ grid means the same at every layer and in every model.",
 )
-@click.option(
-    "--heads",
-    "head_spec",
-    default=None,
-    help="Heads (SPEC or 'all') to route each memory through (site attn_z: the head's "
-    "value mix moves by τ·v·pinv(W_O[h]), so it writes the part of τ·v it can; one cell "
-    "per head); omitted = the whole attention output.",
+@heads_option(
+    "Heads to route each memory through (SPEC: 0-3, 0,5 or all; --heads alone: all) "
+    "(site attn_z: the head's value mix moves by τ·v·pinv(W_O[h]), so it writes the part "
+    "of τ·v it can; one cell per head); omitted = the whole attention output."
 )
 @number_option(
     "--controls",
@@ -86,10 +90,15 @@ from meminject.sweep.stats import DEFAULT_RANK, RANK_STATS
 @click.option("--memory-column", default=None, help="CSV column of the memory text.")
 @click.option("--answer-column", default=None, help="CSV column of the answer.")
 @click.option("--explicit-column", default=None, help="CSV column of the explicit prompt.")
-@file_out_option(
-    "-o", "--out", help="Tidy records, one row per prompt × cell × memory (.csv or .parquet)."
+@output_option(
+    "Tidy records, one row per prompt × cell × memory (.csv or .parquet).",
+    old_names=("--out",),
 )
-@file_out_option("--plot", help="Layers × τ heatmap of the mean % increase (PNG).")
+@file_out_option(
+    "--plot",
+    help="Layers × τ heatmap (PNG) of the --plot-stat statistic (default: the --rank-by "
+    "one, median_gain: the median prompt's gain in nats).",
+)
 @click.option(
     "--plot-stat",
     type=click.Choice(list(RANK_STATS)),
@@ -106,11 +115,11 @@ from meminject.sweep.stats import DEFAULT_RANK, RANK_STATS
     "median_lift, shares, mean_dp, median_pct, or the paper's mean_pct. The best cell is "
     "always one whose median prompt improved.",
 )
-@click.option("--force", is_flag=True, help="Overwrite --out and --plot files.")
+@click.option("--force", is_flag=True, help="Overwrite the --output and --plot files.")
 @click.option(
     "--resume",
     is_flag=True,
-    help="Continue an interrupted sweep from the partial results beside --out "
+    help="Continue an interrupted sweep from the partial results beside --output "
     "(OUT.partial.csv/.parquet) instead of recomputing its finished prompts.",
 )
 @click.option(
@@ -142,8 +151,16 @@ from meminject.sweep.stats import DEFAULT_RANK, RANK_STATS
     "task the cluster can run at once (one per CPU, or per --threads CPUs; one per GPU "
     "with --device cuda).",
 )
-@click.option("--top", default=10, show_default=True, type=click.IntRange(0), help="Cells shown.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option(
+    "--show-top",
+    "top",
+    cls=AliasOption,
+    old_names=("--top",),
+    default=10,
+    show_default=True,
+    type=click.IntRange(0),
+    help="How many of the best cells to show.",
+)
 def sweep(
     dataset: str,
     model_name: str,
@@ -163,7 +180,7 @@ def sweep(
     memory_column: str | None,
     answer_column: str | None,
     explicit_column: str | None,
-    out: Path | None,
+    output: Path | None,
     plot: Path | None,
     plot_stat: str | None,
     rank_by: str,
@@ -173,7 +190,6 @@ def sweep(
     address: str | None,
     tasks: int | None,
     top: int,
-    no_progress: bool,
 ) -> None:
     """Measure how much injecting each row's memory raises p(answer), per (layer, τ,
     encoding[, head]), against random-token controls (Sakarvadia et al. 2023).
@@ -183,7 +199,7 @@ def sweep(
     (obscure_sentence, explicit_entity, answer); meminject datasets lists the loaders.
     """
     from meminject.datasets import parse_options, resolve_dataset
-    from meminject.errors import BadInputError
+    from meminject.errors import BadInputError, RowError
     from meminject.plots import plot_heatmap
     from meminject.plugins import get_registry
     from meminject.specs import (
@@ -214,7 +230,7 @@ def sweep(
         require_ray()
         if address is not None:
             check_address(address)
-    files = SweepFiles.plan(out, resume=resume, force=force)
+    files = SweepFiles.plan(output, resume=resume, force=force)
     if plot is not None and plot.exists() and not force:
         raise BadInputError(f"{plot} exists; pass --force to overwrite it")
     rows = resolve_dataset(
@@ -245,32 +261,35 @@ def sweep(
     )
 
     checkpoint = files.checkpoint if files.partial is not None else None
-    if executor == "ray":
-        from meminject.sweep import run_sweep_ray
+    try:
+        if executor == "ray":
+            from meminject.sweep import run_sweep_ray
 
-        result = run_sweep_ray(
-            model,
-            rows,
-            config,
-            address=address,
-            tasks=tasks,
-            threads=model_flag("threads") or 1,
-            allow_pickle_weights=bool(model_flag("allow_pickle_weights")),
-            registry=registry,
-            progress=not no_progress,
-            done=files.done,
-            checkpoint=checkpoint,
-        )
-    else:
-        result = run_sweep(
-            model,
-            rows,
-            config,
-            registry=registry,
-            progress=not no_progress,
-            done=files.done,
-            checkpoint=checkpoint,
-        )
+            result = run_sweep_ray(
+                model,
+                rows,
+                config,
+                address=address,
+                tasks=tasks,
+                threads=model_flag("threads") or 1,
+                allow_pickle_weights=bool(model_flag("allow_pickle_weights")),
+                registry=registry,
+                progress=show_progress(),
+                done=files.done,
+                checkpoint=checkpoint,
+            )
+        else:
+            result = run_sweep(
+                model,
+                rows,
+                config,
+                registry=registry,
+                progress=show_progress(),
+                done=files.done,
+                checkpoint=checkpoint,
+            )
+    except RowError as exc:  # "row 3: …" alone does not say which dataset's row 3
+        raise exc.in_dataset(_source(dataset, registry)) from None
     files.finish(result.records)
     summary = result.summary
     if plot is not None and not summary.empty:
@@ -280,7 +299,15 @@ def sweep(
             f"{model.name} · {shown} · {answer_metric}{per_head} · {result.stats['rows']} prompts"
         )
         plot_heatmap(summary, plot, stat=plot_stat or rank_by, title=title, force=force)
-    _print_summary(result, top, out, plot, rank_by)
+    _print_summary(result, top, output, plot, rank_by)
+
+
+def _source(dataset: str, registry: Registry) -> str:
+    """How a row error names its dataset: the file (as given) or the registered name."""
+    from meminject.datasets import dataset_target
+
+    name, path = dataset_target(dataset, registry)
+    return path if path is not None else f"dataset '{name}'"
 
 
 def _fmt_pct(value: Any) -> str:

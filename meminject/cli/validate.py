@@ -10,9 +10,9 @@ from pathlib import Path
 import click
 
 from meminject.cli.options import (
-    file_out_option,
     load_cli_model,
     model_option,
+    output_option,
     outside_paths_option,
 )
 
@@ -63,16 +63,27 @@ def validate(
 
 
 @click.command()
-@file_out_option("-o", "--out", help="Write to this file instead of standard output.")
-def schema(out: Path | None) -> None:
-    """Print the JSON Schema of memory files, including plugins' parameters."""
-    from meminject.plugins import get_registry
-    from meminject.schema import json_schema
+@output_option("Write to this file instead of standard output.", old_names=("--out",))
+@click.option(
+    "--generation",
+    is_flag=True,
+    help="The schema of one line of generate --json / --prompts output instead.",
+)
+def schema(output: Path | None, generation: bool) -> None:
+    """Print the JSON Schema of memory files, including plugins' parameters (or, with
+    --generation, of generate's JSON output)."""
+    from meminject.schema import generation_json_schema, json_schema
 
-    text = json.dumps(json_schema(get_registry().file_model), indent=2, ensure_ascii=False) + "\n"
-    if out is None:
+    if generation:
+        found = generation_json_schema()
+    else:
+        from meminject.plugins import get_registry
+
+        found = json_schema(get_registry().file_model)
+    text = json.dumps(found, indent=2, ensure_ascii=False) + "\n"
+    if output is None:
         click.echo(text, nl=False)
     else:
         from meminject.atomic import write_text_atomic
 
-        write_text_atomic(out, text, overwrite=True)
+        write_text_atomic(output, text, overwrite=True)

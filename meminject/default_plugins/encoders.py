@@ -34,8 +34,7 @@ def encode_unembed(request: EncodeRequest) -> Float[Tensor, " d_model"]:
     import torch
 
     with torch.no_grad():
-        w_u = request.model.W_U
-        return w_u[:, _tokens(request)].float().sum(dim=-1)
+        return request.model.unembed_columns(_tokens(request)).sum(dim=-1)
 
 
 def encode_embed(request: EncodeRequest) -> Float[Tensor, " d_model"]:

@@ -5,16 +5,33 @@ compile, whose ``layer`` encoder runs the model) happens on the worker; request
 handlers only validate and wait. The worker takes the first waiting job, then keeps
 gathering for up to ``wait_s`` or until ``batch_size`` jobs, and runs them as one
 ``generate_batch`` call: each row with its own memory set, options and seed, and each
-row's tokens pushed back to its request as they are picked (streaming). A job whose
-client has gone is marked cancelled; its row then stops at the next token.
+row's tokens pushed back to its request as they are picked (streaming).
+
+Requests do not trust each other, so nothing one job does may reach another:
+
+* each job's memories are compiled when it leaves the queue, alone, so a choice that
+  fails to compile fails its own request only;
+* a row whose scores turn non-finite ends that row only (``generate_batch`` with
+  ``on_finish``), and if a batch still fails as a whole, its unanswered jobs are run
+  again one at a time, so the error lands on the request that caused it;
+* each job is answered as soon as its own row ends, not when the batch's longest row
+  does (no head-of-line blocking);
+* compiled choices are kept in a least-recently-used cache of ``cache_size`` entries
+  keyed by :meth:`~meminject.memfile.MemorySet.choice_key`, so a client sending
+  endless distinct τ overrides costs a bounded amount of memory.
+
+A job whose client has gone is marked cancelled: skipped if it has not started, and
+its row ends at the next token if it has.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +42,11 @@ if TYPE_CHECKING:
     from meminject.memfile import MemorySet
     from meminject.model_handle import LoadedModel
 
+log = logging.getLogger("meminject.serve")
+
+#: Compiled memory choices kept (least recently used first out).
+CACHE_SIZE = 64
+
 
 @dataclass(eq=False)
 class Job:
@@ -34,12 +56,33 @@ class Job:
     memories_key: tuple[Any, ...]
     options: DecodeOptions
     loop: asyncio.AbstractEventLoop
+    request_id: str = ""
     tokens: asyncio.Queue[int | None] = field(default_factory=asyncio.Queue)
     done: asyncio.Future[Generation] = field(init=False)
     cancelled: bool = False
+    #: Set on the worker once the job is answered (its future may resolve later).
+    answered: bool = False
+    #: Tokens pushed to ``tokens`` so far (a job that streamed some is not rerun).
+    pushed: int = 0
 
     def __post_init__(self) -> None:
         self.done = self.loop.create_future()
+
+    def finish(self, result: Generation | BaseException) -> None:
+        """Answer the job from the worker thread (once; later answers are ignored)."""
+        if self.answered:
+            return
+        self.answered = True
+        if isinstance(result, BaseException):
+            self.loop.call_soon_threadsafe(_fail, self, result)
+        else:
+            self.loop.call_soon_threadsafe(_finish, self, result)
+            if result.finish_reason == "cancelled" or self.cancelled:
+                log.info(
+                    "request %s cancelled (client gone) after %d tokens",
+                    self.request_id,
+                    len(result.new_tokens),
+                )
 
 
 class Batcher:
@@ -52,28 +95,40 @@ class Batcher:
         max_queue: int = 64,
         backend: str = "auto",
         allow_outside_paths: bool = False,
+        cache_size: int = CACHE_SIZE,
     ):
         self.model = model
         self.batch_size = batch_size
         self.wait_s = wait_s
         self.backend = backend
         self.allow_outside_paths = allow_outside_paths
+        self.cache_size = cache_size
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self._compiled: dict[tuple[Any, ...], Any] = {}
+        self._compiled: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
         self._thread = threading.Thread(target=self._work, name="meminject-batcher", daemon=True)
         self._thread.start()
 
     def compile(self, key: tuple[Any, ...], memories: MemorySet | None) -> Any:
-        """The compiled hooks of a memory set, once per distinct choice (worker only)."""
+        """The compiled hooks of a memory set, from the cache when this choice was
+        compiled lately (worker only)."""
         from meminject.engine import compile_memories
 
         if memories is None:
             return None
-        if key not in self._compiled:
-            self._compiled[key] = compile_memories(
-                self.model, memories, allow_outside_paths=self.allow_outside_paths
-            )
-        return self._compiled[key]
+        if key in self._compiled:
+            self._compiled.move_to_end(key)
+            return self._compiled[key]
+        compiled = compile_memories(
+            self.model, memories, allow_outside_paths=self.allow_outside_paths
+        )
+        self._compiled[key] = compiled
+        while len(self._compiled) > self.cache_size:
+            self._compiled.popitem(last=False)
+        return compiled
+
+    def cached(self) -> int:
+        """How many compiled choices are held (at most ``cache_size``)."""
+        return len(self._compiled)
 
     def submit(self, job: Job) -> None:
         try:
@@ -84,6 +139,7 @@ class Batcher:
                 "the server's queue is full; retry later",
                 kind="server_error",
                 code="queue_full",
+                headers={"Retry-After": "1"},
             ) from None
 
     def close(self) -> None:
@@ -108,38 +164,69 @@ class Batcher:
                     closing = True
                     break
                 jobs.append(job)
-            self._run([j for j in jobs if not j.cancelled])
+            for job in jobs:
+                if job.cancelled:
+                    log.info("request %s cancelled (client gone) before it ran", job.request_id)
+            try:
+                self._run([j for j in jobs if not j.cancelled])
+            except BaseException as exc:  # never let the worker die: answer and go on
+                for job in jobs:
+                    job.finish(exc)
             if closing:
                 return
 
     def _run(self, jobs: list[Job]) -> None:
+        """Compile each job alone, run the ones that compiled as one batch, and if the
+        batch fails as a whole run its unanswered jobs one at a time."""
+        ready: list[tuple[Job, Any]] = []
+        for job in jobs:
+            try:
+                ready.append((job, self.compile(job.memories_key, job.memories)))
+            except Exception as exc:  # this job's choice, this job's error
+                job.finish(exc)
+        if not ready:
+            return
+        try:
+            self._generate(ready)
+        except Exception as exc:
+            left = [(job, compiled) for job, compiled in ready if not job.answered]
+            if len(ready) == 1:  # alone already: the error is its own
+                for job, _ in left:
+                    job.finish(exc)
+                return
+            for one in left:
+                if one[0].pushed:  # its client has seen tokens: a rerun would repeat them
+                    one[0].finish(exc)
+                    continue
+                try:
+                    self._generate([one])
+                except Exception as alone:
+                    one[0].finish(alone)
+
+    def _generate(self, ready: list[tuple[Job, Any]]) -> None:
         from meminject.generation import generate_batch
 
-        if not jobs:
-            return
+        jobs = [job for job, _ in ready]
 
         def on_token(index: int, token: int) -> bool:
             job = jobs[index]
+            job.pushed += 1
             job.loop.call_soon_threadsafe(job.tokens.put_nowait, token)
             return not job.cancelled
 
-        try:
-            compiled = [self.compile(job.memories_key, job.memories) for job in jobs]
-            results = generate_batch(
-                self.model,
-                [job.prompt for job in jobs],
-                memories_per_prompt=compiled,
-                options=[job.options for job in jobs],
-                batch_size=len(jobs),
-                backend=self.backend,
-                on_token=on_token,
-            )
-        except Exception as exc:  # one batch's failure is its requests' error, not the server's
-            for job in jobs:
-                job.loop.call_soon_threadsafe(_fail, job, exc)
-            return
-        for job, result in zip(jobs, results, strict=True):
-            job.loop.call_soon_threadsafe(_finish, job, result)
+        def on_finish(index: int, result: Any) -> None:
+            jobs[index].finish(result)
+
+        generate_batch(
+            self.model,
+            [job.prompt for job in jobs],
+            memories_per_prompt=[compiled for _, compiled in ready],
+            options=[job.options for job in jobs],
+            batch_size=len(jobs),
+            backend=self.backend,
+            on_token=on_token,
+            on_finish=on_finish,
+        )
 
 
 def _finish(job: Job, result: Generation) -> None:
@@ -148,7 +235,7 @@ def _finish(job: Job, result: Generation) -> None:
         job.done.set_result(result)
 
 
-def _fail(job: Job, exc: Exception) -> None:
+def _fail(job: Job, exc: BaseException) -> None:
     job.tokens.put_nowait(None)
     if not job.done.done():
         job.done.set_exception(exc)

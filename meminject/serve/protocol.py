@@ -2,7 +2,16 @@
 
 Fields follow the OpenAI API (and its defaults: ``temperature`` 1, ``max_tokens`` 16
 for completions); ``memories`` is meminject's own. Unknown fields are refused (400,
-naming the field), as the OpenAI API does, rather than silently ignored.
+naming the field), as the OpenAI API does, rather than silently ignored. Options the
+server does not implement but clients send with their neutral value
+(``presence_penalty: 0``, ``frequency_penalty: 0``, ``response_format: {"type":
+"text"}``) are accepted with that value and refused with any other, so a request is
+never answered as if an option applied that did not.
+
+Types are strict (no ``"yes"`` for a boolean, no ``true`` or ``1.5`` for an integer; an
+integer is a number) and sizes are bounded (``stop``: at most :data:`MAX_STOPS`
+strings of at most :data:`MAX_STOP_CHARS` characters), so what a request asks for is
+what it meant and what it costs is known before it runs.
 """
 
 from __future__ import annotations
@@ -14,9 +23,36 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from meminject.pydantic_errors import describe, field_path, first_error
 
+#: The most stop strings a request may give, and the longest one, in characters.
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Strict):
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(
+                'only {"type": "text"} is supported; this server cannot constrain replies to JSON'
+            )
+        return value
+
+
+def _neutral_penalty(value: float) -> float:
+    if value != 0:
+        raise ValueError("is not supported; only 0 (no penalty, the default) is accepted")
+    return value
 
 
 class MemoryChoice(_Strict):
@@ -41,15 +77,33 @@ class _Sampling(_Strict):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**64 - 1)
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
     user: str | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    response_format: ResponseFormat | None = None
     #: Names of loaded memories (or choices with overrides); None or [] for none.
     memories: list[str | MemoryChoice] | None = None
 
+    _penalties = field_validator("presence_penalty", "frequency_penalty")(_neutral_penalty)
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOPS:
+            raise ValueError(f"at most {MAX_STOPS} stop strings, not {len(stops)}")
+        for stop in stops:
+            if not stop or len(stop) > MAX_STOP_CHARS:
+                raise ValueError(
+                    f"each stop string must have 1 to {MAX_STOP_CHARS} characters, not {len(stop)}"
+                )
+        return value
+
     def include_usage(self) -> bool:
         """``stream_options.include_usage``: a last chunk with the token counts."""
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -96,9 +150,11 @@ class APIError(Exception):
         kind: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ):
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
         self.body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 

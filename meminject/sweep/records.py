@@ -217,7 +217,7 @@ class SweepFiles:
     def plan(cls, out: Path | None, *, resume: bool = False, force: bool = False) -> SweepFiles:
         if out is None:
             if resume:
-                raise BadInputError("--resume needs --out (the partial results live beside it)")
+                raise BadInputError("--resume needs --output (the partial results live beside it)")
             return cls(None, None, None, force)
         check_output_path(out, force)
         partial = partial_path(out)

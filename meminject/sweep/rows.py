@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from meminject.errors import BadInputError, ContextTooLongError
+from meminject.errors import BadInputError, RowError, RowTooLongError
 from meminject.sweep.config import METRICS
 
 if TYPE_CHECKING:
@@ -42,9 +42,11 @@ def tokenize_row(model: LoadedModel, row: PromptRow, metric: str = "first-token"
     prompt_ids = model.tokenize(row.prompt)
     answer = answer_tokens(model, row.prompt, row.answer)
     if not prompt_ids:
-        raise BadInputError(f"row {row.row_id}: the prompt encodes to no tokens")
+        raise RowError(f"row {row.row_id}: the prompt encodes to no tokens", row.row_id)
     if not answer:
-        raise BadInputError(f"row {row.row_id}: the answer {row.answer!r} encodes to no tokens")
+        raise RowError(
+            f"row {row.row_id}: the answer {row.answer!r} encodes to no tokens", row.row_id
+        )
     if metric == "first-token":
         ids, targets = prompt_ids, answer[:1]
     elif metric == "full":
@@ -52,9 +54,10 @@ def tokenize_row(model: LoadedModel, row: PromptRow, metric: str = "first-token"
     else:
         raise BadInputError(f"unknown answer metric '{metric}'; choose {METRICS}")
     if len(ids) > model.dims.n_ctx:
-        raise ContextTooLongError(
+        raise RowTooLongError(
             f"row {row.row_id}: {len(ids)} tokens, longer than the model's context of "
-            f"{model.dims.n_ctx}"
+            f"{model.dims.n_ctx}",
+            row.row_id,
         )
     first = len(prompt_ids) - 1
     return TokenizedRow(row, ids, list(range(first, first + len(targets))), targets)
@@ -115,7 +118,9 @@ def control_texts(model: LoadedModel, row: PromptRow, n: int, seed: int) -> list
         return []
     memory_ids = model.tokenize(row.memory, prepend_bos=False)
     if not memory_ids:
-        raise BadInputError(f"row {row.row_id}: the memory {row.memory!r} encodes to no tokens")
+        raise RowError(
+            f"row {row.row_id}: the memory {row.memory!r} encodes to no tokens", row.row_id
+        )
     banned = set(memory_ids) | set(answer_tokens(model, row.prompt, row.answer))
     texts = []
     for index in range(n):
@@ -127,9 +132,10 @@ def control_texts(model: LoadedModel, row: PromptRow, n: int, seed: int) -> list
                 texts.append(text)
                 break
         else:
-            raise BadInputError(
+            raise RowError(
                 f"row {row.row_id}: could not draw a {len(memory_ids)}-token control that "
-                "survives decoding and re-tokenizing with this tokenizer"
+                "survives decoding and re-tokenizing with this tokenizer",
+                row.row_id,
             )
     return texts
 

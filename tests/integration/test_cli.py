@@ -56,18 +56,35 @@ def test_generate_compare_json(memory_dir: Path, gpt2_dir: Path) -> None:
         ],
     )
     assert result.exit_code == 0, result.output
-    payload = json.loads(result.stdout)
-    assert payload["memories"] == ["first-president"]
-    assert payload["model"] == str(gpt2_dir)  # taken from the files' [model]
+    from meminject.schema import GenerationRecord
+
+    # One record per generation, one per line: the baseline, then the injected run.
+    base, inj = (GenerationRecord.model_validate_json(x) for x in result.stdout.splitlines())
+    assert (base.memories, inj.memories) == ([], ["first-president"])
+    assert base.model == inj.model == str(gpt2_dir)  # taken from the files' [model]
+    assert base.prompt == inj.prompt == PROMPT and base.id is None
     model = load_model(gpt2_dir)
     baseline = generate(model, PROMPT, max_new_tokens=6, show_top=3)
     injected = generate(model, PROMPT, memory_dir, max_new_tokens=6, show_top=3)
-    assert payload["baseline"]["new_tokens"] == baseline.new_tokens
-    assert payload["injected"]["new_tokens"] == injected.new_tokens
-    assert payload["baseline"]["new_tokens"] != payload["injected"]["new_tokens"]
-    assert [t["token_id"] for t in payload["injected"]["top_next"]] == [
-        t.token_id for t in injected.top_next
-    ]
+    assert base.new_tokens == baseline.new_tokens
+    assert inj.new_tokens == injected.new_tokens
+    assert inj.prompt_tokens == injected.prompt_tokens
+    assert base.new_tokens != inj.new_tokens
+    assert [t.token_id for t in inj.top_next] == [t.token_id for t in injected.top_next]
+    assert inj.completion == injected.completion
+
+
+def test_generate_prints_the_completion_as_plain_text(memory_dir: Path, gpt2_dir: Path) -> None:
+    """No table unless asked for: the completion alone, terminal or pipe alike; `-` reads
+    the prompt from standard input (one trailing newline dropped)."""
+    args = ["generate", "-m", str(memory_dir), "--max-new-tokens", "4"]
+    plain = CliRunner().invoke(cli, [*args, PROMPT])
+    piped = CliRunner().invoke(cli, [*args, "-"], input=PROMPT + "\n")
+    assert plain.exit_code == 0 and piped.exit_code == 0, plain.output + piped.output
+    injected = generate(load_model(gpt2_dir), PROMPT, memory_dir, max_new_tokens=4)
+    assert plain.stdout == piped.stdout == injected.completion + "\n"
+    empty = CliRunner().invoke(cli, [*args, "-"], input="")
+    assert empty.exit_code == 2 and "standard input was empty" in empty.stderr
 
 
 def test_generate_compare_table(memory_dir: Path) -> None:
@@ -76,8 +93,13 @@ def test_generate_compare_table(memory_dir: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     assert "baseline" in result.output and "injected" in result.output
+    assert f"prompt: {PROMPT}" in result.output
     assert "memories: first-president" in result.output
     assert result.output.count("next #") == 5
+    shown = CliRunner().invoke(
+        cli, ["generate", PROMPT, "-m", str(memory_dir), "--show-top", "2", "--max-new-tokens", "1"]
+    )
+    assert shown.exit_code == 0 and shown.output.count("next #") == 2, shown.output
 
 
 def test_validate_with_model_checks_ranges(memory_dir: Path, gpt2_dir: Path) -> None:
@@ -207,8 +229,32 @@ tau = 5.0
     assert [r["new_tokens"] for r in records] == [g.new_tokens for g in expected]
     assert [r["completion"] for r in records] == [g.completion for g in expected]
     assert records[0]["new_tokens"] != records[1]["new_tokens"]
-    assert [t["id"] for t in records[3]["top_next"]] == [t.token_id for t in expected[3].top_next]
+    assert [t["token_id"] for t in records[3]["top_next"]] == [
+        t.token_id for t in expected[3].top_next
+    ]
     assert len(records[0]["top_next"]) == 5  # --show-top's default, 5, for every line
+    assert records[0]["prompt_tokens"] == expected[0].prompt_tokens
+    from meminject.schema import GenerationRecord
+
+    for line in out.read_text(encoding="utf-8").splitlines():
+        GenerationRecord.model_validate_json(line)  # the schema of a single prompt's --json
+
+    # --compare: a baseline record before each injected one (none for lines without
+    # memories), as for a single prompt.
+    compared = CliRunner().invoke(cli, [*args, "--max-new-tokens", "5", "--compare"])
+    assert compared.exit_code == 0, compared.output
+    rows = [json.loads(x) for x in compared.stdout.splitlines()]
+    assert [(r.get("id"), r["memories"]) for r in rows] == [
+        ("all", []),
+        ("all", ["washington", "rome"]),
+        ("none", []),
+        ("one", []),
+        ("one", ["rome"]),
+        (None, []),
+        (None, ["washington"]),
+    ]
+    assert rows[0]["new_tokens"] == records[1]["new_tokens"]  # the baseline is no memories
+    assert rows[1]["new_tokens"] == records[0]["new_tokens"]
 
 
 @pytest.mark.parametrize(
@@ -268,7 +314,7 @@ def test_a_model_table_means_the_same_in_python_as_on_the_command_line(
         cli, ["generate", PROMPT, "-m", str(path), "--json", "--max-new-tokens", "6"]
     )
     assert result.exit_code == 0, result.output
-    on_the_command_line = json.loads(result.stdout)["injected"]
+    on_the_command_line = json.loads(result.stdout)
 
     memories = load_memories(path)
     model = load_model(memories=memories)
@@ -294,3 +340,25 @@ def test_a_model_table_means_the_same_in_python_as_on_the_command_line(
             generate(default, PROMPT, memories, max_new_tokens=6)
         chosen = load_model(gpt2_dir, coordinates="processed")
         generate(chosen, PROMPT, memories, max_new_tokens=1)  # asked for: runs
+
+
+def test_chat_prints_the_reply_only(model_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 29: --chat ran the prompt into the reply; plain output is the reply alone."""
+    import shutil
+
+    directory = tmp_path / "llama"
+    shutil.copytree(model_dirs["llama"], directory)
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    config_path.write_text(json.dumps(config))
+    args = ["generate", "--chat", "--model", str(directory), "--max-new-tokens", "4", "Hi"]
+    plain = CliRunner().invoke(cli, args)
+    as_json = CliRunner().invoke(cli, [*args, "--json"])
+    assert plain.exit_code == 0 and as_json.exit_code == 0, plain.output + as_json.output
+    reply = json.loads(as_json.stdout)
+    assert reply["prompt"] == "Hi" and len(reply["prompt_tokens"]) > 1  # the template's
+    assert plain.stdout == reply["completion"] + "\n"

@@ -85,6 +85,8 @@ def test_doc_examples_run(
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(body + "\n", encoding="utf-8")
                 written[name] = body
+            elif kind == "console":
+                continue  # tests/integration/test_doc_commands.py runs them
             elif kind == "run":
                 script = tmp_path / f"_example_{index}.py"
                 script.write_text(body + "\n", encoding="utf-8")

@@ -109,7 +109,7 @@ def test_evaluate_command_json_and_table(toyworld, edit, tmp_path):
     args = [
         "evaluate", str(edit["toml"]), "--target", edit["target"],
         "--prompt", f"The capital of {edit['country']} is",
-        "--positive", str(positives), "--neutral", str(neutral), "--tokens", "3",
+        "--positive", str(positives), "--neutral", str(neutral), "--max-new-tokens", "3",
     ]  # fmt: skip
     result = CliRunner().invoke(cli, [*args, "--json"])
     assert result.exit_code == 0, result.output

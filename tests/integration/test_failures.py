@@ -127,5 +127,6 @@ def test_same_inputs_and_seed_give_bit_identical_output_across_processes(
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
-    payload = json.loads(runs[0])
-    assert len(payload["injected"]["new_tokens"]) == 12
+    baseline, injected = (json.loads(line) for line in runs[0].splitlines())
+    assert baseline["memories"] == [] and injected["memories"] == ["m"]
+    assert len(injected["new_tokens"]) == 12

@@ -338,3 +338,53 @@ def test_token_logprobs_are_the_models_log_softmax(tiny):
     assert "token_logprobs" not in generate(model, PROMPTS[0], max_new_tokens=2).to_dict()
     with pytest.raises(BadInputError, match="logprobs must be between 0 and 20"):
         generate(model, PROMPTS[0], max_new_tokens=2, logprobs=21)
+
+
+def test_a_row_whose_scores_turn_non_finite_ends_alone(model_dirs, tmp_path):
+    """With on_finish, an overflowing row is reported with its error and the other rows
+    of its batch give their solo results; each row is reported once. Without it, the
+    error is raised as before."""
+    from meminject.engine import added_scales
+    from meminject.errors import NonFiniteScoresError
+    from meminject.generation import DecodeOptions, generate_batch
+    from meminject.loading import load_memories, load_model
+    from meminject.memfile import MemoryChoice
+    from tests.conftest import write
+
+    model = load_model(model_dirs["llama"])
+    path = write(
+        tmp_path / "m.toml",
+        'version = 1\n[[memory]]\nname = "paris"\ntext = "Paris Rome"\nlayer = 1\n'
+        'site = "resid_pre"\ntau = 5.0\n[[memory]]\nname = "far"\ntext = "Paris Rome"\n'
+        'layer = 1\nsite = "resid_pre"\ntau = 1.0\ntau_units = "resid_norm"\n'
+        "resid_norm = 10.0\n",
+    )
+    memory_set = load_memories([path])
+    big = torch.finfo(torch.float32).max
+    scale = added_scales(model, memory_set)["far"]
+    hostile = memory_set.choose(
+        [MemoryChoice("far", 0.999 * big / scale), MemoryChoice("paris", 0.99 * big)]
+    )
+    normal = memory_set.choose([MemoryChoice("paris")])
+    prompts = ["The first president", "Hello there", "The first president"]
+    sets = [None, hostile, normal]
+    options = DecodeOptions(max_new_tokens=4)
+    reported: dict[int, object] = {}
+
+    def on_finish(index: int, result: object) -> None:
+        assert index not in reported
+        reported[index] = result
+
+    results = generate_batch(
+        model, prompts, memories_per_prompt=sets, options=options, on_finish=on_finish
+    )
+    assert isinstance(reported[1], NonFiniteScoresError)
+    assert results[1].finish_reason == "error"
+    for index in (0, 2):
+        alone = generate_batch(
+            model, [prompts[index]], memories_per_prompt=[sets[index]], options=options
+        )[0]
+        assert reported[index] == results[index]
+        assert results[index].new_tokens == alone.new_tokens
+    with pytest.raises(NonFiniteScoresError):
+        generate_batch(model, prompts, memories_per_prompt=sets, options=options)

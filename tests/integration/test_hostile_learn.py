@@ -108,7 +108,7 @@ def assert_one_line_error(result: Result, expected: str) -> str:
 
 def base_args(out: Path, *extra: str) -> list[str]:
     return [PROMPT, "--target", TARGET, "--layer", "2", "--site", "resid_pre",
-            "--out", str(out), *extra]  # fmt: skip
+            "--output", str(out), *extra]  # fmt: skip
 
 
 def prompts_file(path: Path, text: str = f"{PROMPT}\n") -> Path:
@@ -209,7 +209,7 @@ def test_learning_prompt_longer_than_the_context(toyworld, tmp_path):
     n_ctx = toyworld.dims.n_ctx
     result = learn_cli(
         long_prompt(toyworld, n_ctx + 1), "--target", TARGET, "--layer", "1", "--site",
-        "resid_pre", "--out", str(tmp_path / "out.toml"),
+        "resid_pre", "--output", str(tmp_path / "out.toml"),
     )  # fmt: skip
     assert_one_line_error(
         result,
@@ -226,7 +226,7 @@ def test_prompt_and_teacher_forced_target_longer_than_the_context(toyworld, tmp_
     assert extra >= 2
     result = learn_cli(
         long_prompt(toyworld, n_ctx), "--target", target, "--teacher-force", "--layer", "1",
-        "--site", "resid_pre", "--out", str(tmp_path / "out.toml"),
+        "--site", "resid_pre", "--output", str(tmp_path / "out.toml"),
     )  # fmt: skip
     assert_one_line_error(
         result,
@@ -457,7 +457,7 @@ HARD = ["the capital of", "--target", "Shigosmir", "--layer", "1", "--site", "at
 
 
 def test_one_step_failure_says_what_to_try(toyworld, tmp_path):
-    result = learn_cli(*HARD, "--steps", "1", "--out", str(tmp_path / "X.toml"))
+    result = learn_cli(*HARD, "--steps", "1", "--output", str(tmp_path / "X.toml"))
     assert_one_line_error(
         result,
         "makes the target top-1 with 1 step at site 'attn_out' of layer 1; try more --steps "
@@ -468,7 +468,7 @@ def test_one_step_failure_says_what_to_try(toyworld, tmp_path):
 
 def test_default_steps_retry_with_more_steps_and_report_them(toyworld, tmp_path):
     out = tmp_path / "X.toml"
-    result = learn_cli(*HARD, "--out", str(out))
+    result = learn_cli(*HARD, "--output", str(out))
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("alpha = ")
     assert "(3 steps; 1 step did not reach top-1)" in result.stdout.splitlines()[0]
@@ -518,7 +518,7 @@ def test_sweep_with_an_over_long_csv_field_is_one_error(tmp_path):
     huge = "x" * (csv.field_size_limit() + 1)
     path.write_text(f"obscure_sentence,explicit_entity,answer\n{huge},Oslo,Europe\n")
     before = snapshot(tmp_path)
-    result = CliRunner().invoke(cli, ["sweep", str(path), "--out", str(tmp_path / "r.csv")])
+    result = CliRunner().invoke(cli, ["sweep", str(path), "--output", str(tmp_path / "r.csv")])
     assert_one_line_error(result, f"Error: {path}:2: data row 1: a field is longer than")
     assert snapshot(tmp_path) == before
 
@@ -533,7 +533,8 @@ def _doc_blocks(text: str) -> list[str]:
 def test_documented_learn_command_runs_verbatim(toyworld, tmp_path, monkeypatch):
     text = DOCS_PAGE.read_text(encoding="utf-8")
     blocks = _doc_blocks(text)
-    command = next(b for b in blocks if b.startswith("meminject learn "))
+    console = next(b for b in blocks if b.startswith("$ meminject learn "))
+    command = console[2:].split("\nalpha = ")[0]  # the command, before what it printed
     args = shlex.split(command.replace("\\\n", " "))
     assert args[:2] == ["meminject", "learn"]
     printed = next(b for b in blocks if b.startswith("alpha = "))
@@ -541,7 +542,7 @@ def test_documented_learn_command_runs_verbatim(toyworld, tmp_path, monkeypatch)
     # relative paths resolve as in a checkout, and the checkout is never written to.
     shutil.copytree(ROOT / "memories", tmp_path / "memories")
     monkeypatch.chdir(tmp_path)
-    out = Path(args[args.index("--out") + 1])
+    out = Path(args[args.index("--output") + 1])
     assert not out.exists()
     result = CliRunner().invoke(cli, args[1:])
     assert result.exit_code == 0, result.output

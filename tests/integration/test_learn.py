@@ -181,7 +181,7 @@ def test_learn_command_end_to_end(toyworld, capitals, tmp_path):
         str(negatives),
         "--grid",
         "0.1-0.5:0.1",
-        "--out",
+        "--output",
         str(out),
     ]
     result = CliRunner().invoke(cli, args)
@@ -220,7 +220,7 @@ def test_learn_lists_the_prompts_the_chosen_boundary_gets_wrong(
     args = [
         "learn", f"The capital of {country} is", "--target", wrong, "--layer", "2",
         "--site", "resid_pre", "--positive", str(positives), "--negative", str(negatives),
-        "--grid", "0.001", "--out", str(tmp_path / "narrow.toml"),
+        "--grid", "0.001", "--output", str(tmp_path / "narrow.toml"),
     ]  # fmt: skip
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output

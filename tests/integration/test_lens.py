@@ -106,7 +106,7 @@ def test_cli_inspect_table_json_and_heatmap(gpt2, gpt2_dir, tmp_path):
     assert result.exit_code == 0, result.output
     assert "rank of ' Paris'" in result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    result = runner.invoke(_group(), [*args, "--json", "--top-k", "2", "--layers", "1"])
+    result = runner.invoke(_group(), [*args, "--json", "--show-top", "2", "--layers", "1"])
     payload = json.loads(result.output)
     report = project_attention(gpt2, PROMPT, layers=[1], heads=True, top_k=2, token=" Paris")
     assert payload["projections"] == report.to_dict()["projections"]
@@ -114,3 +114,26 @@ def test_cli_inspect_table_json_and_heatmap(gpt2, gpt2_dir, tmp_path):
     assert refused.exit_code == 2 and "exists; pass --force" in refused.output
     usage = runner.invoke(_group(), ["inspect", PROMPT, "--plot", str(tmp_path / "x.png")])
     assert usage.exit_code == 2 and "--token" in usage.output
+
+
+def test_token_text_follows_the_prompt_as_learn_and_evaluate_read_it(gpt2):
+    """One rule (issue 29): 'Paris' means ' Paris' unless it starts with whitespace."""
+    bare = project_attention(gpt2, PROMPT, layers=[1], token="Paris")
+    spaced = project_attention(gpt2, PROMPT, layers=[1], token=" Paris")
+    assert bare.token_id == spaced.token_id == gpt2.tokenize(" Paris", prepend_bos=False)[0]
+    from meminject.learn import target_tokens
+
+    assert target_tokens(gpt2, "Paris") == gpt2.continuation_ids(" Paris")
+
+
+def test_cli_inspect_heads_takes_a_spec(gpt2_dir):
+    runner = CliRunner()
+    args = ["inspect", PROMPT, "--model", str(gpt2_dir), "--layers", "1", "--json"]
+    some = json.loads(runner.invoke(_group(), [*args, "--heads", "0,2"]).output)
+    every = json.loads(runner.invoke(_group(), [*args, "--heads"]).output)
+    none = json.loads(runner.invoke(_group(), args).output)
+    assert [p["head"] for p in some["projections"]] == [None, 0, 2]
+    assert [p["head"] for p in every["projections"]] == [None, 0, 1, 2, 3]
+    assert [p["head"] for p in none["projections"]] == [None]
+    bad = runner.invoke(_group(), [*args, "--heads", "9"])
+    assert bad.exit_code == 2 and "head 9" in bad.output

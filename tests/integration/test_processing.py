@@ -15,6 +15,7 @@ from meminject.loading import load_model
 from meminject.processing import FAMILIES, family_of, process_in_place
 from meminject.sites import PLAIN_SITES, hook_name
 from meminject.testing import build_tiny_model
+from tests.processed_state import processed_state
 
 pytestmark = pytest.mark.integration
 
@@ -48,8 +49,8 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     plain = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     family = family_of(plain.config)
     assert family is not None
-    process_in_place(plain, family)
-    return reference, shared_hf_model(reference), plain
+    unembedding = process_in_place(plain, family)
+    return reference, shared_hf_model(reference), plain, unembedding
 
 
 def test_the_families_cover_the_supported_architectures() -> None:
@@ -59,15 +60,28 @@ def test_the_families_cover_the_supported_architectures() -> None:
 
 
 def test_every_processed_tensor_equals_the_bridges(pair) -> None:
-    _, reference, plain = pair
-    ours, theirs = plain.state_dict(), reference.state_dict()
+    """Every tensor; a tied RMSNorm model keeps its tie (one tensor) and its processed
+    unembedding, computed when read, is the bridge's (whole and column by column)."""
+    _, reference, plain, unembedding = pair
+    family = family_of(plain.config)
+    assert family is not None
+    tied = bool(plain.config.tie_word_embeddings)
+    assert (unembedding is not None) == (tied and family.norm != "layer")
+    ours, theirs = processed_state(plain, family, unembedding), reference.state_dict()
     assert set(ours) == set(theirs)
     for name, tensor in theirs.items():
         torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    if unembedding is not None:
+        some = [0, 5, plain.config.vocab_size - 1]
+        embedding = plain.get_input_embeddings().weight
+        w_u = theirs["lm_head.weight"].T
+        torch.testing.assert_close(
+            unembedding.columns(embedding, some), w_u[:, some], rtol=1e-5, atol=1e-6
+        )
 
 
 def test_logits_and_every_site_equal_the_bridges(pair) -> None:
-    loaded, _, plain = pair
+    loaded, _, plain, _ = pair
     backend = HFBackend(loaded, plain, BlockPaths.of_bridge(loaded.bridge))
     names = [hook_name(site, layer) for site in PLAIN_SITES for layer in range(2)]
     maps = backend.measure(names)
@@ -114,7 +128,7 @@ def test_loading_without_the_bridge_generates_what_the_bridge_does(
 def test_block_paths_and_facts_are_the_bridges(pair) -> None:
     from meminject.plain_loading import block_paths, facts_of
 
-    loaded, _, plain = pair
+    loaded, _, plain, _ = pair
     family = family_of(plain.config)
     assert family is not None
     assert block_paths(family) == BlockPaths.of_bridge(loaded.bridge)
@@ -150,4 +164,35 @@ def test_bfloat16_loads_without_the_bridge_as_with_it(model_dirs, arch: str) -> 
     assert float((ours.float() - theirs.float()).abs().max()) < 0.05
     result = generate(plain, "The first president", [memory], max_new_tokens=3)
     assert result.backend == "hf" and len(result.new_tokens) == 3
+    assert not plain.has_bridge
+
+
+@pytest.mark.parametrize("arch", ("qwen2", "gemma3", "gemma2"))
+def test_a_tied_model_keeps_one_copy_and_encodes_as_the_bridge(tmp_path: Path, arch: str) -> None:
+    """A tied RMSNorm model loads without untying (the embedding is the unembedding, one
+    tensor), and what reads the processed unembedding still gets the bridge's: the
+    ``unembed`` encoding, ``W_U`` itself, and greedy generation with a memory."""
+    from meminject.engine import compile_memories
+    from meminject.generation import generate
+
+    path = _perturbed(tmp_path / arch, arch)
+    bridge = load_model(path, bridge=True)
+    plain = load_model(path)
+    assert not plain.has_bridge and plain.served is not None
+    hf = plain.served.hf
+    shared = hf.get_input_embeddings().weight.data_ptr()
+    assert hf.get_output_embeddings().weight.data_ptr() == shared
+    assert plain.served.unembedding is not None
+    torch.testing.assert_close(plain.W_U, bridge.W_U, rtol=1e-5, atol=1e-6)
+    memory = {"name": "m", "text": "George Washington", "layer": 1, "tau": 6.0}
+    (ours,) = compile_memories(plain, [memory])
+    (theirs,) = compile_memories(bridge, [memory])
+    torch.testing.assert_close(
+        ours.hook.additions[0].vector, theirs.hook.additions[0].vector, rtol=1e-5, atol=1e-5
+    )
+    prompt = "The first president of the United States fought in the"
+    for memories in (None, memory):
+        a = generate(plain, prompt, memories, max_new_tokens=6, stop_at_eos=False)
+        b = generate(bridge, prompt, memories, max_new_tokens=6, stop_at_eos=False)
+        assert a.backend == "hf" and a.new_tokens == b.new_tokens
     assert not plain.has_bridge

@@ -272,4 +272,4 @@ def test_the_cli_loads_a_supported_family_without_transformer_lens(tmp_path, mon
     bridge = load_model("toyworld", bridge=True)
     assert bridge.has_bridge
     expected = generate(bridge, prompt, memory, max_new_tokens=20)
-    assert json.loads(first.stdout)["injected"]["new_tokens"] == expected.new_tokens
+    assert json.loads(first.stdout)["new_tokens"] == expected.new_tokens

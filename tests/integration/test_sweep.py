@@ -394,7 +394,7 @@ def test_cli_sweep_writes_records_and_heatmap(gpt2, gpt2_dir, tmp_path):
     args = [
         "sweep", str(data), "--model", str(gpt2_dir), "--layers", "0-1", "--tau", "1,4",
         "--encoding", "unembed,embed", "--controls", "1", "--batch-size", "2",
-        "--out", str(out), "--plot", str(png), "--no-progress",
+        "--output", str(out), "--plot", str(png), "--no-progress",
     ]  # fmt: skip
     result = CliRunner().invoke(_group(), args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -437,8 +437,24 @@ def test_cli_sweep_bad_input_is_one_line_exit_2(gpt2_dir, tmp_path):
         _group(), ["sweep", str(bad), "--prompt-column", "prompt", "--tau", "1-"]
     )
     assert result.exit_code == 2 and "cannot read tau spec" in result.output
-    result = runner.invoke(_group(), ["sweep", str(bad), "--out", str(tmp_path / "x.json")])
+    result = runner.invoke(_group(), ["sweep", str(bad), "--output", str(tmp_path / "x.json")])
     assert result.exit_code == 2 and "unknown output format" in result.output
+
+
+def test_cli_sweep_row_errors_name_the_file(gpt2_dir, tmp_path):
+    """Issue 26: "row 1: … longer than the model's context" alone does not say which
+    file's row 1."""
+    long = " ".join(["word"] * 400)
+    bad = write(
+        tmp_path / "rows.csv",
+        f'obscure_sentence,explicit_entity,answer\nShort prompt,M,A\n"{long}",M,A\n',
+    )
+    args = ["sweep", str(bad), "--model", str(gpt2_dir), "--layers", "0", "--tau", "1"]
+    result = CliRunner().invoke(_group(), [*args, "--no-progress"])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {bad}: row 1: "), lines
+    assert "longer than the model's context" in lines[0]
 
 
 @pytest.mark.slow
@@ -546,7 +562,7 @@ def test_cli_resume_continues_from_the_partial_file(gpt2, gpt2_dir, tmp_path):
         "0",
         "--batch-size",
         "2",
-        "--out",
+        "--output",
         str(out),
         "--no-progress",
     ]
@@ -571,7 +587,7 @@ def test_cli_head_sweep_on_toyworld_reports_shares_and_a_held_out_check(toyworld
     out = tmp_path / "heads.parquet"
     args = [
         "sweep", "toyworld", "--layers", "0", "--tau", "2", "--encoding", "embed",
-        "--heads", "0,1", "--controls", "1", "--out", str(out), "--no-progress",
+        "--heads", "0,1", "--controls", "1", "--output", str(out), "--no-progress",
         "--plot", str(tmp_path / "heads.png"),
     ]  # fmt: skip
     result = CliRunner().invoke(_group(), args, catch_exceptions=False)

@@ -272,10 +272,10 @@ def test_cli_ray_sweep_writes_the_local_records_and_resumes(gpt2, gpt2_dir, tmp_
         "--no-progress",
     ]  # fmt: skip
     local_out, ray_out = tmp_path / "local.parquet", tmp_path / "ray.parquet"
-    local = CliRunner().invoke(_group(), [*args, "--out", str(local_out)])
+    local = CliRunner().invoke(_group(), [*args, "--output", str(local_out)])
     assert local.exit_code == 0, local.output
     on_ray = CliRunner().invoke(
-        _group(), [*args, "--out", str(ray_out), "--executor", "ray", "--tasks", "2"]
+        _group(), [*args, "--output", str(ray_out), "--executor", "ray", "--tasks", "2"]
     )
     assert on_ray.exit_code == 0, on_ray.output
     assert "on 2 Ray tasks" in on_ray.output
@@ -296,7 +296,7 @@ def test_cli_ray_sweep_writes_the_local_records_and_resumes(gpt2, gpt2_dir, tmp_
     out = tmp_path / "resumed.parquet"
     write_records(saved["partial"], partial_path(out), force=True)
     resumed = CliRunner().invoke(
-        _group(), [*args, "--out", str(out), "--executor", "ray", "--resume"]
+        _group(), [*args, "--output", str(out), "--executor", "ray", "--resume"]
     )
     assert resumed.exit_code == 0, resumed.output
     assert not partial_path(out).exists()
@@ -316,7 +316,7 @@ def test_cli_starts_and_stops_a_ray_instance_of_its_own(gpt2, gpt2_dir, tmp_path
     args = [
         "sweep", str(_dataset(tmp_path)), "--model", str(gpt2_dir), "--layers", "1",
         "--tau", "2", "--encoding", "unembed", "--batch-size", "4", "--no-progress",
-        "--executor", "ray", "--out", str(out),
+        "--executor", "ray", "--output", str(out),
     ]  # fmt: skip
     result = CliRunner().invoke(_group(), args)
     assert result.exit_code == 0, result.output

@@ -100,13 +100,13 @@ def assert_processing_matches_the_bridge(model: Any, prompt: str, norm: str) -> 
 
     from meminject.backends.hf import shared_hf_model
     from meminject.processing import family_of, process_in_place
+    from tests.processed_state import processed_state
 
     plain = AutoModelForCausalLM.from_pretrained(model.source, dtype=torch.float32).eval()
     family = family_of(plain.config)
     assert family is not None and family.norm == norm
-    process_in_place(plain, family)
+    ours = processed_state(plain, family, process_in_place(plain, family))
     reference = shared_hf_model(model).state_dict()
-    ours = plain.state_dict()
     assert set(ours) == set(reference)
     for name, tensor in reference.items():
         torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-5, msg=name)

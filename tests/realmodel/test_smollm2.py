@@ -232,9 +232,9 @@ def test_validate_and_generate_commands_on_the_shipped_memories() -> None:
     assert shown.exit_code == 0, shown.output
     import json
 
-    payload = json.loads(shown.output)
-    assert payload["baseline"]["completion"].startswith(" Kathiyal")
-    assert payload["injected"]["completion"].startswith(" Kathmandu")
+    baseline, injected = (json.loads(x) for x in shown.stdout.splitlines())
+    assert baseline["completion"].startswith(" Kathiyal")
+    assert injected["completion"].startswith(" Kathmandu")
 
 
 def test_fingerprint_is_stable_across_a_cache_rebuild(smollm2, tmp_path, monkeypatch) -> None:

@@ -136,13 +136,17 @@ def test_cli_reference_covers_every_command_and_option() -> None:
     import click
 
     from meminject.cli import cli
+    from meminject.cli.options import current_names
 
     page = docs_hook_module().cli_reference()
     for name, command in cli.commands.items():
         assert f"## meminject {name}\n" in page
         for param in command.params:
             if isinstance(param, click.Option):
-                assert max(param.opts, key=len) in page, (name, param.opts)
+                assert max(current_names(param), key=len) in page, (name, param.opts)
+                hidden = set(param.opts) - set(current_names(param))
+                for old in hidden:  # old spellings parse but are not shown
+                    assert not re.search(rf"(?<![\w-]){re.escape(old)}(?![\w-])", page), old
     for param in cli.params:
         assert param.opts[0] in page
 
@@ -180,3 +184,51 @@ def test_nav_names_only_existing_pages() -> None:
     generated = set(docs_hook_module().GENERATED_PAGES)
     for target in re.findall(r":\s+(\S+\.md)\s*$", config, re.MULTILINE):
         assert (DOCS / target).is_file() or target in generated, target
+
+
+def test_the_shipped_memories_validate_and_their_names_are_unique() -> None:
+    """Every model's folder validates as one set, and no two shipped memories share a
+    name, so any of them can be combined with -m (issue 29: best-cell-2wiki twice)."""
+    from click.testing import CliRunner
+
+    from meminject.cli import cli
+    from meminject.memfile import expand_paths, read_memory_file
+    from meminject.plugins import get_registry
+
+    for folder in sorted(p for p in (ROOT / "memories").iterdir() if p.is_dir()):
+        result = CliRunner().invoke(cli, ["validate", str(folder)])
+        assert result.exit_code == 0, result.output
+    names = [
+        entry.name
+        for path in expand_paths([ROOT / "memories"])
+        for entry in read_memory_file(path, get_registry()).entries
+    ]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+
+
+def test_every_shown_command_is_run_or_says_why_not() -> None:
+    """A fenced block that shows a meminject command carries ``<!-- test: console -->``
+    (it runs, with its output, in tests/integration/test_doc_commands.py) or
+    ``<!-- not run: REASON -->``."""
+    from tests.doc_blocks import NOT_RUN, command_pages, shown_commands
+
+    unmarked = [
+        f"{page.relative_to(ROOT)}:{line}"
+        for page in command_pages()
+        if page.name != "architecture.md"
+        for line, marker, _ in shown_commands(page)
+        if not (marker.startswith("<!-- test: console") or NOT_RUN.fullmatch(marker))
+    ]
+    assert not unmarked, unmarked
+
+
+def test_console_blocks_parse() -> None:
+    from tests.doc_blocks import blocks, command_pages, console_steps, output_matches
+
+    for page in command_pages():
+        for kind, _, body in blocks(page):
+            if kind == "console":
+                assert console_steps(body), page
+    assert output_matches(["a", "…", "d"], ["a", "b", "c", "d"])
+    assert output_matches(["a", "…"], ["a"])
+    assert not output_matches(["a", "d"], ["a", "b", "d"])

@@ -183,7 +183,36 @@ def test_models_lists_availability_and_pull_refuses_unknown_names(cache: Path) -
         assert status.startswith(("available: ", "not installed")), status
         if status.startswith("not installed"):
             assert lines[at + 2].strip() == f"get it: meminject models pull {name}"
-    assert lines[-1] == f"cache: {cache}"
+    assert lines[-1] == f"cache: {cache} (empty)"
     unknown = runner.invoke(cli, ["models", "pull", "smollm3"])
     assert unknown.exit_code == 2
     assert "no model source named 'smollm3'" in unknown.output
+
+
+def test_first_use_says_what_it_does_where_and_how_big(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Issue 29: no silent minutes. The conversion (stubbed here: the real one runs in
+    tests/realmodel) is announced on standard error with where the cache is, and its size
+    is reported when done; nothing is said when the cache has it, or when quiet."""
+    from meminject import progress
+
+    path = _write_gguf(tmp_path / "model.gguf", "llama")
+
+    def convert(gguf_path: Path, out: Path) -> None:
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"\0" * 3000)
+
+    monkeypatch.setattr(gguf_cache, "_convert", convert)
+    monkeypatch.setattr(progress, "_state", {"enabled": True})
+    target = gguf_cache.dequantized_dir(path)
+    first, done = capsys.readouterr().err.splitlines()
+    assert first.startswith("meminject: first use of model.gguf: converting its weights")
+    assert f"in {cache / 'gguf'}" in first and "once" in first
+    assert done.startswith(f"meminject: cached model.gguf as {target} (3 kB; ")
+    gguf_cache.dequantized_dir(path)
+    assert capsys.readouterr().err == ""  # cached: nothing to say
+    progress.enable(False)
+    other = _write_gguf(tmp_path / "other.gguf", "gemma3")
+    gguf_cache.dequantized_dir(other)
+    assert capsys.readouterr().err == ""  # quiet (and the Python API's default)

@@ -70,6 +70,44 @@ def test_choose_refuses_unknown_names_and_tau_on_gated(tmp_path: Path, registry)
         gated.choose([MemoryChoice("g", tau=1.0)])
 
 
+def test_choose_refuses_a_name_twice_and_lists_longer_than_the_set(
+    tmp_path: Path, registry
+) -> None:
+    """Two overrides of one memory have no right answer (issue 26, items 3-5): refused,
+    whatever the overrides, and a list longer than the set is refused before lookups."""
+    memory_set = load_memory_set([write(tmp_path / "two.toml", TWO)], registry)
+    for twice in (
+        [MemoryChoice("a", tau=1.0), MemoryChoice("a", tau=2.0)],
+        [MemoryChoice("a"), MemoryChoice("a", tau=2.0)],
+        [MemoryChoice("a", enabled=False), MemoryChoice("a")],
+    ):
+        with pytest.raises(BadInputError, match="memory 'a' is chosen twice"):
+            memory_set.choose(twice)
+    with pytest.raises(BadInputError, match="10000 memories were chosen, but the set has only 2"):
+        memory_set.choose([MemoryChoice("a")] * 10_000)
+
+
+def test_choice_key_is_the_effective_choice(tmp_path: Path, registry) -> None:
+    """Order and spelling do not matter, effective values do."""
+    memory_set = load_memory_set([write(tmp_path / "two.toml", TWO)], registry)
+
+    def key(*choices: MemoryChoice) -> object:
+        return memory_set.choose(list(choices)).choice_key()
+
+    assert key(MemoryChoice("a"), MemoryChoice("b")) == key(MemoryChoice("b"), MemoryChoice("a"))
+    assert key(MemoryChoice("a")) == key(MemoryChoice("a", tau=4.0, enabled=True))
+    assert key(MemoryChoice("a")) == (("a", 4.0, True),)
+    assert key(MemoryChoice("a", tau=1.0)) != key(MemoryChoice("a", tau=2.0))
+    assert key(MemoryChoice("a", enabled=False)) != key(MemoryChoice("a"))
+
+
+def test_unknown_memory_errors_are_bounded(tmp_path: Path, registry) -> None:
+    memory_set = load_memory_set([write(tmp_path / "two.toml", TWO)], registry)
+    with pytest.raises(UnknownMemoryError) as caught:
+        memory_set.choose([MemoryChoice("x" * 1_000_000)])
+    assert len(str(caught.value)) < 400
+
+
 def test_toml_values() -> None:
     assert toml_value(True) == "true"
     assert toml_value(3) == "3"

@@ -84,14 +84,15 @@ def test_compare_json_equals_hf(tmp_path: Path) -> None:
     assert vllm.returncode == 0, vllm.stderr[-3000:]
     hf = _run(*common, "--backend", "hf")
     assert hf.returncode == 0, hf.stderr[-3000:]
-    got, want = json.loads(vllm.stdout), json.loads(hf.stdout)  # stdout holds only JSON
-    for run in ("baseline", "injected"):
-        assert got[run]["new_tokens"] == want[run]["new_tokens"]
-        assert got[run]["prompt_tokens"] == want[run]["prompt_tokens"]
-        assert got[run]["backend"] == "vllm"
-        assert [t["token_id"] for t in got[run]["top_next"]] == [
-            t["token_id"] for t in want[run]["top_next"]
-        ]
-        for a, b in zip(got[run]["top_next"], want[run]["top_next"], strict=True):
+    # stdout holds only the JSON lines: the baseline's record, then the injected one's.
+    got = [json.loads(line) for line in vllm.stdout.splitlines()]
+    want = [json.loads(line) for line in hf.stdout.splitlines()]
+    assert [g["memories"] for g in got] == [[], ["ocean"]]
+    for g, w in zip(got, want, strict=True):
+        assert g["new_tokens"] == w["new_tokens"]
+        assert g["prompt_tokens"] == w["prompt_tokens"]
+        assert g["backend"] == "vllm"
+        assert [t["token_id"] for t in g["top_next"]] == [t["token_id"] for t in w["top_next"]]
+        for a, b in zip(g["top_next"], w["top_next"], strict=True):
             assert abs(a["prob"] - b["prob"]) < 1e-3
-    assert got["injected"]["new_tokens"] != got["baseline"]["new_tokens"]
+    assert got[1]["new_tokens"] != got[0]["new_tokens"]
