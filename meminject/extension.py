@@ -109,6 +109,28 @@ class Addition:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """A bank of gated memories at one hook point and positions, as data rather than code.
+
+    The same computation as :func:`meminject.gates.gate_body`, handed to a backend that
+    must rebuild it in another process (vLLM's workers), where a pickled closure would be
+    code from the wire: ``a ← a + s·Δ`` with ``s = exp(−(x²/b²)^h)``,
+    ``x = 1 − (a·k)/‖k‖²``, every gate reading the activation as it arrives.
+    """
+
+    site: str
+    layer: int
+    hook_name: str
+    #: A positions mode or absolute positions, as in a memory file.
+    positions: Any
+    #: ``[memories, width]`` float32 keys and deltas; ``[memories]`` boundaries, hardness.
+    keys: torch.Tensor
+    deltas: torch.Tensor
+    boundary: torch.Tensor
+    hardness: torch.Tensor
+
+
+@dataclass(frozen=True)
 class SiteHook:
     """One strategy's work at one hook point. The engine chains all bodies at a hook."""
 
@@ -118,6 +140,8 @@ class SiteHook:
     #: The same change as ``body``, as data, when it is nothing but additions; empty
     #: when the body does something else (a gate, a plugin's computation).
     additions: tuple[Addition, ...] = ()
+    #: The same change as ``body``, as data, when it is nothing but gated banks.
+    gates: tuple[Gate, ...] = ()
 
 
 def site_hook(site: str, layer: int, body: HookBody) -> SiteHook:

