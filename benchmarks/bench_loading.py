@@ -32,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "The capital city of Nepal is located in"
-NEW = 8
+NEW = 32
 
 PLAIN = r"""
 import json, sys, time

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from torch import Tensor
     from transformer_lens.model_bridge import TransformerBridge
 
-    from meminject.processing import TiedUnembedding
+    from meminject.processing import LazyUnembedding
     from meminject.schema import ModelInfo
 
 #: ``processed``: LayerNorm folded and weights centred (the paper's HookedTransformer);
@@ -190,9 +190,10 @@ class Served:
     device: str
     dtype: torch.dtype
     directory: Path
-    #: The processed unembedding when ``hf``'s ``lm_head`` stays tied to the embedding
-    #: (:class:`meminject.processing.TiedUnembedding`); None when ``lm_head`` holds it.
-    unembedding: TiedUnembedding | None = None
+    #: The processed unembedding when ``hf``'s ``lm_head`` keeps the raw weights (an
+    #: RMSNorm family: :class:`meminject.processing.LazyUnembedding`); None when
+    #: ``lm_head`` holds it.
+    unembedding: LazyUnembedding | None = None
 
 
 class LoadedModel:
@@ -353,25 +354,25 @@ class LoadedModel:
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        """The unembedding, in this model's coordinates. A plain model whose unembedding
-        stays tied to its embedding computes it here, a full copy: read a few columns
-        with :meth:`unembed_columns` instead."""
+        """The unembedding, in this model's coordinates. A plain RMSNorm model computes
+        it here from its raw ``lm_head``, a full copy: read a few columns with
+        :meth:`unembed_columns` instead."""
         if self._bridge is None:
             served = self._served()
-            embedding = served.hf.get_input_embeddings().weight
+            lm_head = served.hf.get_output_embeddings().weight
             if served.unembedding is not None:
-                return served.unembedding.matrix(embedding)
-            return served.hf.get_output_embeddings().weight.T
+                return served.unembedding.matrix(lm_head)
+            return lm_head.T
         return self._bridge.W_U
 
     def unembed_columns(self, tokens: list[int]) -> Float[Tensor, "d_model n"]:
-        """``W_U[:, tokens]`` in float32, without a second copy of a tied unembedding."""
+        """``W_U[:, tokens]`` in float32, without materializing a lazy unembedding."""
         if self._bridge is None:
             served = self._served()
+            lm_head = served.hf.get_output_embeddings().weight
             if served.unembedding is not None:
-                embedding = served.hf.get_input_embeddings().weight
-                return served.unembedding.columns(embedding, tokens)
-            return served.hf.get_output_embeddings().weight.T[:, tokens].float()
+                return served.unembedding.columns(lm_head, tokens)
+            return lm_head.T[:, tokens].float()
         return self._bridge.W_U[:, tokens].float()
 
     @property

@@ -20,18 +20,26 @@ What processing does, in the order TransformerLens applies it (docs/architecture
    ``b_V ← 0`` (grouped key/value heads repeated to the query heads first), then the
    bias is centred again in LayerNorm models.
 
-**Tied embeddings stay tied** in RMSNorm families (Llama, SmolLM2, Qwen2, Gemma): the
-unembedding is the embedding (262k × 640 in Gemma 3, a second copy would be 168M
-parameters), so the final norm keeps its gain and the unembedding is neither folded nor
-centred in the model. The forward pass then gives the processed logits plus one constant
-per position — the centring's shift, which softmax ignores — and the processed ``W_U``
-itself is a :class:`TiedUnembedding`, computed column by column when an encoder reads it.
-LayerNorm families (GPT-2) untie: their embedding is centred over ``d_model`` and their
-unembedding is not, so one tensor cannot serve both. Everything is computed in float32
-and written back in the model's dtype, a block at a time, so the only extra memory is
-one block's tensors (and GPT-2's untied unembedding). The families are a table
+**RMSNorm families fold lazily** (Llama, SmolLM2, Mistral, Qwen2, Gemma). Folding an
+RMSNorm's gain into the weights that read it changes no activation meminject reads or
+writes — every site (the residual stream, attention and MLP outputs, the value mix, the
+MLP's hidden activation) is the same number before and after — so the model keeps its
+gains where they are, and only what a site or an encoder does see is processed: the
+value biases (they move from ``hook_z`` into the output bias) and the unembedding.
+The unembedding stays the raw ``lm_head`` (tied to the embedding where it was: 262k ×
+640 in Gemma 3, a second copy would be 168M parameters) and the final norm keeps its
+gain; the forward pass then gives the processed logits plus one constant per position
+(the centring's shift, which softmax ignores), and the processed ``W_U`` is a
+:class:`LazyUnembedding`, computed column by column when an encoder reads it. Nothing
+else is written, so the checkpoint's pages are never copied on write: loading a 1B
+model costs what reading it costs. LayerNorm families (GPT-2) are processed in full;
+their tied embedding is untied, because the embedding is centred over ``d_model`` and
+the unembedding is not. Everything is computed in float32 and written back in the
+model's dtype, a block at a time. The families are a table
 (:data:`FAMILIES`), keyed by the configuration's ``model_type``; tests hold the result
-to TransformerBridge's processed tensors for each.
+to TransformerBridge's processed tensors for each (the deferred folds applied to a copy
+for the comparison: tests/processed_state.py) and every site's activation to the
+bridge's.
 """
 
 from __future__ import annotations
@@ -144,31 +152,30 @@ def family_of(config: Any) -> Family | None:
 
 
 @dataclass(frozen=True)
-class TiedUnembedding:
-    """The processed unembedding of a model whose ``lm_head`` still is its embedding:
-    ``W_U[:, t] = g ⊙ W_E[t] − c``, with ``g`` the final norm's gain (not folded into the
-    shared tensor) and ``c = g ⊙ mean_t W_E[t]`` the vocabulary centring (absent when
-    logits are soft-capped). Columns are computed when read, in float32, so the second
-    ``d_vocab × d_model`` copy never exists unless the whole matrix is asked for."""
+class LazyUnembedding:
+    """The processed unembedding of an RMSNorm model whose ``lm_head`` holds the raw
+    (possibly tied) weights: ``W_U[:, t] = g ⊙ U[t] − c``, with ``U`` the ``lm_head``
+    weight, ``g`` the final norm's gain (left in the norm) and ``c = g ⊙ mean_t U[t]`` the
+    vocabulary centring (absent when logits are soft-capped). Columns are computed when
+    read, in float32, so no second ``d_vocab × d_model`` matrix exists unless the whole
+    one is asked for."""
 
     gain: Tensor
     centre: Tensor | None
 
     def columns(
-        self, embedding: Float[Tensor, "d_vocab d_model"], tokens: list[int]
+        self, lm_head: Float[Tensor, "d_vocab d_model"], tokens: list[int]
     ) -> Float[Tensor, "d_model n"]:
         """The processed unembedding's columns for ``tokens``, in float32."""
-        cols = embedding[tokens].float().T * self.gain[:, None]
+        cols = lm_head[tokens].float().T * self.gain[:, None]
         return cols if self.centre is None else cols - self.centre[:, None]
 
-    def matrix(
-        self, embedding: Float[Tensor, "d_vocab d_model"]
-    ) -> Float[Tensor, "d_model d_vocab"]:
-        """The whole processed unembedding, in the embedding's dtype (a full copy)."""
-        w_u = embedding.T.to(dtype=embedding.dtype, copy=True)
+    def matrix(self, lm_head: Float[Tensor, "d_vocab d_model"]) -> Float[Tensor, "d_model d_vocab"]:
+        """The whole processed unembedding, in ``lm_head``'s dtype (a full copy)."""
+        w_u = lm_head.T.to(dtype=lm_head.dtype, copy=True)
         for start in range(0, w_u.shape[1], _CHUNK):
             part = w_u[:, start : start + _CHUNK]
-            part.copy_(self.columns(embedding, list(range(start, start + part.shape[1]))))
+            part.copy_(self.columns(lm_head, list(range(start, start + part.shape[1]))))
         return w_u
 
 
@@ -177,45 +184,65 @@ class TiedUnembedding:
 _CHUNK = 16384
 
 
-def process_in_place(model: Any, family: Family) -> TiedUnembedding | None:
+def process_in_place(model: Any, family: Family) -> LazyUnembedding | None:
     """Put ``model`` (a plain ``AutoModelForCausalLM``) in processed coordinates, in
-    place (see the module's docstring). Returns the processed unembedding when it stays
-    tied to the embedding (then ``lm_head`` holds the raw shared tensor), else None."""
+    place (see the module's docstring). Returns the processed unembedding of an RMSNorm
+    model (its ``lm_head`` keeps the raw weights); None for a LayerNorm model, whose
+    ``lm_head`` holds the processed unembedding itself."""
     import torch
 
     config = model.config
-    layer_norm = family.norm == "layer"
     softcap = getattr(config, "final_logit_softcapping", None)
     modules = dict(model.named_modules())
     blocks = list(modules[family.blocks])
     embed, lm_head = modules[family.embed], modules[family.lm_head]
-    tied = _shares_weight(embed, lm_head)
-    if tied and layer_norm:
-        _untie(model, embed, lm_head)
-    keep_tie = tied and not layer_norm
     with torch.no_grad():
+        if family.norm != "layer":
+            for block in blocks:
+                _fold_value_bias(family, config, dict(block.named_modules()))
+            return _lazy_unembedding(family, modules[family.final_norm], lm_head, softcap)
+        if _shares_weight(embed, lm_head):
+            _untie(model, embed, lm_head)
         for block in blocks:
             inner = dict(block.named_modules())
             _fold_norm(family, inner[family.ln1], [inner[n] for n in family.attn_in])
             _fold_norm(family, inner[family.ln2], [inner[n] for n in family.mlp_in])
-        if not keep_tie:
-            _fold_norm(family, modules[family.final_norm], [lm_head])
-        if layer_norm:
-            _centre_rows(embed)
-            if family.pos_embed is not None:
-                _centre_rows(modules[family.pos_embed])
-            for block in blocks:
-                inner = dict(block.named_modules())
-                for name in (family.attn_out, family.mlp_out):
-                    _centre_output(family, inner[name])
-        if not keep_tie:
-            _centre_unembedding(lm_head, centre=not softcap)
+        _fold_norm(family, modules[family.final_norm], [lm_head])
+        _centre_rows(embed)
+        if family.pos_embed is not None:
+            _centre_rows(modules[family.pos_embed])
         for block in blocks:
             inner = dict(block.named_modules())
-            _fold_value_bias(family, config, inner)
-        if keep_tie:
-            return _tied_unembedding(family, modules[family.final_norm], embed, softcap)
+            for name in (family.attn_out, family.mlp_out):
+                _centre_output(family, inner[name])
+        _centre_unembedding(lm_head, centre=not softcap)
+        for block in blocks:
+            _fold_value_bias(family, config, dict(block.named_modules()))
     return None
+
+
+def fold_deferred(model: Any, family: Family, unembedding: LazyUnembedding | None) -> None:
+    """Apply to ``model`` what :func:`process_in_place` leaves out of an RMSNorm model —
+    each norm's gain folded into its readers, and the lazy unembedding written into an
+    untied ``lm_head`` with a zero bias — which gives TransformerBridge's processed
+    tensors exactly. Nothing meminject runs needs it (no site sees the difference); the
+    parity tests compare tensors through it."""
+    import torch
+
+    if unembedding is None:
+        return
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for block in modules[family.blocks]:
+            inner = dict(block.named_modules())
+            _fold_norm(family, inner[family.ln1], [inner[n] for n in family.attn_in])
+            _fold_norm(family, inner[family.ln2], [inner[n] for n in family.mlp_in])
+        lm_head = modules[family.lm_head]
+        w_u = unembedding.matrix(lm_head.weight)
+        lm_head.weight = torch.nn.Parameter(w_u.T.contiguous(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        _bias(lm_head, w_u.shape[1])
+        modules[family.final_norm].weight.fill_(0.0 if family.norm == "rms_offset" else 1.0)
 
 
 def _centre_unembedding(lm_head: Any, *, centre: bool) -> None:
@@ -230,23 +257,24 @@ def _centre_unembedding(lm_head: Any, *, centre: bool) -> None:
             b_u -= b_u.mean()
 
 
-def _tied_unembedding(
-    family: Family, final_norm: Any, embedding: Any, softcap: object
-) -> TiedUnembedding:
-    """The processed unembedding of an RMSNorm model that keeps its tie: the final
-    norm's gain, and the centring term computed a chunk of the vocabulary at a time."""
+def _lazy_unembedding(
+    family: Family, final_norm: Any, lm_head: Any, softcap: object
+) -> LazyUnembedding:
+    """The processed unembedding of an RMSNorm model: the final norm's gain, and the
+    centring term computed a chunk of the vocabulary at a time (no float32 copy of the
+    whole matrix)."""
     import torch
 
     gain = final_norm.weight.detach().float().clone()
     if family.norm == "rms_offset":
         gain = gain + 1.0
     if softcap:
-        return TiedUnembedding(gain=gain, centre=None)
-    w_e = embedding.weight.detach()
-    total = torch.zeros(w_e.shape[1], dtype=torch.float32, device=w_e.device)
-    for start in range(0, w_e.shape[0], _CHUNK):
-        total += w_e[start : start + _CHUNK].float().sum(dim=0)
-    return TiedUnembedding(gain=gain, centre=gain * (total / w_e.shape[0]))
+        return LazyUnembedding(gain=gain, centre=None)
+    u = lm_head.weight.detach()
+    total = torch.zeros(u.shape[1], dtype=torch.float32, device=u.device)
+    for start in range(0, u.shape[0], _CHUNK):
+        total += u[start : start + _CHUNK].float().sum(dim=0)
+    return LazyUnembedding(gain=gain, centre=gain * (total / u.shape[0]))
 
 
 @contextmanager

@@ -1,29 +1,20 @@
 """The processed tensors of a plain model as TransformerBridge's processed model holds
 them, for the parity tests (tests/integration/test_processing.py and the realmodel
-tier): a tied RMSNorm model keeps its tie and computes its processed unembedding when
-read (meminject.processing.TiedUnembedding), so that is written out here under the
-names the bridge's plain twin uses — the folded final norm, the unembedding and its
-(zero) bias."""
+tier): an RMSNorm model leaves its gains unfolded and computes its processed
+unembedding when read (meminject.processing.process_in_place), so a copy gets those
+deferred folds (meminject.processing.fold_deferred) before its tensors are compared."""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
-import torch
-
-from meminject.processing import Family, TiedUnembedding
+from meminject.processing import Family, LazyUnembedding, fold_deferred
 
 
-def processed_state(plain: Any, family: Family, unembedding: TiedUnembedding | None) -> dict:
-    state = dict(plain.state_dict())
+def processed_state(plain: Any, family: Family, unembedding: LazyUnembedding | None) -> dict:
     if unembedding is None:
-        return state
-    embedding = plain.get_input_embeddings().weight
-    assert plain.get_output_embeddings().weight.data_ptr() == embedding.data_ptr()
-    w_u = unembedding.matrix(embedding)
-    state["lm_head.weight"] = w_u.T
-    state["lm_head.bias"] = torch.zeros(w_u.shape[1], dtype=w_u.dtype)
-    final_norm = f"{family.final_norm}.weight"
-    folded = 0.0 if family.norm == "rms_offset" else 1.0
-    state[final_norm] = torch.full_like(state[final_norm], folded)
-    return state
+        return dict(plain.state_dict())
+    folded = copy.deepcopy(plain)
+    fold_deferred(folded, family, unembedding)
+    return dict(folded.state_dict())

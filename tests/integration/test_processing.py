@@ -60,24 +60,31 @@ def test_the_families_cover_the_supported_architectures() -> None:
 
 
 def test_every_processed_tensor_equals_the_bridges(pair) -> None:
-    """Every tensor; a tied RMSNorm model keeps its tie (one tensor) and its processed
-    unembedding, computed when read, is the bridge's (whole and column by column)."""
+    """Every tensor, with the folds an RMSNorm model defers applied to a copy
+    (fold_deferred); the RMSNorm model itself keeps its gains and its raw (tied or
+    untied) lm_head, and its lazy unembedding's columns are the bridge's."""
     _, reference, plain, unembedding = pair
     family = family_of(plain.config)
     assert family is not None
-    tied = bool(plain.config.tie_word_embeddings)
-    assert (unembedding is not None) == (tied and family.norm != "layer")
+    assert (unembedding is not None) == (family.norm != "layer")
     ours, theirs = processed_state(plain, family, unembedding), reference.state_dict()
     assert set(ours) == set(theirs)
     for name, tensor in theirs.items():
         torch.testing.assert_close(ours[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
     if unembedding is not None:
+        embedding, lm_head = plain.get_input_embeddings(), plain.get_output_embeddings()
+        tied = bool(plain.config.tie_word_embeddings)
+        assert (lm_head.weight.data_ptr() == embedding.weight.data_ptr()) == tied
         some = [0, 5, plain.config.vocab_size - 1]
-        embedding = plain.get_input_embeddings().weight
         w_u = theirs["lm_head.weight"].T
         torch.testing.assert_close(
-            unembedding.columns(embedding, some), w_u[:, some], rtol=1e-5, atol=1e-6
+            unembedding.columns(lm_head.weight, some), w_u[:, some], rtol=1e-5, atol=1e-6
         )
+        # Deferred means untouched: the readers and the norms are the checkpoint's.
+        raw = type(plain).from_pretrained(plain.name_or_path, dtype=torch.float32).state_dict()
+        for name, tensor in plain.state_dict().items():
+            if "v_proj.bias" not in name and "o_proj.bias" not in name:
+                assert torch.equal(tensor, raw[name]), name
 
 
 def test_logits_and_every_site_equal_the_bridges(pair) -> None:
@@ -148,7 +155,10 @@ def test_bfloat16_loads_without_the_bridge_as_with_it(model_dirs, arch: str) -> 
     plain = load_model(model_dirs[arch], dtype="bfloat16")
     assert plain.dtype == torch.bfloat16 and not plain.has_bridge
     reference = shared_hf_model(bridge).state_dict()
-    for name, tensor in plain.served.hf.state_dict().items():
+    family = family_of(plain.served.hf.config)
+    assert family is not None
+    ours = processed_state(plain.served.hf, family, plain.served.unembedding)
+    for name, tensor in ours.items():
         assert tensor.dtype == torch.bfloat16, name
         torch.testing.assert_close(tensor.float(), reference[name].float(), rtol=2e-2, atol=2e-3)
     memory = {"name": "m", "text": "George Washington", "layer": 1, "tau": 6.0}
@@ -184,6 +194,8 @@ def test_a_tied_model_keeps_one_copy_and_encodes_as_the_bridge(tmp_path: Path, a
     assert hf.get_output_embeddings().weight.data_ptr() == shared
     assert plain.served.unembedding is not None
     torch.testing.assert_close(plain.W_U, bridge.W_U, rtol=1e-5, atol=1e-6)
+    some = [1, 2, 3]
+    torch.testing.assert_close(plain.unembed_columns(some), bridge.W_U[:, some].float())
     memory = {"name": "m", "text": "George Washington", "layer": 1, "tau": 6.0}
     (ours,) = compile_memories(plain, [memory])
     (theirs,) = compile_memories(bridge, [memory])
