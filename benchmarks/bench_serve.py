@@ -290,45 +290,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         memory_file = Path(tmp) / "memories.toml"
         memory_file.write_text(MEMORIES, encoding="utf-8")
-        port = free_port()
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "meminject.cli",
-                "serve",
-                "--model",
-                "smollm2-135m",
-                "-m",
-                str(memory_file),
-                "--port",
-                str(port),
-                "--batch-size",
-                str(CLIENTS),
-                "--batch-wait-ms",
-                "20",
-            ],
-            cwd=ROOT,
-        )
-        base = f"http://127.0.0.1:{port}/v1"
+        server, base = start(memory_file, ROOT)
         try:
-            import httpx
-
-            while True:
-                try:
-                    if httpx.get(f"{base}/models").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.5)
-                if server.poll() is not None:
-                    raise SystemExit("the server did not start")
             jobs = requests()
             load(base, jobs[:CLIENTS], True)  # warm up: compile every set once
             mixed = load(base, jobs, True)
             plain = load(base, jobs, False)
         finally:
-            server.terminate()
-            server.wait(timeout=60)
+            stop(server)
         compared = compare(memory_file, args.baseline.resolve()) if args.baseline else None
         local = in_process(memory_file, jobs)
     rate = {

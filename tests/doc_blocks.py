@@ -14,7 +14,7 @@ site) right before a fenced block:
   by the output it prints (standard output and error); the commands run in a shell in
   a scratch directory holding a copy of ``memories/``, and their output must match
   line for line (a line ``…`` stands for any lines). ``<!-- test: console realmodel -->``
-  runs in the realmodel tier (tests/realmodel/test_doc_commands.py).
+  runs in the realmodel tier (tests/realmodel/test_realmodel_doc_commands.py).
 
 Every fenced block in README.md and docs/ that shows a ``meminject`` command carries a
 console marker or ``<!-- not run: REASON -->`` (a synopsis, an installation, a server,

@@ -327,7 +327,6 @@ def _run_file(
     allow_outside_paths: bool,
     common: dict[str, Any],
 ) -> None:
-    import dataclasses
 
     from meminject.engine import compile_memories
     from meminject.generation import generate_batch
@@ -339,11 +338,7 @@ def _run_file(
     runs: list[tuple[Any, list[str]]] = []
     all_names = [e.name for e in memory_set.entries if e.memory.enabled] if memory_set else []
     for line in requests:
-        try:
-            opt = dataclasses.replace(options, **line.request.overrides())
-            opt.check(model.dims.d_vocab)  # here, so the error names the line
-        except BadInputError as exc:
-            raise BadInputError(f"{line.where}: {exc}") from None
+        opt = _line_options(line, options, model.dims.d_vocab)
         names = line.request.memories
         key = tuple(sorted(names)) if names is not None else None
         if key not in compiled_by_names:
@@ -410,7 +405,6 @@ def _run_vllm(
     every memory choice the run needs compiles on the meminject-loaded model first
     (refusals, one line per memory, exit 2, before vLLM starts), the model is released,
     then one engine runs every row in one batch, each request with its own choice."""
-    import dataclasses
     import gc
     import os
     from types import SimpleNamespace
@@ -443,11 +437,7 @@ def _run_vllm(
     try:
         if requests is not None:
             for line in requests:
-                try:
-                    opt = dataclasses.replace(options, **line.request.overrides())
-                    opt.check(model.dims.d_vocab)  # here, so the error names the line
-                except BadInputError as exc:
-                    raise BadInputError(f"{line.where}: {exc}") from None
+                opt = _line_options(line, options, model.dims.d_vocab)
                 names = line.request.memories
                 plan = plan_for(model, tuple(sorted(names)) if names is not None else None)
                 used = list(names) if names is not None else all_names
@@ -520,3 +510,16 @@ def _print_generation(
                 cells.append("")
         table.add_row(f"next #{i + 1}", *cells)
     console.print(table)
+
+
+def _line_options(line: Any, options: Any, d_vocab: int) -> Any:
+    """A prompt file line's decoding options (the command's, with the line's overrides),
+    checked here so that an error names the line."""
+    import dataclasses
+
+    try:
+        opt = dataclasses.replace(options, **line.request.overrides())
+        opt.check(d_vocab)
+    except BadInputError as exc:
+        raise BadInputError(f"{line.where}: {exc}") from None
+    return opt

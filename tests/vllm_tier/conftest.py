@@ -52,3 +52,16 @@ def run_generate(*args: str, plugins: str = "") -> subprocess.CompletedProcess[s
         env=env,
         timeout=900,
     )
+
+
+def generate_on_both(*args: str) -> tuple[list[dict], list[dict]]:
+    """``meminject generate ARGS`` with ``--backend vllm`` and with ``--backend hf``:
+    each run's JSON-lines records (stdout holds nothing else)."""
+    import json
+
+    records = []
+    for backend in ("vllm", "hf"):
+        done = run_generate(*args, "--backend", backend)
+        assert done.returncode == 0, done.stderr[-3000:]
+        records.append([json.loads(line) for line in done.stdout.splitlines()])
+    return records[0], records[1]

@@ -3,12 +3,11 @@ the same tokens as ``--backend hf``. One vLLM engine in this module (the compare
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.vllm_tier.conftest import require_vllm_and_smollm2
+from tests.vllm_tier.conftest import generate_on_both, require_vllm_and_smollm2
 from tests.vllm_tier.conftest import run_generate as _run
 
 pytestmark = pytest.mark.vllm
@@ -80,13 +79,8 @@ def test_compare_json_equals_hf(tmp_path: Path) -> None:
     )
     common = [PROMPT, "--model", "smollm2-135m", "-m", str(tmp_path), "--compare", "--json"]
     common += ["--max-new-tokens", "8", "--show-top", "3"]
-    vllm = _run(*common, "--backend", "vllm")
-    assert vllm.returncode == 0, vllm.stderr[-3000:]
-    hf = _run(*common, "--backend", "hf")
-    assert hf.returncode == 0, hf.stderr[-3000:]
-    # stdout holds only the JSON lines: the baseline's record, then the injected one's.
-    got = [json.loads(line) for line in vllm.stdout.splitlines()]
-    want = [json.loads(line) for line in hf.stdout.splitlines()]
+    # The baseline's record, then the injected one's.
+    got, want = generate_on_both(*common)
     assert [g["memories"] for g in got] == [[], ["ocean"]]
     for g, w in zip(got, want, strict=True):
         assert g["new_tokens"] == w["new_tokens"]

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vllm_tier.conftest import require_vllm_and_smollm2
-from tests.vllm_tier.conftest import run_generate as _run
+from tests.vllm_tier.conftest import generate_on_both, require_vllm_and_smollm2
 
 pytestmark = pytest.mark.vllm
 
@@ -33,12 +32,7 @@ def test_prompts_file_per_line_memories_equal_hf(tmp_path: Path) -> None:
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
     common = ["--prompts", str(prompts), "--model", "smollm2-135m", "-m", str(tmp_path)]
     common += ["--max-new-tokens", "8"]
-    vllm = _run(*common, "--backend", "vllm")
-    assert vllm.returncode == 0, vllm.stderr[-3000:]
-    hf = _run(*common, "--backend", "hf")
-    assert hf.returncode == 0, hf.stderr[-3000:]
-    got = [json.loads(line) for line in vllm.stdout.splitlines()]
-    want = [json.loads(line) for line in hf.stdout.splitlines()]
+    got, want = generate_on_both(*common)
     assert [g["id"] for g in got] == [1, 2, 3, 4, 5]
     for g, w in zip(got, want, strict=True):
         assert g["new_tokens"] == w["new_tokens"], (g, w)
