@@ -319,11 +319,6 @@ def _fold_norm(family: Family, norm: Any, readers: list[Any]) -> None:
     if family.norm == "rms_offset":
         gain = gain + 1.0
     shift = getattr(norm, "bias", None)
-    if family.norm != "layer":
-        for reader in readers:
-            _scale_input_axis(reader, gain)
-        norm.weight.fill_(0.0 if family.norm == "rms_offset" else 1.0)
-        return
     for reader in readers:
         w = _weight_in_out(reader)  # [d_model, out]
         if family.norm == "layer" and shift is not None:
@@ -337,22 +332,6 @@ def _fold_norm(family: Family, norm: Any, readers: list[Any]) -> None:
     norm.weight.fill_(0.0 if family.norm == "rms_offset" else 1.0)
     if shift is not None:
         shift.zero_()
-
-
-def _scale_input_axis(reader: Any, gain: Tensor) -> None:
-    """``W ← W·diag(gain)`` in place, a slab of rows at a time in float32 and rounded
-    once to the weight's dtype: the same numbers as through a float32 copy of the whole
-    matrix, without the copy (at 1B parameters that copy costs seconds and gigabytes)."""
-    weight = reader.weight
-    axis_gain = gain[:, None] if _conv1d(reader) else gain[None, :]
-    if weight.dtype == gain.dtype:
-        weight.mul_(axis_gain)
-        return
-    step = max(1, (1 << 20) // max(1, weight.shape[1]))
-    for start in range(0, weight.shape[0], step):
-        rows = weight[start : start + step]
-        scale = axis_gain[start : start + step] if _conv1d(reader) else axis_gain
-        rows.copy_(rows.float().mul_(scale))
 
 
 def _centre_rows(embedding: Any) -> None:
