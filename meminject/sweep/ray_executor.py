@@ -69,6 +69,9 @@ TASKS_PER_SLOT = 4
 VERSIONED = ("meminject", "torch", "transformer-lens", "transformers")
 #: How often a worker reports its passes to the progress counter, in seconds.
 REPORT_EVERY = 0.5
+#: How long a report or a reading of the progress counter may wait, in seconds; past it,
+#: progress is no longer counted in passes (the sweep goes on).
+COUNTER_TIMEOUT = 20.0
 
 
 def ray_installed() -> bool:
@@ -312,13 +315,18 @@ class _Reporter:
 
     def flush(self, wait: bool = False) -> None:
         """Send what is pending; ``wait``: until the counter has it (a task's last
-        report, so the driver's count is whole once every task has returned)."""
+        report, so the driver's count is whole once every task has returned). The count
+        only moves a progress bar: a counter that cannot be reached stops the reports,
+        never the task whose records are the result."""
         if self.pending and self.counter is not None:
-            sent = self.counter.add.remote(self.run, self.pending)
-            if wait:
-                import ray
+            import ray
 
-                ray.get(sent)
+            try:
+                sent = self.counter.add.remote(self.run, self.pending)
+                if wait:
+                    ray.get(sent, timeout=COUNTER_TIMEOUT)
+            except (ray.exceptions.RayError, TimeoutError):
+                self.counter = None
         self.pending = 0
         self.last = time.monotonic()
 
@@ -380,13 +388,22 @@ def sweep_task(
 
 class PassCounter:
     """A Ray actor the tasks report their forward passes to, per run, so the driver's
-    progress bar counts the passes of every worker."""
+    progress bar counts the passes of every worker.
+
+    It runs its calls out of order (several threads, a lock around the sum): an ordered
+    actor waits for each caller's calls by sequence number, and a task cancelled while it
+    sent a report leaves a gap in its worker's numbers, after which that worker's next
+    report (from its next task, in a resumed run) waits 30 s and fails."""
 
     def __init__(self) -> None:
+        import threading
+
         self.done: dict[str, int] = {}
+        self.lock = threading.Lock()
 
     def add(self, run: str, n: int) -> None:
-        self.done[run] = self.done.get(run, 0) + n
+        with self.lock:
+            self.done[run] = self.done.get(run, 0) + n
 
     def value(self, run: str) -> int:
         return self.done.get(run, 0)
@@ -407,7 +424,7 @@ def _counter(ray: Any) -> Any:
     job = (context.get_node_id(), context.get_job_id())
     if job not in _COUNTERS:
         _COUNTERS.clear()
-        _COUNTERS[job] = ray.remote(PassCounter).options(num_cpus=0).remote()
+        _COUNTERS[job] = ray.remote(PassCounter).options(num_cpus=0, max_concurrency=4).remote()
     return _COUNTERS[job]
 
 
@@ -564,6 +581,7 @@ def run_sweep_ray(
         differ: set[Any] = set()
         position = {row.row_id: k for k, row in enumerate(mine)}
         columns = _task_columns()
+        counting, passes = True, 0
         with progress_bar(progress, "sweep · ray", *columns) as bar:
             bar_task = bar.add_task(
                 "sweep",
@@ -582,10 +600,11 @@ def run_sweep_ray(
                         differ.add(tuple(out["worker"]))
                     if checkpoint is not None:
                         checkpoint(with_previous(previous, _in_order(frames, position)))
-                try:
-                    passes = ray.get(counter.value.remote(run))
-                except ray.exceptions.RayError as exc:
-                    raise ray_failure(exc, "the sweep's progress counter failed") from exc
+                if counting:
+                    try:
+                        passes = ray.get(counter.value.remote(run), timeout=COUNTER_TIMEOUT)
+                    except (ray.exceptions.RayError, TimeoutError):
+                        counting = False  # the bar counts tasks only from here
                 bar.update(bar_task, completed=passes, tasks_done=len(frames))
     finally:
         for ref in pending:  # an error or an interruption: stop what still runs

@@ -178,6 +178,24 @@ def test_progress_counts_the_passes_of_every_worker(gpt2, capsys):
     assert "3/3 tasks" in err
 
 
+def test_a_progress_counter_that_is_gone_does_not_fail_the_sweep(gpt2, capsys):
+    """Progress is a bar, not the result: with the counter actor killed, every task's
+    reports and the driver's readings fail, and the sweep still returns the local
+    records (the bar counts tasks only)."""
+    from meminject.sweep import ray_executor
+
+    config = SweepConfig(layers=(1,), taus=(2.0,), encodings=("unembed",), controls=1, batch_size=2)
+    ray.kill(ray_executor._counter(ray))
+    try:
+        on_ray = run_sweep_ray(gpt2, ROWS, config, tasks=2, progress=True)
+    finally:
+        ray_executor._COUNTERS.clear()  # the next test gets a live counter
+    pd.testing.assert_frame_equal(
+        on_ray.records, run_sweep(gpt2, ROWS, config).records, check_exact=True
+    )
+    assert "2/2 tasks" in capsys.readouterr().err
+
+
 def test_a_worker_without_the_model_or_with_other_files_refuses(tmp_path):
     """A path that does not exist where the task runs, and one that holds other files
     than the driver loaded: one line each, naming the node, exit 2."""
