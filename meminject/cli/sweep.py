@@ -453,6 +453,7 @@ def _print_summary(
         line += f"; the paper's mean % increase {_fmt_pct(best['mean_pct'])}"
         console.print(line)
     _print_held_out(console, result.records, rank_by)
+    _print_familywise(console, result.records)
     for label, path in (("records", out), ("heatmap", plot)):
         if path is not None:
             console.print(f"{label}: {path}")
@@ -481,7 +482,27 @@ def _print_held_out(console: Any, records: Any, rank_by: str) -> None:
         f"median gain {_fmt_nats(cell['selection_median_gain'])} "
         f"{_fmt_ci(*cell['selection_ci'])} there and "
         f"{_fmt_nats(cell['held_out_median_gain'])} {_fmt_ci(low, high)} on the other "
-        f"{n_out}; {verdict}"
+        f"{n_out}{' (halves split by memory)' if check['by_memory'] else ''}; {verdict}"
+    )
+
+
+def _print_familywise(console: Any, records: Any) -> None:
+    """Whether any cell beats chance once the number of cells is paid for
+    (sweep.familywise: sign flips, max-T over cells)."""
+    from meminject.sweep.familywise import ALPHA, familywise_test
+
+    test = familywise_test(records)
+    if test is None:
+        return
+    best = test.cells.iloc[0]
+    head = "" if _is_na(best["head"]) else f" head {best['head']}"
+    against = "its controls" if test.measure == "effect" else "no memory (no controls were run)"
+    console.print(
+        f"family-wise test (sign flips of {test.n_units} {test.units}, max-t over "
+        f"{len(test.cells)} cells, the memory's log p against {against}): "
+        f"{test.significant} cell{'' if test.significant == 1 else 's'} significant at "
+        f"{ALPHA:.0%}; the highest t, layer {best['layer']}{head}, τ = {best['tau']:g}, "
+        f"{best['encoding']}, has adjusted p = {best['p_adjusted']:.3g}"
     )
 
 

@@ -16,7 +16,8 @@ Per prompt (in log-probability, nats, so a prompt at 1e-6 and one at 0.3 weigh a
   the memory beats both doing nothing and a random memory on this prompt.
 
 Per cell: the medians of the three, a percentile-bootstrap 95 % interval of the median
-(prompts resampled, a fixed seed, so one set of records always gives one summary), the
+(prompts resampled, or whole memories where prompts share them, a fixed seed, so one
+set of records always gives one summary), the
 share of prompts whose effect is positive ("beats the controls"), the mean change of p,
 and the paper's mean and median percent and share improved. The default ranking is the
 median gain: a cell whose median prompt got worse cannot come first, whatever its mean.
@@ -99,6 +100,7 @@ _ALIASES = {"mean_change": "mean_dp", "control_mean_change": "control_mean_dp"}
 def bootstrap_median_ci(
     values: np.ndarray,
     *,
+    clusters: np.ndarray | None = None,
     samples: int = BOOTSTRAP_SAMPLES,
     seed: int = BOOTSTRAP_SEED,
     confidence: float = CONFIDENCE,
@@ -106,18 +108,67 @@ def bootstrap_median_ci(
     """Percentile-bootstrap interval of the median of ``values`` (NaN when empty).
 
     The resampling indices depend only on the seed and the number of values, so two
-    cells with the same prompts are resampled alike (their intervals are comparable)."""
+    cells with the same prompts are resampled alike (their intervals are comparable).
+
+    ``clusters`` (one label per value): resample whole clusters rather than values. Prompts
+    that share a memory are not independent draws (toyworld: 224 prompts, 14 memories);
+    resampling them one by one counts each memory's prompts as fresh evidence and gives an
+    interval too narrow. Each resample draws as many clusters as there are, with
+    replacement, and takes the median of all their values."""
     import numpy as np
 
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         return (float("nan"), float("nan"))
     rng = np.random.default_rng(seed)
-    index = rng.integers(0, values.size, size=(samples, values.size))
-    medians = np.median(values[index], axis=1)
     tail = (1.0 - confidence) / 2.0
+    if clusters is None:
+        index = rng.integers(0, values.size, size=(samples, values.size))
+        medians = np.median(values[index], axis=1)
+    else:
+        medians = _clustered_medians(values, np.asarray(clusters), rng, samples)
     low, high = np.quantile(medians, [tail, 1.0 - tail])
     return float(low), float(high)
+
+
+def _clustered_medians(
+    values: np.ndarray, clusters: np.ndarray, rng: np.random.Generator, samples: int
+) -> np.ndarray:
+    """The median of each cluster resample, as ``np.median`` of the resample's values
+    would give it, without building the resamples: a value drawn ``c`` times weighs
+    ``c``, and the median is read off the cumulative weights of the sorted values."""
+    import numpy as np
+
+    _, code = np.unique(clusters, return_inverse=True)
+    k = int(code.max()) + 1
+    drawn = rng.integers(0, k, size=(samples, k))
+    counts = np.zeros((samples, k), dtype=np.int64)
+    np.add.at(counts, (np.arange(samples)[:, None], drawn), 1)
+    order = np.argsort(values, kind="stable")
+    weights = counts[:, code[order]]
+    cumulative = np.cumsum(weights, axis=1)
+    total = cumulative[:, -1]
+    # 0-based positions of the two middle values of each resample (equal when odd).
+    lower = (total - 1) // 2
+    upper = total // 2
+    sorted_values = values[order]
+    at_lower = sorted_values[(cumulative <= lower[:, None]).sum(axis=1)]
+    at_upper = sorted_values[(cumulative <= upper[:, None]).sum(axis=1)]
+    medians: np.ndarray = (at_lower + at_upper) / 2.0
+    return medians
+
+
+def memory_clusters(records: pd.DataFrame) -> dict[int, str] | None:
+    """The memory each prompt (row id) is injected with, when several prompts share one:
+    their effects are then correlated, and resampling and held-out splits go by memory.
+    None when every prompt has its own memory (or the records carry no memory texts)."""
+    if "memory" not in records:
+        return None
+    memory = records[records["kind"] == "memory"][["row_id", "memory"]].drop_duplicates("row_id")
+    texts = memory["memory"].astype(str)
+    if texts.nunique() == len(memory):
+        return None
+    return dict(zip(memory["row_id"].tolist(), texts.tolist(), strict=True))
 
 
 def _log(frame: pd.DataFrame, column: str) -> np.ndarray:
@@ -169,6 +220,7 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
 
     if records.empty:
         return pd.DataFrame(columns=CELL_COLUMNS + SUMMARY_COLUMNS + list(_ALIASES))
+    by_memory = memory_clusters(records)
     with np.errstate(all="ignore"):
         per_prompt = paired(records)
         grouped = per_prompt.groupby(CELL_COLUMNS, dropna=False, sort=True, observed=True)
@@ -198,10 +250,17 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
             if "head_share" in part:
                 # How much of the memory the head can write (‖v·P_h‖/‖v‖; NaN without heads).
                 row["head_share"] = float(part["head_share"].mean())
-            row["lift_ci_low"], row["lift_ci_high"] = bootstrap_median_ci(lift)
-            row["gain_ci_low"], row["gain_ci_high"] = bootstrap_median_ci(gain)
+            clusters = (
+                None
+                if by_memory is None
+                else np.array([by_memory[r] for r in part["row_id"].tolist()], dtype=object)
+            )
+            row["lift_ci_low"], row["lift_ci_high"] = bootstrap_median_ci(lift, clusters=clusters)
+            row["gain_ci_low"], row["gain_ci_high"] = bootstrap_median_ci(gain, clusters=clusters)
             if has_effect:
-                row["effect_ci_low"], row["effect_ci_high"] = bootstrap_median_ci(effect)
+                row["effect_ci_low"], row["effect_ci_high"] = bootstrap_median_ci(
+                    effect, clusters=clusters
+                )
             else:
                 row["effect_ci_low"] = row["effect_ci_high"] = np.nan
             rows.append(row)
@@ -272,9 +331,18 @@ HOLDOUT_MIN_PROMPTS = 10
 
 def split_prompts(records: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Two halves of the records by prompt: alternate row ids in sorted order (the same
-    split for every cell, and for every run over the same dataset)."""
+    split for every cell, and for every run over the same dataset). Where prompts share
+    memories (:func:`memory_clusters`) the halves alternate memories, in the order of
+    their first row id, so no memory is in both: a memory seen while choosing would
+    otherwise vouch for itself on the held-out half."""
     ids = sorted(records["row_id"].unique().tolist())
-    selection = set(ids[0::2])
+    by_memory = memory_clusters(records)
+    if by_memory is None:
+        selection = set(ids[0::2])
+    else:
+        first_seen = list(dict.fromkeys(by_memory[i] for i in ids))
+        chosen = set(first_seen[0::2])
+        selection = {i for i in ids if by_memory[i] in chosen}
     in_selection = records["row_id"].isin(selection)
     return records[in_selection], records[~in_selection]
 
@@ -297,7 +365,12 @@ def held_out_check(records: pd.DataFrame, by: str = DEFAULT_RANK) -> dict[str, A
     n_first, n_second = first["row_id"].nunique(), second["row_id"].nunique()
     if min(n_first, n_second) < HOLDOUT_MIN_PROMPTS:
         return None
-    result: dict[str, Any] = {"n_selection": n_first, "n_held_out": n_second, "cell": None}
+    result: dict[str, Any] = {
+        "n_selection": n_first,
+        "n_held_out": n_second,
+        "by_memory": memory_clusters(records) is not None,
+        "cell": None,
+    }
     chosen = best_cell(summarize(first), by)
     if chosen is None:
         return result

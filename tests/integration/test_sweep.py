@@ -580,8 +580,9 @@ def test_cli_resume_continues_from_the_partial_file(gpt2, gpt2_dir, tmp_path):
 
 def test_cli_head_sweep_on_toyworld_reports_shares_and_a_held_out_check(toyworld, tmp_path):
     """A head sweep over toyworld's 224 held-out prompts: one row per head, the share of
-    the memory each head can write, and the winner's held-out check, whose numbers are
-    those of sweep.stats.held_out_check on the written records."""
+    the memory each head can write, the winner's held-out check and the family-wise
+    test, whose numbers are those of sweep.stats.held_out_check and
+    sweep.familywise.familywise_test on the written records."""
     from meminject.sweep.stats import held_out_check
 
     out = tmp_path / "heads.parquet"
@@ -611,5 +612,13 @@ def test_cli_head_sweep_on_toyworld_reports_shares_and_a_held_out_check(toyworld
     assert check is not None and check["n_selection"] == check["n_held_out"] == 112
     assert "held-out check" in result.output
     if check["cell"] is not None:
-        assert "on the other 112" in result.output
+        assert "on the other 112 (halves split by memory)" in result.output.replace("\n", " ")
         assert f"{check['cell']['held_out_median_gain']:+.3f}" in result.output.replace("\n", "")
+    # 224 prompts share 14 memories: the family-wise test flips memories, not prompts.
+    from meminject.sweep.familywise import familywise_test
+
+    test = familywise_test(records)
+    assert (test.units, test.n_units, len(test.cells)) == ("memories", 14, 2)
+    flat = " ".join(result.output.split())
+    assert "sign flips of 14 memories, max-t over 2 cells" in flat
+    assert f"adjusted p = {test.cells['p_adjusted'].iloc[0]:.3g}" in flat

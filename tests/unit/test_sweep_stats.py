@@ -189,3 +189,93 @@ def test_csv_records_keep_memory_texts_and_read_empty_fields_as_missing(tmp_path
     assert again["resid_norm"].isna().all()
     assert again["control"].isna().sum() == records["control"].isna().sum()
     np.testing.assert_allclose(summarize(again)["median_gain"], summarize(records)["median_gain"])
+
+
+def _effects(effects: dict[float, list[float]], memories: list[str] | None = None) -> pd.DataFrame:
+    """Records whose per-prompt effect against the one control is given, per τ (the base
+    and the control at 0.1; the lift equals the effect); ``memories`` names each row's."""
+    records = _records(
+        {tau: [(0.1, 0.1 * math.exp(e), [0.1]) for e in row] for tau, row in effects.items()}
+    )
+    if memories is not None:
+        records["memory"] = [memories[r] for r in records["row_id"]]
+    return records
+
+
+def test_prompts_sharing_memories_are_resampled_and_split_by_memory():
+    from meminject.sweep.stats import memory_clusters, split_prompts
+
+    n = 24
+    shared = [f"memory {i // 4}" for i in range(n)]  # 6 memories, 4 prompts each
+    records = _effects({1.0: [0.1 * (i // 4) for i in range(n)]}, shared)
+    assert memory_clusters(_effects({1.0: [0.1] * n}, [f"m{i}" for i in range(n)])) is None
+    assert memory_clusters(_effects({1.0: [0.1] * n})) is None  # no memory texts
+    assert memory_clusters(records) == dict(enumerate(shared))
+    first, second = split_prompts(records)
+    assert set(first["memory"]) == {"memory 0", "memory 2", "memory 4"}
+    assert set(second["memory"]) == {"memory 1", "memory 3", "memory 5"}
+    # The cluster bootstrap is np.median of the resampled clusters' values, by hand.
+    values = np.array([0.1 * (i // 4) + 0.01 * (i % 4) for i in range(n)])
+    clusters = np.array(shared, dtype=object)
+    low, high = bootstrap_median_ci(values, clusters=clusters)
+    drawn = np.random.default_rng(0).integers(0, 6, size=(1000, 6))
+    groups = [values[4 * c : 4 * c + 4] for c in range(6)]
+    medians = [np.median(np.concatenate([groups[c] for c in row])) for row in drawn]
+    assert (low, high) == pytest.approx(tuple(np.quantile(medians, [0.025, 0.975])))
+    # Four prompts per memory are not four times the evidence: the interval is wider
+    # than resampling prompts one by one pretends.
+    loose_low, loose_high = bootstrap_median_ci(values)
+    assert high - low > loose_high - loose_low
+    # summarize resamples by memory when the records say prompts share them.
+    cell = summarize(_effects({1.0: values.tolist()}, shared)).iloc[0]
+    assert (cell["gain_ci_low"], cell["gain_ci_high"]) == pytest.approx((low, high))
+
+
+def test_familywise_test_finds_the_real_cell_and_not_the_lucky_ones():
+    from meminject.sweep.familywise import ALPHA, familywise_test
+
+    rng = np.random.default_rng(5)
+    n, cells = 40, 30
+    noise = {float(t): rng.normal(0.0, 1.0, n).tolist() for t in range(cells)}
+    null = familywise_test(_effects(noise), flips=2000)
+    assert null is not None and (null.measure, null.units, null.n_units) == ("effect", "prompts", n)
+    # The best of 30 null cells has a nominal t past 2 here, and is not significant.
+    assert null.cells["t"].iloc[0] > 2.0
+    assert null.significant == 0 and null.cells["p_adjusted"].iloc[0] > ALPHA
+    real = dict(noise)
+    real[99.0] = rng.normal(0.8, 1.0, n).tolist()
+    found = familywise_test(_effects(real), flips=2000)
+    assert found.cells["tau"].iloc[0] == 99.0
+    assert found.cells["p_adjusted"].iloc[0] <= ALPHA and found.significant == 1
+    assert found.to_json()["best"]["tau"] == 99.0
+    assert familywise_test(_effects(real), flips=2000).cells.equals(found.cells)  # seeded
+
+
+def test_familywise_p_values_match_exhaustive_sign_flips():
+    """With 8 units all 256 sign patterns can be enumerated: the resampled adjusted p of
+    each cell is the exact one within Monte Carlo error."""
+    import itertools
+
+    from meminject.sweep.familywise import _t, familywise_test
+
+    rng = np.random.default_rng(2)
+    effects = {1.0: rng.normal(0.5, 1, 8).tolist(), 2.0: rng.normal(0.2, 1, 8).tolist()}
+    test = familywise_test(_effects(effects), flips=20_000)
+    x = np.array([effects[1.0], effects[2.0]])
+    patterns = np.array(list(itertools.product([-1.0, 1.0], repeat=8)))
+    maxima = _t(x, patterns).max(axis=1)
+    for cell in test.cells.itertuples():
+        exact = float((maxima >= cell.t - 1e-12).mean())
+        assert cell.p_adjusted == pytest.approx(exact, abs=0.01)
+
+
+def test_familywise_units_are_memories_and_without_controls_the_lift():
+    from meminject.sweep.familywise import familywise_test
+
+    shared = [f"memory {i // 3}" for i in range(30)]
+    test = familywise_test(_effects({1.0: [0.2] * 30, 2.0: [-0.1] * 30}, shared))
+    assert (test.units, test.n_units) == ("memories", 10)
+    no_controls = _effects({1.0: [0.2 + 0.01 * i for i in range(12)]})
+    no_controls = no_controls[no_controls["kind"] == "memory"]
+    assert familywise_test(no_controls).measure == "lift"
+    assert familywise_test(_effects({1.0: [0.2] * 5})) is None  # too few units
