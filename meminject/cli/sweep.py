@@ -66,6 +66,16 @@ if TYPE_CHECKING:
     click.IntRange(0, 1000),
     "Random-token control memories per prompt (same token count as the memory).",
 )
+@click.option(
+    "--baselines",
+    "baseline_spec",
+    default="in-context,shuffled",
+    show_default=True,
+    metavar="LIST",
+    help="What each memory is also compared with: in-context (its text before the prompt, "
+    "no injection: one more pass per batch) and shuffled (another row's memory in the same "
+    "cell: one more pass per cell), comma-separated, or none.",
+)
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--shard", default="0/1", show_default=True, help="Take rows i, i+n, … (0-based).")
 @click.option(
@@ -170,6 +180,7 @@ def sweep(
     tau_units: str,
     head_spec: str | None,
     controls: int,
+    baseline_spec: str,
     batch_size: int,
     shard: str,
     answer_metric: str,
@@ -213,6 +224,7 @@ def sweep(
     # Everything that can be checked without the model is checked before loading it.
     registry = get_registry()
     taus = parse_float_spec(tau_spec, "tau")
+    baselines = _baselines(baseline_spec)
     try:
         encodings = list(
             dict.fromkeys(encoding_label(e, registry) for e in parse_encoding_list(encoding_spec))
@@ -258,6 +270,7 @@ def sweep(
         metric=answer_metric,
         seed=seed,
         tau_units=tau_units,
+        baselines=baselines,
     )
 
     checkpoint = files.checkpoint if files.partial is not None else None
@@ -452,11 +465,55 @@ def _print_summary(
             )
         line += f"; the paper's mean % increase {_fmt_pct(best['mean_pct'])}"
         console.print(line)
+        _print_baselines(console, best)
     _print_held_out(console, result.records, rank_by)
     _print_familywise(console, result.records)
     for label, path in (("records", out), ("heatmap", plot)):
         if path is not None:
             console.print(f"{label}: {path}")
+
+
+def _baselines(spec: str) -> tuple[str, ...]:
+    """``--baselines``: a comma-separated list, or none."""
+    from meminject.sweep.config import BASELINES
+
+    names = [part.strip() for part in spec.split(",") if part.strip()]
+    if names == ["none"]:
+        return ()
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown or not names:
+        raise click.BadParameter(
+            f"unknown baseline '{unknown[0] if unknown else spec}'; choose "
+            f"{', '.join(BASELINES)}, a comma-separated list of them, or none",
+            param_hint="--baselines",
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def _print_baselines(console: Any, best: dict[str, Any]) -> None:
+    """How the best cell compares with prompting and with another row's memory."""
+    import math
+
+    parts = []
+    prompting = best.get("median_vs_in_context", math.nan)
+    if not math.isnan(prompting):
+        parts.append(
+            f"against its text in the prompt instead (in-context: median lift "
+            f"{_fmt_nats(best['in_context_lift'])} nats), injecting is "
+            f"{_fmt_nats(prompting)} nats "
+            f"{_fmt_ci(best['vs_in_context_ci_low'], best['vs_in_context_ci_high'])} "
+            f"({best['share_beats_in_context']:.0%} of prompts do better injected)"
+        )
+    shuffled = best.get("median_vs_shuffled", math.nan)
+    if not math.isnan(shuffled):
+        parts.append(
+            f"against another row's memory in the same cell (shuffled): "
+            f"{_fmt_nats(shuffled)} nats "
+            f"{_fmt_ci(best['vs_shuffled_ci_low'], best['vs_shuffled_ci_high'])} "
+            f"({best['share_beats_shuffled']:.0%} beat it)"
+        )
+    if parts:
+        console.print("baselines of that cell: " + "; ".join(parts))
 
 
 def _print_held_out(console: Any, records: Any, rank_by: str) -> None:

@@ -10,6 +10,11 @@ from meminject.errors import BadInputError
 
 METRICS = ("first-token", "full")
 TAU_UNITS = ("absolute", "resid_norm")
+#: What a memory is compared with besides no memory and the random controls:
+#: "in-context" puts the memory's text before the prompt (no injection: what prompting
+#: alone does), "shuffled" injects another row's memory in the same cell (what any real
+#: memory of this dataset does, at the same encoding and scale).
+BASELINES = ("in-context", "shuffled")
 
 
 @dataclass(frozen=True)
@@ -30,6 +35,11 @@ class SweepConfig:
     tau_units: str = "absolute"
     #: (layer, N_ℓ) pairs; measured by :func:`run_sweep` when not given.
     resid_norms: tuple[tuple[int, float], ...] | None = None
+    #: The baselines run (:data:`BASELINES`); all by default.
+    baselines: tuple[str, ...] = BASELINES
+    #: (row_id, memory) pairs: the memory each row's shuffled baseline injects, drawn over
+    #: the whole dataset by :func:`meminject.sweep.rows.with_shuffled` when not given.
+    shuffled: tuple[tuple[int, str], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.tau_units not in TAU_UNITS:
@@ -50,6 +60,16 @@ class SweepConfig:
         for tau in self.taus:
             if not math.isfinite(tau):
                 raise BadInputError(f"τ = {tau} is not a finite number")
+        for baseline in self.baselines:
+            if baseline not in BASELINES:
+                raise BadInputError(
+                    f"unknown baseline '{baseline}'; choose {', '.join(BASELINES)} or none"
+                )
+
+    @property
+    def n_variants(self) -> int:
+        """Memories injected per row and cell: the row's own, the shuffled one, controls."""
+        return 1 + int("shuffled" in self.baselines) + self.controls
 
     @property
     def n_cells(self) -> int:
@@ -59,6 +79,8 @@ class SweepConfig:
     @property
     def passes_per_batch(self) -> int:
         """Forward passes (replays or full) a batch of rows costs after its base pass:
-        one per cell and memory or control; τ = 0 costs none (it is the base pass)."""
+        one per cell and injected memory (:attr:`n_variants`), τ = 0 none (it is the base
+        pass), and one for the in-context baseline."""
         nonzero = sum(1 for tau in self.taus if tau != 0.0)
-        return self.n_cells // len(self.taus) * nonzero * (1 + self.controls)
+        in_context = int("in-context" in self.baselines)
+        return self.n_cells // len(self.taus) * nonzero * self.n_variants + in_context

@@ -51,7 +51,7 @@ from meminject.errors import BadInputError, MeminjectError
 from meminject.sweep.config import SweepConfig
 from meminject.sweep.records import SweepResult, finished_records, with_previous
 from meminject.sweep.rows import batch_indices, shard_rows, tokenize_row
-from meminject.sweep.run import check_sweep, progress_bar, run_sweep, with_norms
+from meminject.sweep.run import check_sweep, progress_bar, run_sweep, with_baselines, with_norms
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -360,12 +360,13 @@ def sweep_task(
         registry = _registry(job["plugins"])
         model = _model(WorkerModel(**job["model"]), job["facts"], registry)
         fields = dict(job["config"])
-        for name in ("layers", "taus", "encodings", "shard"):
+        for name in ("layers", "taus", "encodings", "shard", "baselines"):
             fields[name] = tuple(fields[name])
         if fields["heads"] is not None:
             fields["heads"] = tuple(fields["heads"])
-        if fields["resid_norms"] is not None:
-            fields["resid_norms"] = tuple(tuple(pair) for pair in fields["resid_norms"])
+        for name in ("resid_norms", "shuffled"):
+            if fields[name] is not None:
+                fields[name] = tuple(tuple(pair) for pair in fields[name])
         config = SweepConfig(**fields)
         report = _Reporter(counter)
         result = run_sweep(
@@ -537,7 +538,7 @@ def run_sweep_ray(
         raise BadInputError("threads must be >= 1")
     if tasks is not None and tasks < 1:
         raise BadInputError("--tasks must be >= 1")
-    config = with_norms(model, rows, config)
+    config = with_baselines(rows, with_norms(model, rows, config))
     mine = shard_rows(rows, config.shard)
     previous = finished_records(done, config) if done is not None else None
     if previous is not None:
@@ -618,7 +619,13 @@ def run_sweep_ray(
         "cells": config.n_cells,
         **{
             key: sum(c[key] for c in counts)
-            for key in ("base_passes", "replays", "full_passes", "fallback_batches")
+            for key in (
+                "base_passes",
+                "in_context_passes",
+                "replays",
+                "full_passes",
+                "fallback_batches",
+            )
         },
         "resumed_rows": 0 if previous is None else previous["row_id"].nunique(),
         "seconds": time.perf_counter() - started,

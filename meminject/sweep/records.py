@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from meminject.sweep.config import SweepConfig
 
 OUTPUT_SUFFIXES = (".csv", ".parquet", ".pq")
+#: What a record's injected text is: the row's memory, another row's (the shuffled
+#: baseline) or random tokens (a control).
+KINDS = ("memory", "control", "shuffled")
 
 
 @dataclass
@@ -48,11 +51,14 @@ def records_frame(
     after: np.ndarray,
     share: np.ndarray,
     config: SweepConfig,
+    in_context: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Tidy records from the per-row log-probabilities: ``before`` [R], ``after``
-    [R, layers, heads, τ, encodings, 1+controls] (one head slot, None, without heads),
-    and the share of each memory a head can write, ``share`` [R, layers, heads,
-    encodings, 1+controls] (NaN without heads)."""
+    [R, layers, heads, τ, encodings, variants] (one head slot, None, without heads;
+    variants: the memory, the shuffled memory when that baseline runs, the controls),
+    the share of each memory a head can write, ``share`` [R, layers, heads, encodings,
+    variants] (NaN without heads), and the in-context baseline's log p, ``in_context``
+    [R] (NaN, or None, when it did not run)."""
     import numpy as np
     import pandas as pd
 
@@ -82,7 +88,15 @@ def records_frame(
         memory_text[i, :] = row_texts
     variant = axis(np.arange(n_var), 5)
     head_values = pd.array(heads, dtype="Int64")
-    control_values = pd.array([None, *range(n_var - 1)], dtype="Int64")
+    shuffled = int("shuffled" in config.baselines)
+    kinds = np.array(["memory", *["shuffled"] * shuffled, *["control"] * (n_var - 1 - shuffled)])
+    control_values = pd.array([None] * (1 + shuffled) + list(range(n_var - 1 - shuffled)), "Int64")
+    if in_context is None:
+        in_context = np.full(n_rows, np.nan)
+    with np.errstate(all="ignore"):
+        li = np.broadcast_to(
+            in_context.astype(np.float64).reshape(n_rows, 1, 1, 1, 1, 1), shape
+        ).ravel()
     frame = pd.DataFrame(
         {
             "row_id": axis([r.row_id for r in rows], 0),
@@ -91,9 +105,7 @@ def records_frame(
             "site": "attn_out" if config.heads is None else "attn_z",
             "tau": axis(np.asarray(config.taus, dtype=np.float64), 3),
             "encoding": pd.Categorical(axis(list(config.encodings), 4)),
-            "kind": pd.Categorical(
-                np.where(variant == 0, "memory", "control"), categories=["memory", "control"]
-            ),
+            "kind": pd.Categorical(kinds[variant], categories=list(KINDS)),
             "control": control_values.take(variant),
             "memory": np.broadcast_to(memory_text.reshape(n_rows, 1, 1, 1, 1, n_var), shape)
             .ravel()
@@ -108,6 +120,7 @@ def records_frame(
             "p_after": pa,
             "logp_before": lb,
             "logp_after": la,
+            "logp_in_context": li,
             "change": change,
             "pct_change": pct,
             "improved": pa > pb,
@@ -124,6 +137,7 @@ def subset_records(
     share: np.ndarray,
     index: list[int],
     config: SweepConfig,
+    in_context: np.ndarray | None = None,
 ) -> pd.DataFrame:
     return records_frame(
         [rows[i] for i in index],
@@ -132,6 +146,7 @@ def subset_records(
         after[index],
         share[index],
         config,
+        None if in_context is None else in_context[index],
     )
 
 
@@ -181,13 +196,22 @@ def finished_records(done: pd.DataFrame, config: SweepConfig) -> pd.DataFrame:
                 f"{_listed(found)} instead of {_listed(values)}); pass --force instead of "
                 "--resume to discard them and start again"
             )
+    ran = set()
+    if (done["kind"].astype(str) == "shuffled").any():
+        ran.add("shuffled")
+    if "logp_in_context" in done.columns and done["logp_in_context"].notna().any():
+        ran.add("in-context")
+    if ran != set(config.baselines):
+        found_text = ", ".join(sorted(ran)) or "none"
+        wanted = ", ".join(sorted(config.baselines)) or "none"
+        raise BadInputError(
+            f"the partial results were made with other settings (baselines: {found_text} "
+            f"instead of {wanted}); pass --baselines {found_text} to resume them, or --force "
+            "instead of --resume to start again"
+        )
     heads = len(config.heads) if config.heads is not None else 1
     per_row = (
-        len(config.layers)
-        * heads
-        * len(config.taus)
-        * len(config.encodings)
-        * (1 + config.controls)
+        len(config.layers) * heads * len(config.taus) * len(config.encodings) * config.n_variants
     )
     counts = done.groupby("row_id").size()
     complete = counts[counts == per_row].index

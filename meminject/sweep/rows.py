@@ -140,6 +140,32 @@ def control_texts(model: LoadedModel, row: PromptRow, n: int, seed: int) -> list
     return texts
 
 
+# --------------------------------------------------------------------------- baselines
+
+
+def in_context_prompt(row: PromptRow) -> str:
+    """The in-context baseline's prompt: the memory's text, then the prompt, as one would
+    write it into a prompt by hand (a full stop between them unless the memory ends a
+    sentence already)."""
+    memory = row.memory.strip()
+    sep = " " if memory[-1:] in ".!?" else ". "
+    return f"{memory}{sep}{row.prompt}"
+
+
+def with_shuffled(rows: Sequence[PromptRow], seed: int) -> dict[int, str] | None:
+    """Each row's shuffled memory: one of the dataset's other memory texts, drawn from the
+    seed and the row's id only (so shards and Ray tasks draw alike, given every row).
+    None when the dataset has fewer than two different memories."""
+    texts = list(dict.fromkeys(row.memory for row in rows))
+    if len(texts) < 2:
+        return None
+    chosen = {}
+    for row in rows:
+        others = [text for text in texts if text != row.memory]
+        chosen[row.row_id] = random.Random(f"meminject-shuffled:{seed}:{row.row_id}").choice(others)
+    return chosen
+
+
 # --------------------------------------------------------------------------- batches, shards
 
 

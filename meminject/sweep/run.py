@@ -28,7 +28,14 @@ from meminject.sweep.replay import (
     residual_norms,
     to_norm,
 )
-from meminject.sweep.rows import batch_indices, control_texts, shard_rows, tokenize_row
+from meminject.sweep.rows import (
+    batch_indices,
+    control_texts,
+    in_context_prompt,
+    shard_rows,
+    tokenize_row,
+    with_shuffled,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -102,6 +109,19 @@ def with_norms(model: LoadedModel, rows: Sequence[PromptRow], config: SweepConfi
     return dataclasses.replace(config, resid_norms=tuple(sorted(norms.items())))
 
 
+def with_baselines(rows: Sequence[PromptRow], config: SweepConfig) -> SweepConfig:
+    """``config`` with each row's shuffled memory drawn over every row given (as
+    :func:`with_norms`, the whole dataset, so shards and tasks agree); the shuffled
+    baseline is dropped when the dataset has a single memory, which nothing can shuffle."""
+    if "shuffled" not in config.baselines or config.shuffled is not None:
+        return config
+    chosen = with_shuffled(rows, config.seed)
+    if chosen is None:
+        kept = tuple(b for b in config.baselines if b != "shuffled")
+        return dataclasses.replace(config, baselines=kept)
+    return dataclasses.replace(config, shuffled=tuple(sorted(chosen.items())))
+
+
 def run_sweep(
     model: LoadedModel,
     rows: Sequence[PromptRow],
@@ -133,16 +153,29 @@ def run_sweep(
     hook_names = check_sweep(model, config, registry)
 
     started = time.perf_counter()
-    config = with_norms(model, rows, config)
+    config = with_baselines(rows, with_norms(model, rows, config))
     norm_of = dict(config.resid_norms or ())
+    shuffled_of = dict(config.shuffled or ())
     mine = shard_rows(rows, config.shard)
     previous = finished_records(done, config) if done is not None else None
     if previous is not None:
         finished_ids = set(previous["row_id"].tolist())
         mine = [row for row in mine if row.row_id not in finished_ids]
     tokenized = [tokenize_row(model, row, config.metric) for row in mine]
-    texts = [[row.memory, *control_texts(model, row, config.controls, config.seed)] for row in mine]
-    n_var = 1 + config.controls
+    in_context = "in-context" in config.baselines
+    prompted = [
+        tokenize_row(model, dataclasses.replace(row, prompt=in_context_prompt(row)), config.metric)
+        for row in (mine if in_context else [])
+    ]
+    texts = [
+        [
+            row.memory,
+            *([shuffled_of[row.row_id]] if "shuffled" in config.baselines else []),
+            *control_texts(model, row, config.controls, config.seed),
+        ]
+        for row in mine
+    ]
+    n_var = config.n_variants
     n_rows = len(mine)
     heads: list[int | None] = list(config.heads) if config.heads is not None else [None]
     shape = (
@@ -154,6 +187,7 @@ def run_sweep(
         n_var,
     )
     before = np.zeros(n_rows, dtype=np.float64)
+    with_text = np.full(n_rows, np.nan)  # the in-context baseline's log p
     after = np.zeros(shape, dtype=np.float64)
     share = np.full(shape[:3] + shape[4:], np.nan)  # [R, layers, heads, encodings, variants]
     # Similar lengths together: less padding. Results go back to the rows' own slots.
@@ -162,6 +196,7 @@ def run_sweep(
         "rows": n_rows,
         "cells": config.n_cells,
         "base_passes": 0,
+        "in_context_passes": 0,
         "replays": 0,
         "full_passes": 0,
         "fallback_batches": 0,
@@ -178,6 +213,13 @@ def run_sweep(
             base = batch.base()
             stats["base_passes"] += 1
             before[members] = base.double().cpu().numpy()
+            if in_context:  # no hook is installed yet: what prompting alone does
+                prompting = Batch(model, [prompted[i] for i in members], keep).full()
+                with_text[members] = prompting.double().cpu().numpy()
+                stats["in_context_passes"] += 1
+                bar.advance(task)
+                if advance is not None:
+                    advance(1)
             replay = batch.can_replay and not force_full
             if replay:
                 try:
@@ -242,11 +284,15 @@ def run_sweep(
                 checkpoint(
                     with_previous(
                         previous,
-                        subset_records(mine, texts, before, after, share, sorted(finished), config),
+                        subset_records(
+                            mine, texts, before, after, share, sorted(finished), config, with_text
+                        ),
                     )
                 )
     stats["seconds"] = time.perf_counter() - started
     if norm_of:
         stats["resid_norms"] = norm_of
-    records = with_previous(previous, records_frame(mine, texts, before, after, share, config))
+    records = with_previous(
+        previous, records_frame(mine, texts, before, after, share, config, with_text)
+    )
     return SweepResult(records=records, config=config, stats=stats)

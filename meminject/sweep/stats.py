@@ -51,6 +51,8 @@ RANK_STATS: dict[str, str] = {
     "mean_dp": "mean change of p(answer)",
     "median_pct": "median % change of p(answer)",
     "mean_pct": "mean % increase of p(answer) (the paper's metric)",
+    "median_vs_in_context": "median log p with the memory injected − with its text in the prompt",
+    "median_vs_shuffled": "median log p with the memory − with another row's memory, nats",
 }
 DEFAULT_RANK = "median_gain"
 #: Short names of the statistics, for axis and colour-bar labels.
@@ -63,6 +65,8 @@ SHORT_LABELS: dict[str, str] = {
     "mean_dp": "mean Δp",
     "median_pct": "median % change",
     "mean_pct": "mean % increase (paper)",
+    "median_vs_in_context": "median vs in-context (nats)",
+    "median_vs_shuffled": "median vs shuffled (nats)",
 }
 
 SUMMARY_COLUMNS = [
@@ -90,6 +94,15 @@ SUMMARY_COLUMNS = [
     "control_mean_pct",
     "control_median_pct",
     "control_share_improved",
+    "in_context_lift",
+    "median_vs_in_context",
+    "vs_in_context_ci_low",
+    "vs_in_context_ci_high",
+    "share_beats_in_context",
+    "median_vs_shuffled",
+    "vs_shuffled_ci_low",
+    "vs_shuffled_ci_high",
+    "share_beats_shuffled",
 ]
 
 # Older records (and the first columns of the summary) call the mean change of p
@@ -190,8 +203,28 @@ def paired(records: pd.DataFrame) -> pd.DataFrame:
 
     memory = records[records["kind"] == "memory"].copy()
     memory["lift"] = _log(memory, "p_after") - _log(memory, "p_before")
-    controls = records[records["kind"] == "control"]
     keys = [*CELL_COLUMNS, "row_id"]
+    # The baselines: the memory's text in the prompt instead (one log p per row), and
+    # another row's memory injected in the same cell.
+    if "logp_in_context" in memory:
+        memory["vs_in_context"] = _log(memory, "p_after") - memory["logp_in_context"]
+        memory["in_context_lift"] = memory["logp_in_context"] - _log(memory, "p_before")
+    else:
+        memory["vs_in_context"] = memory["in_context_lift"] = np.nan
+    shuffled = records[records["kind"] == "shuffled"]
+    if shuffled.empty:
+        memory["vs_shuffled"] = np.nan
+    else:
+        other = (
+            shuffled.assign(head=shuffled["head"].fillna(-1), _logp=_log(shuffled, "p_after"))
+            .set_index(keys)["_logp"]
+            .rename("_shuffled_logp")
+        )
+        joined = memory.assign(head=memory["head"].fillna(-1)).join(other, on=keys)
+        memory["vs_shuffled"] = _log(memory, "p_after") - joined["_shuffled_logp"].to_numpy(
+            np.float64
+        )
+    controls = records[records["kind"] == "control"]
     if controls.empty:
         memory["effect"] = np.nan
         memory["gain"] = memory["lift"]
@@ -263,11 +296,28 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
                 )
             else:
                 row["effect_ci_low"] = row["effect_ci_high"] = np.nan
+            for baseline in ("in_context", "shuffled"):
+                versus = part[f"vs_{baseline}"].to_numpy(np.float64)
+                if np.isnan(versus).all():
+                    row[f"median_vs_{baseline}"] = row[f"share_beats_{baseline}"] = np.nan
+                    row[f"vs_{baseline}_ci_low"] = row[f"vs_{baseline}_ci_high"] = np.nan
+                    continue
+                row[f"median_vs_{baseline}"] = float(np.median(versus))
+                row[f"share_beats_{baseline}"] = float((versus > 0).mean())
+                row[f"vs_{baseline}_ci_low"], row[f"vs_{baseline}_ci_high"] = bootstrap_median_ci(
+                    versus, clusters=clusters
+                )
+            prompting = part["in_context_lift"].to_numpy(np.float64)
+            row["in_context_lift"] = (
+                np.nan if np.isnan(prompting).all() else float(np.median(prompting))
+            )
             rows.append(row)
         summary = pd.DataFrame(rows)
         controls = records[records["kind"] == "control"]
         if controls.empty:
-            for column in SUMMARY_COLUMNS[SUMMARY_COLUMNS.index("control_n") :]:
+            for column in SUMMARY_COLUMNS[
+                SUMMARY_COLUMNS.index("control_n") : SUMMARY_COLUMNS.index("in_context_lift")
+            ]:
                 summary[column] = np.nan
         else:
             control = (

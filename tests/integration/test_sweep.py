@@ -3,6 +3,7 @@ paper's statistics recomputed by hand, shards, controls, the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from meminject.sweep import (
     summarize,
     tokenize_row,
 )
+from meminject.sweep.rows import in_context_prompt
 from tests.conftest import SHARED_DATA, write
 
 pytestmark = pytest.mark.integration
@@ -85,6 +87,15 @@ def assert_matches_reference(model, rows, records, metric, registry=None):
         for ours, theirs in ((rec.p_before, before), (rec.p_after, after)):
             worst_abs = max(worst_abs, abs(ours - theirs))
             worst_rel = max(worst_rel, abs(math.log(ours) - math.log(theirs)))
+    # The in-context baseline is the plain pass on the memory's text before the prompt.
+    for row_id, logp in records.groupby("row_id")["logp_in_context"].first().items():
+        if math.isnan(logp):  # run with --baselines none
+            continue
+        row = by_id[row_id]
+        prompted = dataclasses.replace(row, prompt=in_context_prompt(row))
+        p, _ = reference_cell(model, prompted, layer=0, tau=0.0, encoding="unembed", metric=metric)
+        worst_abs = max(worst_abs, abs(math.exp(logp) - p))
+        worst_rel = max(worst_rel, abs(logp - math.log(p)))
     assert worst_abs < 1e-5
     assert worst_rel < 1e-4
     # The injections must matter, or the equality proves nothing.
@@ -103,7 +114,8 @@ def test_sweep_equals_reference_loop_on_every_cell(gpt2, metric):
     )
     result = run_sweep(gpt2, ROWS, config)
     records = result.records
-    assert len(records) == len(ROWS) * 2 * 2 * 3 * 3
+    # Variants: the memory, the shuffled baseline's memory, 2 controls.
+    assert len(records) == len(ROWS) * 2 * 2 * 3 * 4
     assert result.stats["replays"] > 0 and result.stats["full_passes"] == 0
     assert result.stats["fallback_batches"] == 0
     zero = records["tau"] == 0.0
@@ -158,8 +170,9 @@ def test_head_cells_route_the_memory_through_the_heads_value_mix(request, model_
     assert sorted(records["head"].unique()) == [0, 3]
     assert set(records["site"]) == {"attn_z"}
     assert result.stats["fallback_batches"] == 0
-    # One batch: one replay per layer · head · τ · variant (the check is not counted).
-    assert result.stats["replays"] == 2 * 2 * 1 * 2
+    # One batch: one replay per layer · head · τ · variant (memory, shuffled, control; the
+    # check is not counted).
+    assert result.stats["replays"] == 2 * 2 * 1 * 3
     assert_matches_reference(model, ROWS[:3], records, "full")
     by_id = {r.row_id: r for r in ROWS}
     for rec in records[records["row_id"] == 2].itertuples(index=False):
@@ -214,9 +227,10 @@ def test_layers_before_the_injection_layer_run_once_per_batch(gpt2):
         for handle in handles:
             handle.remove()
     batches = result.stats["base_passes"]
-    assert batches == 3
-    assert calls[0] == batches
-    assert calls[1] == batches + batches + 4 * 3 * batches  # base + check + cells × variants
+    assert batches == 3 and result.stats["in_context_passes"] == batches
+    assert calls[0] == 2 * batches  # base + the in-context baseline (a prompt of its own)
+    # base + in-context + check + cells × variants (memory, shuffled, 2 controls)
+    assert calls[1] == 3 * batches + 4 * 4 * batches
 
 
 def test_statistics_recomputed_by_hand(gpt2):
@@ -293,6 +307,10 @@ def test_shards_partition_the_rows_and_their_union_is_the_whole_sweep(gpt2):
         check_categorical=False,
     )
     np.testing.assert_allclose(union["p_after"], whole["p_after"], rtol=1e-5)
+    # Each row's shuffled baseline is another row's memory, the same in every shard.
+    own = whole[whole["kind"] == "memory"].groupby("row_id")["memory"].first()
+    other = whole[whole["kind"] == "shuffled"].groupby("row_id")["memory"].first()
+    assert (own != other).all() and set(other) <= {row.memory for row in ROWS}
     # Shards' records summarize to the whole sweep's summary.
     np.testing.assert_allclose(
         summarize(union)["mean_pct"], summarize(whole)["mean_pct"], rtol=1e-4
@@ -407,7 +425,7 @@ def test_cli_sweep_writes_records_and_heatmap(gpt2, gpt2_dir, tmp_path):
         load_csv(data),
         SweepConfig(layers=(0, 1), taus=(1.0, 4.0), encodings=("unembed", "embed"), controls=1),
     ).records
-    assert len(records) == len(expected) == 5 * 2 * 2 * 2 * 2
+    assert len(records) == len(expected) == 5 * 2 * 2 * 2 * 3
     np.testing.assert_allclose(records["p_after"], expected["p_after"], rtol=1e-5)
     assert list(records["memory"]) == list(expected["memory"])
     assert records["head"].isna().all()
@@ -439,6 +457,8 @@ def test_cli_sweep_bad_input_is_one_line_exit_2(gpt2_dir, tmp_path):
     assert result.exit_code == 2 and "cannot read tau spec" in result.output
     result = runner.invoke(_group(), ["sweep", str(bad), "--output", str(tmp_path / "x.json")])
     assert result.exit_code == 2 and "unknown output format" in result.output
+    result = runner.invoke(_group(), ["sweep", str(bad), "--baselines", "prompted"])
+    assert result.exit_code == 2 and "unknown baseline 'prompted'" in result.output
 
 
 def test_cli_sweep_row_errors_name_the_file(gpt2_dir, tmp_path):
@@ -488,7 +508,7 @@ def test_the_papers_handwritten_csv_runs_end_to_end(gpt2):
         )
     config = SweepConfig(layers=(0, 1), taus=(1.0, 4.0), encodings=("unembed",), controls=1)
     result = run_sweep(gpt2, rows, config)
-    assert len(result.records) == 20 * 2 * 2 * 2
+    assert len(result.records) == 20 * 2 * 2 * 3
     sample = result.records[result.records["row_id"].isin([0, 7, 19])]
     assert_matches_reference(gpt2, rows, sample, "first-token")
 
@@ -535,6 +555,20 @@ def test_resume_refuses_partial_results_of_other_settings(gpt2):
     other = SweepConfig(layers=(0, 1), taus=(1.0, 5.0), encodings=("unembed",), batch_size=2)
     with pytest.raises(BadInputError, match="partial results were made with other settings"):
         run_sweep(gpt2, ROWS, other, done=partial)
+    fewer = dataclasses.replace(config, baselines=("in-context",))
+    with pytest.raises(BadInputError, match="baselines: in-context, shuffled instead of in-cont"):
+        run_sweep(gpt2, ROWS, fewer, done=partial)
+
+
+def test_a_dataset_with_one_memory_has_no_shuffled_baseline(gpt2):
+    """Nothing to shuffle: the baseline is dropped (the config says so), in-context stays."""
+    rows = [dataclasses.replace(row, memory="Paris") for row in ROWS[:3]]
+    config = SweepConfig(layers=(1,), taus=(2.0,), encodings=("unembed",), controls=1)
+    result = run_sweep(gpt2, rows, config)
+    assert result.config.baselines == ("in-context",)
+    assert set(result.records["kind"].astype(str)) == {"memory", "control"}
+    assert result.records["logp_in_context"].notna().all()
+    assert math.isnan(result.summary["median_vs_shuffled"].iloc[0])
 
 
 def test_cli_resume_continues_from_the_partial_file(gpt2, gpt2_dir, tmp_path):

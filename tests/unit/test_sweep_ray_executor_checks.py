@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
+from meminject.errors import BadInputError
 from meminject.sweep.config import SweepConfig
 from meminject.sweep.ray_executor import INSTALL_RAY, ray_installed, task_batches
 from meminject.sweep.rows import batch_indices
@@ -45,9 +46,14 @@ def test_passes_per_batch_counts_cells_and_controls_but_not_tau_zero() -> None:
     config = SweepConfig(
         layers=(0, 1, 2), taus=(0.0, 1.0, 2.0), encodings=("unembed", "embed"), controls=3
     )
-    assert config.passes_per_batch == 3 * 2 * 2 * 4
-    heads = SweepConfig(layers=(0,), taus=(1.0,), heads=(0, 1, 2))
-    assert heads.passes_per_batch == 3
+    # Per cell with τ ≠ 0: the memory, the shuffled memory and 3 controls; one in-context pass.
+    assert config.passes_per_batch == 3 * 2 * 2 * 5 + 1
+    bare = SweepConfig(layers=(0, 1, 2), taus=(0.0, 1.0, 2.0), controls=3, baselines=())
+    assert bare.passes_per_batch == 3 * 2 * 4
+    heads = SweepConfig(layers=(0,), taus=(1.0,), heads=(0, 1, 2), baselines=("shuffled",))
+    assert heads.passes_per_batch == 3 * 2
+    with pytest.raises(BadInputError, match="unknown baseline 'prompted'; choose in-context"):
+        SweepConfig(layers=(0,), taus=(1.0,), baselines=("prompted",))
 
 
 def _sweep(*args: str):

@@ -279,3 +279,41 @@ def test_familywise_units_are_memories_and_without_controls_the_lift():
     no_controls = no_controls[no_controls["kind"] == "memory"]
     assert familywise_test(no_controls).measure == "lift"
     assert familywise_test(_effects({1.0: [0.2] * 5})) is None  # too few units
+
+
+def test_baselines_in_the_summary_by_hand():
+    """Per prompt: log p injected − log p with the memory's text in the prompt, and −
+    log p with another row's memory in the same cell; the summary's medians and shares."""
+    records = _records({1.0: [(0.1, 0.4, [0.1]), (0.2, 0.2, [0.2]), (0.1, 0.05, [0.1])]})
+    records["logp_in_context"] = records["row_id"].map(
+        {0: math.log(0.2), 1: math.log(0.4), 2: math.log(0.1)}
+    )
+    shuffled = records[records["kind"] == "memory"].copy()
+    shuffled["kind"] = pd.Categorical(
+        ["shuffled"] * 3, categories=["memory", "control", "shuffled"]
+    )
+    shuffled["p_after"] = [0.1, 0.1, 0.1]
+    records["kind"] = records["kind"].cat.add_categories("shuffled")
+    records = pd.concat([records, shuffled], ignore_index=True)
+    per_prompt = paired(records)
+    np.testing.assert_allclose(
+        per_prompt["vs_in_context"], np.log([0.4 / 0.2, 0.2 / 0.4, 0.05 / 0.1])
+    )
+    np.testing.assert_allclose(
+        per_prompt["in_context_lift"], np.log([0.2 / 0.1, 0.4 / 0.2, 0.1 / 0.1])
+    )
+    np.testing.assert_allclose(
+        per_prompt["vs_shuffled"], np.log([0.4 / 0.1, 0.2 / 0.1, 0.05 / 0.1])
+    )
+    cell = summarize(records).iloc[0]
+    assert cell["median_vs_in_context"] == pytest.approx(math.log(0.5))
+    assert cell["share_beats_in_context"] == pytest.approx(1 / 3)
+    assert cell["in_context_lift"] == pytest.approx(math.log(2.0))
+    assert cell["median_vs_shuffled"] == pytest.approx(math.log(2.0))
+    assert cell["share_beats_shuffled"] == pytest.approx(2 / 3)
+    assert cell["vs_shuffled_ci_low"] <= math.log(2.0) <= cell["vs_shuffled_ci_high"]
+    # The shuffled rows are not controls: the effect is against the control alone.
+    np.testing.assert_allclose(per_prompt["effect"], np.log([0.4 / 0.1, 1.0, 0.5]))
+    # Without the baselines the columns are there, empty.
+    bare = summarize(_records({1.0: [(0.1, 0.4, [0.1])]})).iloc[0]
+    assert math.isnan(bare["median_vs_shuffled"]) and math.isnan(bare["median_vs_in_context"])
