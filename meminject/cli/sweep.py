@@ -76,6 +76,15 @@ if TYPE_CHECKING:
     "no injection: one more pass per batch) and shuffled (another row's memory in the same "
     "cell: one more pass per cell), comma-separated, or none.",
 )
+@click.option(
+    "--positions",
+    type=click.Choice(["all", "last", "not-bos"]),
+    default="all",
+    show_default=True,
+    help="Where each cell adds its vector: every position (the paper's), the prompt's last "
+    "token only, or every position but the first (BOS, the attention sink): the mechanism "
+    "ablations; one per run, recorded in the records.",
+)
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--shard", default="0/1", show_default=True, help="Take rows i, i+n, … (0-based).")
 @click.option(
@@ -181,6 +190,7 @@ def sweep(
     head_spec: str | None,
     controls: int,
     baseline_spec: str,
+    positions: str,
     batch_size: int,
     shard: str,
     answer_metric: str,
@@ -271,6 +281,7 @@ def sweep(
         seed=seed,
         tau_units=tau_units,
         baselines=baselines,
+        positions=positions,
     )
 
     checkpoint = files.checkpoint if files.partial is not None else None

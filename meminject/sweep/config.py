@@ -15,6 +15,10 @@ TAU_UNITS = ("absolute", "resid_norm")
 #: alone does), "shuffled" injects another row's memory in the same cell (what any real
 #: memory of this dataset does, at the same encoding and scale).
 BASELINES = ("in-context", "shuffled")
+#: Where a cell adds its vector: every position (the paper's), the prompt's last token
+#: only, or every position but the first (the BOS token, or the first token where the
+#: model prepends none: the attention sink either way).
+POSITIONS = ("all", "last", "not-bos")
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class SweepConfig:
     tau_units: str = "absolute"
     #: (layer, N_ℓ) pairs; measured by :func:`run_sweep` when not given.
     resid_norms: tuple[tuple[int, float], ...] | None = None
+    #: Where the vector is added (:data:`POSITIONS`): the mechanism ablations.
+    positions: str = "all"
     #: The baselines run (:data:`BASELINES`); all by default.
     baselines: tuple[str, ...] = BASELINES
     #: (row_id, memory) pairs: the memory each row's shuffled baseline injects, drawn over
@@ -60,6 +66,10 @@ class SweepConfig:
         for tau in self.taus:
             if not math.isfinite(tau):
                 raise BadInputError(f"τ = {tau} is not a finite number")
+        if self.positions not in POSITIONS:
+            raise BadInputError(
+                f"unknown positions '{self.positions}'; choose {', '.join(POSITIONS)}"
+            )
         for baseline in self.baselines:
             if baseline not in BASELINES:
                 raise BadInputError(

@@ -112,6 +112,7 @@ def records_frame(
             .astype(str),
             "metric": config.metric,
             "tau_units": config.tau_units,
+            "positions": config.positions,
             "resid_norm": axis(
                 [dict(config.resid_norms or ()).get(layer, np.nan) for layer in config.layers], 1
             ).astype(np.float64),
@@ -186,6 +187,11 @@ def finished_records(done: pd.DataFrame, config: SweepConfig) -> pd.DataFrame:
         expected["tau_units"] = {config.tau_units}
         if "tau_units" not in done.columns:
             done = done.assign(tau_units="absolute")
+    if "positions" in done.columns or config.positions != "all":
+        # Records written before the position ablations added at every position.
+        expected["positions"] = {config.positions}
+        if "positions" not in done.columns:
+            done = done.assign(positions="all")
     for column, values in expected.items():
         found = {v.item() if hasattr(v, "item") else v for v in done[column].unique()}
         if column == "tau":

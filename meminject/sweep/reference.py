@@ -31,10 +31,12 @@ def reference_cell(
     registry: Registry | None = None,
     tau_units: str = "absolute",
     resid_norm: float | None = None,
+    positions: str = "all",
 ) -> tuple[float, float]:
     """The plain loop: ``(p_before, p_after)`` for one prompt and one cell, from two
     ordinary forward passes, the second inside :func:`meminject.engine.inject` with the
-    cell's :class:`AddMemory` (``memory_text`` replaces the row's memory, for controls).
+    cell's :class:`AddMemory` (``memory_text`` replaces the row's memory, for controls;
+    ``positions`` is the sweep's, written as the file's explicit position list).
     With a ``head`` it is a memory routed through that head (site ``attn_z``), compiled
     as in a file."""
     import torch
@@ -53,6 +55,10 @@ def reference_cell(
         tau_units=tau_units,
         resid_norm=resid_norm,
     )
+    if positions != "all":
+        first = tokenized.read_positions[0]  # the prompt's last token
+        chosen = [first] if positions == "last" else list(range(1, len(tokenized.input_ids)))
+        memory = memory.model_copy(update={"positions": chosen})
     where = Path("<sweep>")
     memory_set = MemorySet(files=(LoadedFile(where, None, (MemoryEntry(memory, where, 0, ""),)),))
     tokens = torch.tensor([tokenized.input_ids], dtype=torch.long, device=model.device)

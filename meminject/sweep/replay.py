@@ -144,15 +144,37 @@ class Batch:
 
 class Adder:
     """The ``add`` strategy's body with one vector per batch row: ``a ← a + δ_row`` at
-    every position. ``delta`` is set before each pass; None leaves the activation as is."""
+    every position, or where ``mask`` is 1. ``delta`` is set before each pass; None
+    leaves the activation as is."""
 
-    def __init__(self) -> None:
+    def __init__(self, mask: Float[Tensor, "batch pos"] | None = None) -> None:
         self.delta: Tensor | None = None
+        self.mask = mask
 
     def __call__(self, activation: Float[Tensor, "batch pos d_model"], hook: Any) -> Any:
         if self.delta is None:
             return activation
-        return activation + self.delta[:, None, :].to(activation.dtype)
+        delta = self.delta[:, None, :].to(activation.dtype)
+        if self.mask is not None:
+            delta = delta * self.mask[:, : activation.shape[1], None].to(activation.dtype)
+        return activation + delta
+
+
+def position_mask(batch: Batch, rows: Sequence[TokenizedRow], positions: str) -> Tensor | None:
+    """Where a cell adds its vector in this batch (``SweepConfig.positions``): None for
+    every position; else 1 at the prompt's last token of each row (``last``), or
+    everywhere but position 0 (``not-bos``)."""
+    import torch
+
+    if positions == "all":
+        return None
+    mask = torch.zeros(batch.tokens.shape, dtype=torch.float32, device=batch.tokens.device)
+    if positions == "last":
+        for i, row in enumerate(rows):
+            mask[i, row.read_positions[0]] = 1.0
+    else:
+        mask[:, 1:] = 1.0
+    return mask
 
 
 def injection_hook(model: LoadedModel, layer: int, heads: Sequence[int] | None) -> str:

@@ -25,6 +25,7 @@ from meminject.sweep.replay import (
     Batch,
     head_shares,
     injection_hook,
+    position_mask,
     residual_norms,
     to_norm,
 )
@@ -238,6 +239,7 @@ def run_sweep(
                 )
                 warned = True
             layer_free: dict[str, Tensor] = {}
+            mask = position_mask(batch, [tokenized[i] for i in members], config.positions)
             for li, layer in enumerate(config.layers):
                 # [encoding][variant, batch, d_model], computed before the hook goes in.
                 vectors = []
@@ -252,7 +254,7 @@ def run_sweep(
                     vectors.append(stacked)
                 if config.tau_units == "resid_norm":
                     vectors = [to_norm(v, norm_of[layer]) for v in vectors]
-                adder = Adder()
+                adder = Adder(mask)
                 hook = (hook_names[li], adder)
                 with bridge.hooks(fwd_hooks=[hook]):
                     for hi, via in enumerate(heads):

@@ -83,6 +83,7 @@ def assert_matches_reference(model, rows, records, metric, registry=None):
             metric=metric,
             memory_text=rec.memory,
             registry=registry,
+            positions=getattr(rec, "positions", "all"),
         )
         for ours, theirs in ((rec.p_before, before), (rec.p_after, after)):
             worst_abs = max(worst_abs, abs(ours - theirs))
@@ -121,6 +122,23 @@ def test_sweep_equals_reference_loop_on_every_cell(gpt2, metric):
     zero = records["tau"] == 0.0
     assert (records[zero]["p_after"] == records[zero]["p_before"]).all()  # τ = 0: no hook
     assert_matches_reference(gpt2, ROWS, records[~zero], metric)
+
+
+@pytest.mark.parametrize("metric", ["first-token", "full"])
+@pytest.mark.parametrize("positions", ["last", "not-bos"])
+def test_position_ablations_equal_the_reference_loop(gpt2, positions, metric):
+    """The prompt's last token only, or every position but the first: each record equals
+    the reference loop with the same positions written as a memory file's position list,
+    and differs from adding at every position."""
+    base = dict(layers=(0, 1), taus=(5.0,), encodings=("unembed",), controls=1, metric=metric)
+    config = SweepConfig(**base, batch_size=2, positions=positions)
+    records = run_sweep(gpt2, ROWS, config).records
+    assert set(records["positions"]) == {positions}
+    assert_matches_reference(gpt2, ROWS, records, metric)
+    everywhere = run_sweep(gpt2, ROWS, SweepConfig(**base, batch_size=2)).records
+    assert np.abs(np.log(records["p_after"]) - np.log(everywhere["p_after"])).max() > 1e-3
+    with pytest.raises(BadInputError, match="positions: \\['" + positions):
+        run_sweep(gpt2, ROWS, SweepConfig(**base), done=records)
 
 
 def _by_hand_through_head(model, row, layer, head, tau, text):
