@@ -323,7 +323,8 @@ def sweep(
             f"{model.name} · {shown} · {answer_metric}{per_head} · {result.stats['rows']} prompts"
         )
         plot_heatmap(summary, plot, stat=plot_stat or rank_by, title=title, force=force)
-    _print_summary(result, top, output, plot, rank_by)
+    chance = (min(model.facts.d_head, dims.d_model) / dims.d_model) ** 0.5
+    _print_summary(result, top, output, plot, rank_by, chance_share=chance)
 
 
 def _source(dataset: str, registry: Registry) -> str:
@@ -357,7 +358,13 @@ def _fmt_share(value: Any) -> str:
 
 
 def _print_summary(
-    result: Any, top: int, out: Path | None, plot: Path | None, rank_by: str = DEFAULT_RANK
+    result: Any,
+    top: int,
+    out: Path | None,
+    plot: Path | None,
+    rank_by: str = DEFAULT_RANK,
+    *,
+    chance_share: float | None = None,
 ) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -440,9 +447,10 @@ def _print_summary(
             "− with a random control memory (nats; > 0: the memory helps beyond both)"
         )
         if per_head:
+            chance = "" if chance_share is None else f": {chance_share:.2f} for a random vector"
             console.print(
                 "share: ‖v·P_h‖/‖v‖, how much of the memory head h can write (its output "
-                "projection spans d_head of d_model directions)"
+                f"projection spans d_head of d_model directions, √(d_head/d_model){chance})"
             )
         if disagree:
             console.print(

@@ -47,16 +47,25 @@ def encode_embed(request: EncodeRequest) -> Float[Tensor, " d_model"]:
 
 
 def encode_layer(request: EncodeRequest) -> Float[Tensor, " d_model"]:
-    """v = attention output of layer ℓ at the text's last token."""
+    """v = attention output of layer ℓ at the text's last token, read where the memory
+    will be added: a memory routed through a head is added to the heads' sum, which in
+    blocks that normalise the attention output (Gemma 2/3) lies before that norm, so it
+    is read there too. Read after the norm and added before it, the vector had the
+    normalised output's scale in the un-normalised space, and the norm undid τ."""
     import torch
 
+    from meminject.sites import heads_sum_site
+
     model = request.model
+    site = "attn_out"
+    if getattr(request.memory, "head", None) is not None:
+        site = heads_sum_site(model.post_sublayer_norms).name
     ids = model.tokenize(request.text)
     if len(ids) > model.dims.n_ctx:
         raise ContextTooLongError(
             f"the text is {len(ids)} tokens, longer than the model's context of {model.dims.n_ctx}"
         )
-    hook_name = site_hook_name("attn_out", request.layer)
+    hook_name = site_hook_name(site, request.layer)
     tokens = torch.tensor([ids], dtype=torch.long, device=model.device)
     with torch.no_grad():
         activation = capture_activation(model, tokens, hook_name, request.layer)

@@ -127,14 +127,24 @@ def sweep_memory(
 
 
 def encode_text(
-    model: LoadedModel, text: str, *, layer: int, encoding: str, registry: Registry | None = None
+    model: LoadedModel,
+    text: str,
+    *,
+    layer: int,
+    encoding: str,
+    registry: Registry | None = None,
+    head: int | None = None,
 ) -> Float[Tensor, " d_model"]:
-    """``v`` for ``text`` from the registered encoder, exactly as the engine computes it."""
+    """``v`` for ``text`` from the registered encoder, exactly as the engine computes it
+    (for a memory routed through ``head`` when given: an encoder may read it elsewhere,
+    as ``layer`` does on Gemma; which head does not matter to the built-in ones)."""
     from meminject.engine import run_encoder
     from meminject.plugins import get_registry
 
     registry = registry or get_registry()
-    memory = sweep_memory(text, layer=layer, tau=1.0, encoding=encoding, registry=registry)
+    memory = sweep_memory(
+        text, layer=layer, tau=1.0, encoding=encoding, head=head, registry=registry
+    )
     vector = run_encoder(
         model, memory, registry, subject=repr(text), where=f"the sweep's text {text!r}"
     )
@@ -155,8 +165,10 @@ def encode_batch(
     layer: int,
     encoding: str,
     registry: Registry,
+    head: int | None = None,
 ) -> Float[Tensor, "variant batch d_model"]:
-    """The vectors of every row's memory (variant 0) and controls (1…) in a batch."""
+    """The vectors of every row's memory (variant 0) and the other variants in a batch
+    (``head``: encoded for a memory routed through a head, see :func:`encode_text`)."""
     import torch
 
     n_var = len(texts[members[0]])
@@ -165,7 +177,12 @@ def encode_batch(
             torch.stack(
                 [
                     encode_text(
-                        model, texts[i][v], layer=layer, encoding=encoding, registry=registry
+                        model,
+                        texts[i][v],
+                        layer=layer,
+                        encoding=encoding,
+                        registry=registry,
+                        head=head,
                     )
                     for i in members
                 ]

@@ -248,7 +248,10 @@ def run_sweep(
                     if (entry.plugin, entry.name) in LAYER_FREE and encoding in layer_free:
                         vectors.append(layer_free[encoding])
                         continue
-                    stacked = encode_batch(model, texts, members, layer, encoding, registry)
+                    # Head cells: encoded as memories routed through a head (any head).
+                    stacked = encode_batch(
+                        model, texts, members, layer, encoding, registry, head=heads[0]
+                    )
                     if (entry.plugin, entry.name) in LAYER_FREE:
                         layer_free[encoding] = stacked
                     vectors.append(stacked)

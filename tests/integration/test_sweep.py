@@ -648,6 +648,10 @@ def test_cli_head_sweep_on_toyworld_reports_shares_and_a_held_out_check(toyworld
     records = read_records(out)
     assert sorted(records["head"].unique()) == [0, 1]
     assert "share" in result.output and "‖v·P_h‖/‖v‖" in result.output
+    chance = (toyworld.facts.d_head / toyworld.dims.d_model) ** 0.5
+    assert f"√(d_head/d_model): {chance:.2f} for a random vector" in " ".join(
+        result.output.split()
+    )
     # Through CSV too: empty head shares and norms come back as numbers (NaN), not text.
     from meminject.sweep import write_records
 
@@ -674,3 +678,33 @@ def test_cli_head_sweep_on_toyworld_reports_shares_and_a_held_out_check(toyworld
     flat = " ".join(result.output.split())
     assert "sign flips of 14 memories, max-t over 2 cells" in flat
     assert f"adjusted p = {test.cells['p_adjusted'].iloc[0]:.3g}" in flat
+
+
+def test_layer_encoding_of_head_cells_is_read_where_it_is_added(tmp_path):
+    """Gemma 3 normalises the attention output before the residual add; a head cell adds
+    to the heads' sum before that norm, so its ``layer`` vector is read there too (after
+    the norm, the norm would undo τ). Whole-layer cells still read the attention output.
+    A head sweep with that encoding equals the reference loop through the engine."""
+    from meminject.loading import load_model
+    from meminject.sweep.encoding import encode_text
+    from meminject.testing import build_tiny_model
+
+    model = load_model(build_tiny_model(tmp_path / "gemma3", "gemma3"))
+    assert model.post_sublayer_norms
+    tokens = torch.tensor([model.tokenize("Paris")])
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(tokens)
+    before_norm = cache["blocks.1.attn.hook_out"][0, -1].float()
+    after_norm = cache["blocks.1.hook_attn_out"][0, -1].float()
+    assert not torch.allclose(before_norm, after_norm, rtol=1e-2)
+    for head, expected in ((0, before_norm), (None, after_norm)):
+        got = encode_text(model, "Paris", layer=1, encoding="layer", head=head).float()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    config = SweepConfig(
+        layers=(1,), taus=(1.0, 4.0), encodings=("layer",), heads=(0, 1), controls=1
+    )
+    records = run_sweep(model, ROWS[:3], config).records
+    assert_matches_reference(model, ROWS[:3], records, "first-token")
+    # τ moves the result: the norm no longer normalises the injection away.
+    by_tau = records[records["kind"] == "memory"].groupby("tau")["logp_after"].apply(list)
+    assert max(abs(a - b) for a, b in zip(by_tau[1.0], by_tau[4.0], strict=True)) > 1e-3
