@@ -209,13 +209,15 @@ def residual_norms(
     model: LoadedModel, rows: Sequence[PromptRow], layers: Sequence[int]
 ) -> dict[int, float]:
     """Each layer's typical residual-stream norm: the mean of ‖resid_pre(ℓ)‖ over the
-    rows' prompt tokens (BOS left out: its norm is often an outlier), in the model's
-    loaded coordinates. What ``--tau-units resid_norm`` measures τ in."""
+    rows' prompt tokens but the first, in the model's loaded coordinates. What
+    ``--tau-units resid_norm`` measures τ in. Position 0 is left out whether it is BOS or
+    the prompt's first token (models without BOS): attention uses it as a sink, and its
+    norm is an outlier many times the others, which would set τ's unit by one token."""
     import torch
 
     sums = dict.fromkeys(layers, 0.0)
     count = 0
-    skip = 1 if model.prepend_bos else 0
+    skip = 1
     hooks: list[tuple[str | Callable[..., Any], Callable[..., Any]]] = []
     captured: dict[int, Tensor] = {}
     for layer in layers:

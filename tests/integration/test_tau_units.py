@@ -25,9 +25,25 @@ def test_residual_norms_by_hand(gpt2):
         for row in ROWS:
             _, cache = gpt2.bridge.run_with_cache(gpt2.to_tokens(row.prompt))
             resid = cache[f"blocks.{layer}.hook_resid_pre"][0]
-            values += resid[1 if gpt2.prepend_bos else 0 :].norm(dim=-1).tolist()
+            values += resid[1:].norm(dim=-1).tolist()  # position 0, the sink, left out
         assert norms[layer] == pytest.approx(sum(values) / len(values), rel=1e-5)
     assert norms[0] != pytest.approx(norms[1], rel=1e-3)  # the layers differ, or this is moot
+
+
+def test_residual_norms_leave_out_position_0_without_bos_too(tmp_path):
+    """With BOS off, the prompt's first token is the attention sink: left out as well."""
+    from meminject.loading import load_model
+    from meminject.testing import build_tiny_model
+
+    model = load_model(build_tiny_model(tmp_path / "llama", "llama"), prepend_bos=False)
+    assert not model.prepend_bos
+    norms = residual_norms(model, ROWS, [1])
+    values = []
+    for row in ROWS:
+        _, cache = model.bridge.run_with_cache(model.to_tokens(row.prompt))
+        assert cache["blocks.1.hook_resid_pre"].shape[1] == len(model.tokenize(row.prompt))
+        values += cache["blocks.1.hook_resid_pre"][0, 1:].norm(dim=-1).tolist()
+    assert norms[1] == pytest.approx(sum(values) / len(values), rel=1e-5)
 
 
 def test_sweep_in_norm_units_equals_memories_in_norm_units(gpt2):
