@@ -69,12 +69,14 @@ if TYPE_CHECKING:
 @click.option(
     "--baselines",
     "baseline_spec",
-    default="in-context,shuffled",
+    default="in-context,shuffled,explicit",
     show_default=True,
     metavar="LIST",
     help="What each memory is also compared with: in-context (its text before the prompt, "
-    "no injection: one more pass per batch) and shuffled (another row's memory in the same "
-    "cell: one more pass per cell), comma-separated, or none.",
+    "no injection: one more pass per batch), shuffled (another row's memory in the same "
+    "cell: one more pass per cell) and explicit (the row's explicit one-hop prompt: does "
+    "the model know the fact; one more pass per batch, when every row has one), "
+    "comma-separated, or none.",
 )
 @click.option(
     "--positions",
@@ -510,7 +512,8 @@ def _baselines(spec: str) -> tuple[str, ...]:
 
 
 def _print_baselines(console: Any, best: dict[str, Any]) -> None:
-    """How the best cell compares with prompting and with another row's memory."""
+    """How the best cell compares with prompting and with another row's memory, its
+    accuracy, and how it fares on facts the model knows (the explicit prompts)."""
     import math
 
     parts = []
@@ -533,6 +536,24 @@ def _print_baselines(console: Any, best: dict[str, Any]) -> None:
         )
     if parts:
         console.print("baselines of that cell: " + "; ".join(parts))
+    if not math.isnan(best.get("top1_after", math.nan)):
+        line = (
+            f"accuracy of that cell: the answer is the top next token for "
+            f"{best['top1_before']:.0%} of prompts without the memory, {best['top1_after']:.0%} "
+            f"with it ({best['top5_after']:.0%} in the top 5; median rank "
+            f"{best['median_rank_before']:g} → {best['median_rank_after']:g})"
+        )
+        if not math.isnan(best.get("top1_in_context", math.nan)):
+            line += f", {best['top1_in_context']:.0%} with its text in the prompt"
+        console.print(line)
+    known = best.get("share_explicit_known", math.nan)
+    if not math.isnan(known):
+        console.print(
+            f"the explicit prompts: the model answers {known:.0%} of them (top 1); median "
+            f"gain where it does {_fmt_nats(best['median_gain_known'])}, where it does not "
+            f"{_fmt_nats(best['median_gain_unknown'])}; the memory closes a median "
+            f"{_fmt_share(best['median_gap_closed'])} of the explicit-vs-obscure gap"
+        )
 
 
 def _print_held_out(console: Any, records: Any, rank_by: str) -> None:

@@ -13,8 +13,10 @@ TAU_UNITS = ("absolute", "resid_norm")
 #: What a memory is compared with besides no memory and the random controls:
 #: "in-context" puts the memory's text before the prompt (no injection: what prompting
 #: alone does), "shuffled" injects another row's memory in the same cell (what any real
-#: memory of this dataset does, at the same encoding and scale).
-BASELINES = ("in-context", "shuffled")
+#: memory of this dataset does, at the same encoding and scale), "explicit" scores the
+#: row's explicit one-hop prompt (does the model know the fact at all; the gap an
+#: injection can close).
+BASELINES = ("in-context", "shuffled", "explicit")
 #: Where a cell adds its vector: every position (the paper's), the prompt's last token
 #: only, or every position but the first (the BOS token, or the first token where the
 #: model prepends none: the attention sink either way).
@@ -90,7 +92,7 @@ class SweepConfig:
     def passes_per_batch(self) -> int:
         """Forward passes (replays or full) a batch of rows costs after its base pass:
         one per cell and injected memory (:attr:`n_variants`), τ = 0 none (it is the base
-        pass), and one for the in-context baseline."""
+        pass), and one for each of the in-context and explicit baselines."""
         nonzero = sum(1 for tau in self.taus if tau != 0.0)
-        in_context = int("in-context" in self.baselines)
-        return self.n_cells // len(self.taus) * nonzero * self.n_variants + in_context
+        references = int("in-context" in self.baselines) + int("explicit" in self.baselines)
+        return self.n_cells // len(self.taus) * nonzero * self.n_variants + references

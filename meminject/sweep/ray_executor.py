@@ -621,7 +621,7 @@ def run_sweep_ray(
             key: sum(c[key] for c in counts)
             for key in (
                 "base_passes",
-                "in_context_passes",
+                "reference_passes",
                 "replays",
                 "full_passes",
                 "fallback_batches",

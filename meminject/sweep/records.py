@@ -51,14 +51,16 @@ def records_frame(
     after: np.ndarray,
     share: np.ndarray,
     config: SweepConfig,
-    in_context: np.ndarray | None = None,
+    per_row: dict[str, np.ndarray] | None = None,
+    after_rank: np.ndarray | None = None,
 ) -> pd.DataFrame:
     """Tidy records from the per-row log-probabilities: ``before`` [R], ``after``
     [R, layers, heads, τ, encodings, variants] (one head slot, None, without heads;
     variants: the memory, the shuffled memory when that baseline runs, the controls),
     the share of each memory a head can write, ``share`` [R, layers, heads, encodings,
-    variants] (NaN without heads), and the in-context baseline's log p, ``in_context``
-    [R] (NaN, or None, when it did not run)."""
+    variants] (NaN without heads); ``per_row``: columns of one value per row
+    (``rank_before``, and ``logp_``/``rank_`` of each reference prompt run), and
+    ``after_rank`` the answer's rank in each injected pass (shaped as ``after``)."""
     import numpy as np
     import pandas as pd
 
@@ -91,12 +93,22 @@ def records_frame(
     shuffled = int("shuffled" in config.baselines)
     kinds = np.array(["memory", *["shuffled"] * shuffled, *["control"] * (n_var - 1 - shuffled)])
     control_values = pd.array([None] * (1 + shuffled) + list(range(n_var - 1 - shuffled)), "Int64")
-    if in_context is None:
-        in_context = np.full(n_rows, np.nan)
-    with np.errstate(all="ignore"):
-        li = np.broadcast_to(
-            in_context.astype(np.float64).reshape(n_rows, 1, 1, 1, 1, 1), shape
+    per_row = dict(per_row or {})
+    # Every column is there whatever ran (NaN: not run), so records of runs with and
+    # without a baseline concatenate.
+    for name in ("before", "in_context", "explicit"):
+        per_row.setdefault(f"rank_{name}", np.full(n_rows, np.nan))
+        if name != "before":
+            per_row.setdefault(f"logp_{name}", np.full(n_rows, np.nan))
+    row_columns = {
+        column: np.broadcast_to(
+            values.astype(np.float64).reshape(n_rows, 1, 1, 1, 1, 1), shape
         ).ravel()
+        for column, values in sorted(per_row.items())
+    }
+    ranks = (
+        np.full(after.size, np.nan) if after_rank is None else after_rank.astype(np.float64).ravel()
+    )
     frame = pd.DataFrame(
         {
             "row_id": axis([r.row_id for r in rows], 0),
@@ -121,7 +133,8 @@ def records_frame(
             "p_after": pa,
             "logp_before": lb,
             "logp_after": la,
-            "logp_in_context": li,
+            **row_columns,
+            "rank_after": ranks,
             "change": change,
             "pct_change": pct,
             "improved": pa > pb,
@@ -138,7 +151,8 @@ def subset_records(
     share: np.ndarray,
     index: list[int],
     config: SweepConfig,
-    in_context: np.ndarray | None = None,
+    per_row: dict[str, np.ndarray] | None = None,
+    after_rank: np.ndarray | None = None,
 ) -> pd.DataFrame:
     return records_frame(
         [rows[i] for i in index],
@@ -147,7 +161,8 @@ def subset_records(
         after[index],
         share[index],
         config,
-        None if in_context is None else in_context[index],
+        {column: values[index] for column, values in (per_row or {}).items()},
+        None if after_rank is None else after_rank[index],
     )
 
 
@@ -205,8 +220,9 @@ def finished_records(done: pd.DataFrame, config: SweepConfig) -> pd.DataFrame:
     ran = set()
     if (done["kind"].astype(str) == "shuffled").any():
         ran.add("shuffled")
-    if "logp_in_context" in done.columns and done["logp_in_context"].notna().any():
-        ran.add("in-context")
+    for name, column in (("in-context", "logp_in_context"), ("explicit", "logp_explicit")):
+        if column in done.columns and done[column].notna().any():
+            ran.add(name)
     if ran != set(config.baselines):
         found_text = ", ".join(sorted(ran)) or "none"
         wanted = ", ".join(sorted(config.baselines)) or "none"

@@ -39,9 +39,14 @@ def _log_probs(
     logits: Float[Tensor, "batch n_read d_vocab"],
     targets: Int[Tensor, "batch n_read"],
     valid: Float[Tensor, "batch n_read"],
-) -> Float[Tensor, " batch"]:
-    logp = logits.float().log_softmax(-1).gather(-1, targets[..., None])[..., 0]
-    return (logp * valid).sum(-1)
+) -> tuple[Float[Tensor, " batch"], Int[Tensor, " batch"]]:
+    """The answer's log-probability, and the rank of its first token among the next
+    tokens after the prompt (1: the model's top choice; ties counted in its favour)."""
+    logits = logits.float()
+    logp = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0]
+    first = logits[:, 0]
+    rank = (first > first.gather(-1, targets[:, :1])).sum(-1) + 1
+    return (logp * valid).sum(-1), rank
 
 
 class Batch:
@@ -73,6 +78,8 @@ class Batch:
         self.targets = targets.to(device)
         self.valid = valid.to(device)
         self.keep = keep  # layers whose incoming residual is kept
+        #: The rank of each row's answer (first token) in the last pass scored.
+        self.rank: Int[Tensor, " batch"] | None = None
         self.inputs: dict[int, tuple[tuple[Any, ...], dict[str, Any]]] = {}
 
     def base(self) -> Float[Tensor, " batch"]:
@@ -111,7 +118,8 @@ class Batch:
 
     def _score(self, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, " batch"]:
         index = self.read[..., None].expand(-1, -1, logits.shape[-1])
-        return _log_probs(logits.gather(1, index), self.targets, self.valid)
+        logp, self.rank = _log_probs(logits.gather(1, index), self.targets, self.valid)
+        return logp
 
     @property
     def can_replay(self) -> bool:
@@ -132,7 +140,8 @@ class Batch:
             where = self.read[..., None].expand(-1, -1, hidden.shape[-1])
             picked = hidden.gather(1, where)
             logits = self.bridge.unembed(self.bridge.ln_final(picked))
-        return _log_probs(logits, self.targets, self.valid)
+        logp, self.rank = _log_probs(logits, self.targets, self.valid)
+        return logp
 
     def full(self) -> Float[Tensor, " batch"]:
         """A whole forward pass (the fallback; hooks installed on the bridge fire)."""

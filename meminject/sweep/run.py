@@ -30,6 +30,7 @@ from meminject.sweep.replay import (
     to_norm,
 )
 from meminject.sweep.rows import (
+    TokenizedRow,
     batch_indices,
     control_texts,
     in_context_prompt,
@@ -39,6 +40,7 @@ from meminject.sweep.rows import (
 )
 
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
     from torch import Tensor
 
@@ -110,10 +112,21 @@ def with_norms(model: LoadedModel, rows: Sequence[PromptRow], config: SweepConfi
     return dataclasses.replace(config, resid_norms=tuple(sorted(norms.items())))
 
 
+def _ranks(batch: Batch) -> np.ndarray:
+    """The answer's rank in the batch's last scored pass, as numbers."""
+    assert batch.rank is not None
+    ranks: np.ndarray = batch.rank.cpu().numpy()
+    return ranks
+
+
 def with_baselines(rows: Sequence[PromptRow], config: SweepConfig) -> SweepConfig:
     """``config`` with each row's shuffled memory drawn over every row given (as
     :func:`with_norms`, the whole dataset, so shards and tasks agree); the shuffled
-    baseline is dropped when the dataset has a single memory, which nothing can shuffle."""
+    baseline is dropped when the dataset has a single memory, which nothing can shuffle,
+    and the explicit one when a row has no explicit prompt."""
+    if "explicit" in config.baselines and any(row.explicit_prompt is None for row in rows):
+        kept = tuple(b for b in config.baselines if b != "explicit")
+        config = dataclasses.replace(config, baselines=kept)
     if "shuffled" not in config.baselines or config.shuffled is not None:
         return config
     chosen = with_shuffled(rows, config.seed)
@@ -163,11 +176,23 @@ def run_sweep(
         finished_ids = set(previous["row_id"].tolist())
         mine = [row for row in mine if row.row_id not in finished_ids]
     tokenized = [tokenize_row(model, row, config.metric) for row in mine]
-    in_context = "in-context" in config.baselines
-    prompted = [
-        tokenize_row(model, dataclasses.replace(row, prompt=in_context_prompt(row)), config.metric)
-        for row in (mine if in_context else [])
-    ]
+    # Prompts scored without any injection besides the row's own: the memory's text before
+    # the prompt (in-context) and the explicit, one-hop prompt (what the model knows).
+    references: dict[str, list[TokenizedRow]] = {}
+    if "in-context" in config.baselines:
+        references["in_context"] = [
+            tokenize_row(
+                model, dataclasses.replace(row, prompt=in_context_prompt(row)), config.metric
+            )
+            for row in mine
+        ]
+    if "explicit" in config.baselines:
+        references["explicit"] = [
+            tokenize_row(
+                model, dataclasses.replace(row, prompt=str(row.explicit_prompt)), config.metric
+            )
+            for row in mine
+        ]
     texts = [
         [
             row.memory,
@@ -188,7 +213,12 @@ def run_sweep(
         n_var,
     )
     before = np.zeros(n_rows, dtype=np.float64)
-    with_text = np.full(n_rows, np.nan)  # the in-context baseline's log p
+    after_rank = np.zeros(shape, dtype=np.int64)
+    # Per row: log p and rank of the answer without the memory, and with each reference.
+    per_row: dict[str, np.ndarray] = {"rank_before": np.zeros(n_rows, dtype=np.int64)}
+    for name in references:
+        per_row[f"logp_{name}"] = np.full(n_rows, np.nan)
+        per_row[f"rank_{name}"] = np.zeros(n_rows, dtype=np.int64)
     after = np.zeros(shape, dtype=np.float64)
     share = np.full(shape[:3] + shape[4:], np.nan)  # [R, layers, heads, encodings, variants]
     # Similar lengths together: less padding. Results go back to the rows' own slots.
@@ -197,7 +227,7 @@ def run_sweep(
         "rows": n_rows,
         "cells": config.n_cells,
         "base_passes": 0,
-        "in_context_passes": 0,
+        "reference_passes": 0,
         "replays": 0,
         "full_passes": 0,
         "fallback_batches": 0,
@@ -214,10 +244,12 @@ def run_sweep(
             base = batch.base()
             stats["base_passes"] += 1
             before[members] = base.double().cpu().numpy()
-            if in_context:  # no hook is installed yet: what prompting alone does
-                prompting = Batch(model, [prompted[i] for i in members], keep).full()
-                with_text[members] = prompting.double().cpu().numpy()
-                stats["in_context_passes"] += 1
+            per_row["rank_before"][members] = _ranks(batch)
+            for name, prompts in references.items():  # no hook is installed yet
+                other = Batch(model, [prompts[i] for i in members], keep)
+                per_row[f"logp_{name}"][members] = other.full().double().cpu().numpy()
+                per_row[f"rank_{name}"][members] = _ranks(other)
+                stats["reference_passes"] += 1
                 bar.advance(task)
                 if advance is not None:
                     advance(1)
@@ -270,6 +302,9 @@ def run_sweep(
                                 for v in range(n_var):
                                     if tau == 0.0:  # the engine installs no hook for τ = 0
                                         after[members, li, hi, ti, ei, v] = before[members]
+                                        after_rank[members, li, hi, ti, ei, v] = per_row[
+                                            "rank_before"
+                                        ][members]
                                         continue
                                     adder.delta = tau * routed[v]
                                     if replay:
@@ -280,6 +315,7 @@ def run_sweep(
                                         stats["full_passes"] += 1
                                     adder.delta = None
                                     after[members, li, hi, ti, ei, v] = logp.double().cpu().numpy()
+                                    after_rank[members, li, hi, ti, ei, v] = _ranks(batch)
                                     bar.advance(task)
                                     if advance is not None:
                                         advance(1)
@@ -290,7 +326,15 @@ def run_sweep(
                     with_previous(
                         previous,
                         subset_records(
-                            mine, texts, before, after, share, sorted(finished), config, with_text
+                            mine,
+                            texts,
+                            before,
+                            after,
+                            share,
+                            sorted(finished),
+                            config,
+                            per_row,
+                            after_rank,
                         ),
                     )
                 )
@@ -298,6 +342,6 @@ def run_sweep(
     if norm_of:
         stats["resid_norms"] = norm_of
     records = with_previous(
-        previous, records_frame(mine, texts, before, after, share, config, with_text)
+        previous, records_frame(mine, texts, before, after, share, config, per_row, after_rank)
     )
     return SweepResult(records=records, config=config, stats=stats)

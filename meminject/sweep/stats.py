@@ -53,6 +53,8 @@ RANK_STATS: dict[str, str] = {
     "mean_pct": "mean % increase of p(answer) (the paper's metric)",
     "median_vs_in_context": "median log p with the memory injected − with its text in the prompt",
     "median_vs_shuffled": "median log p with the memory − with another row's memory, nats",
+    "top1_after": "share of prompts whose answer is the top next token with the memory",
+    "median_gap_closed": "median share of the explicit-vs-obscure log p gap the memory closes",
 }
 DEFAULT_RANK = "median_gain"
 #: Short names of the statistics, for axis and colour-bar labels.
@@ -67,6 +69,8 @@ SHORT_LABELS: dict[str, str] = {
     "mean_pct": "mean % increase (paper)",
     "median_vs_in_context": "median vs in-context (nats)",
     "median_vs_shuffled": "median vs shuffled (nats)",
+    "top1_after": "top-1 accuracy with the memory",
+    "median_gap_closed": "median share of the gap closed",
 }
 
 SUMMARY_COLUMNS = [
@@ -103,6 +107,17 @@ SUMMARY_COLUMNS = [
     "vs_shuffled_ci_low",
     "vs_shuffled_ci_high",
     "share_beats_shuffled",
+    "top1_before",
+    "top1_after",
+    "top5_after",
+    "median_rank_before",
+    "median_rank_after",
+    "top1_in_context",
+    "top1_explicit",
+    "share_explicit_known",
+    "median_gain_known",
+    "median_gain_unknown",
+    "median_gap_closed",
 ]
 
 # Older records (and the first columns of the summary) call the mean change of p
@@ -211,6 +226,16 @@ def paired(records: pd.DataFrame) -> pd.DataFrame:
         memory["in_context_lift"] = memory["logp_in_context"] - _log(memory, "p_before")
     else:
         memory["vs_in_context"] = memory["in_context_lift"] = np.nan
+    # What the model knows: the explicit prompt's log p, and the share of the gap
+    # between it and the obscure prompt's that the memory closes (prompts with a gap).
+    if "logp_explicit" in memory:
+        gap = memory["logp_explicit"] - _log(memory, "p_before")
+        memory["gap_closed"] = np.where(gap > 0, memory["lift"] / gap, np.nan)
+        memory["known"] = np.where(
+            memory["rank_explicit"].isna(), np.nan, memory["rank_explicit"] == 1
+        )
+    else:
+        memory["gap_closed"] = memory["known"] = np.nan
     shuffled = records[records["kind"] == "shuffled"]
     if shuffled.empty:
         memory["vs_shuffled"] = np.nan
@@ -243,6 +268,46 @@ def paired(records: pd.DataFrame) -> pd.DataFrame:
         np.isnan(memory["effect"]), memory["lift"], np.minimum(memory["lift"], memory["effect"])
     )
     return memory
+
+
+def _median(values: np.ndarray) -> float:
+    """The median of the values that are numbers; NaN when none is."""
+    import numpy as np
+
+    values = values[~np.isnan(values)]
+    return float(np.median(values)) if values.size else float("nan")
+
+
+def _mean(values: np.ndarray) -> float:
+    import numpy as np
+
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else float("nan")
+
+
+def _ranks(part: pd.DataFrame) -> dict[str, float]:
+    """Accuracy beside probability: the share of prompts whose answer is the top next
+    token (and in the top 5) with the memory, the top-1 share without it and with the
+    reference prompts, and the median rank before and after (NaN where not recorded)."""
+    import numpy as np
+
+    def column(name: str) -> np.ndarray:
+        if name not in part:
+            return np.full(len(part), np.nan)
+        return part[name].to_numpy(np.float64)
+
+    before, after = column("rank_before"), column("rank_after")
+    out = {
+        "top1_before": _mean(np.where(np.isnan(before), np.nan, before <= 1)),
+        "top1_after": _mean(np.where(np.isnan(after), np.nan, after <= 1)),
+        "top5_after": _mean(np.where(np.isnan(after), np.nan, after <= 5)),
+        "median_rank_before": _median(before),
+        "median_rank_after": _median(after),
+    }
+    for name in ("in_context", "explicit"):
+        ranks = column(f"rank_{name}")
+        out[f"top1_{name}"] = _mean(np.where(np.isnan(ranks), np.nan, ranks <= 1))
+    return out
 
 
 def summarize(records: pd.DataFrame) -> pd.DataFrame:
@@ -308,9 +373,13 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
                     versus, clusters=clusters
                 )
             prompting = part["in_context_lift"].to_numpy(np.float64)
-            row["in_context_lift"] = (
-                np.nan if np.isnan(prompting).all() else float(np.median(prompting))
-            )
+            row["in_context_lift"] = _median(prompting)
+            row.update(_ranks(part))
+            known = part["known"].to_numpy(np.float64)
+            row["share_explicit_known"] = _mean(known)
+            row["median_gain_known"] = _median(gain[known == 1])
+            row["median_gain_unknown"] = _median(gain[known == 0])
+            row["median_gap_closed"] = _median(part["gap_closed"].to_numpy(np.float64))
             rows.append(row)
         summary = pd.DataFrame(rows)
         controls = records[records["kind"] == "control"]

@@ -32,6 +32,7 @@ from meminject.sweep import (
     tokenize_row,
 )
 from meminject.sweep.rows import in_context_prompt
+from meminject.sweep.stats import paired
 from tests.conftest import SHARED_DATA, write
 
 pytestmark = pytest.mark.integration
@@ -245,7 +246,7 @@ def test_layers_before_the_injection_layer_run_once_per_batch(gpt2):
         for handle in handles:
             handle.remove()
     batches = result.stats["base_passes"]
-    assert batches == 3 and result.stats["in_context_passes"] == batches
+    assert batches == 3 and result.stats["reference_passes"] == batches
     assert calls[0] == 2 * batches  # base + the in-context baseline (a prompt of its own)
     # base + in-context + check + cells × variants (memory, shuffled, 2 controls)
     assert calls[1] == 3 * batches + 4 * 4 * batches
@@ -649,9 +650,7 @@ def test_cli_head_sweep_on_toyworld_reports_shares_and_a_held_out_check(toyworld
     assert sorted(records["head"].unique()) == [0, 1]
     assert "share" in result.output and "‖v·P_h‖/‖v‖" in result.output
     chance = (toyworld.facts.d_head / toyworld.dims.d_model) ** 0.5
-    assert f"√(d_head/d_model): {chance:.2f} for a random vector" in " ".join(
-        result.output.split()
-    )
+    assert f"√(d_head/d_model): {chance:.2f} for a random vector" in " ".join(result.output.split())
     # Through CSV too: empty head shares and norms come back as numbers (NaN), not text.
     from meminject.sweep import write_records
 
@@ -664,12 +663,19 @@ def test_cli_head_sweep_on_toyworld_reports_shares_and_a_held_out_check(toyworld
         summarize(records)[["median_gain", "head_share"]],
         rtol=1e-6,
     )
+    flat_output = " ".join(result.output.split())
     check = held_out_check(records)
     assert check is not None and check["n_selection"] == check["n_held_out"] == 112
     assert "held-out check" in result.output
     if check["cell"] is not None:
         assert "on the other 112 (halves split by memory)" in result.output.replace("\n", " ")
         assert f"{check['cell']['held_out_median_gain']:+.3f}" in result.output.replace("\n", "")
+    # The best cell's baselines, accuracy and known-fact lines, from its summary row.
+    if "best cell by" in flat_output:
+        best = summarize(records).sort_values("median_gain").iloc[-1]
+        assert f"{best['share_explicit_known']:.0%} of them (top 1)" in flat_output
+        assert f"{best['top1_after']:.0%} with it" in flat_output
+        assert "(shuffled): " + f"{best['median_vs_shuffled']:+.3f}" in flat_output
     # 224 prompts share 14 memories: the family-wise test flips memories, not prompts.
     from meminject.sweep.familywise import familywise_test
 
@@ -708,3 +714,65 @@ def test_layer_encoding_of_head_cells_is_read_where_it_is_added(tmp_path):
     # τ moves the result: the norm no longer normalises the injection away.
     by_tau = records[records["kind"] == "memory"].groupby("tau")["logp_after"].apply(list)
     assert max(abs(a - b) for a, b in zip(by_tau[1.0], by_tau[4.0], strict=True)) > 1e-3
+
+
+def _rank_and_logp(model, row, memory=None):
+    """By hand: the answer's first-token rank and log p after the prompt, from a plain
+    forward pass (inside ``meminject.inject`` with ``memory`` when given)."""
+    from meminject.engine import inject
+    from meminject.memfile import LoadedFile, MemoryEntry, MemorySet
+    from meminject.sweep.rows import tokenize_row
+
+    tokenized = tokenize_row(model, row)
+    tokens = torch.tensor([tokenized.input_ids])
+    with torch.no_grad():
+        if memory is None:
+            logits = model.bridge(tokens)
+        else:
+            where = Path("<test>")
+            entry = MemoryEntry(memory, where, 0, "")
+            with inject(model, MemorySet(files=(LoadedFile(where, None, (entry,)),))):
+                logits = model.bridge(tokens)
+    last = logits[0, tokenized.read_positions[0]].float()
+    target = tokenized.targets[0]
+    rank = int((last > last[target]).sum()) + 1
+    return rank, float(last.log_softmax(-1)[target])
+
+
+def test_ranks_and_the_explicit_baseline_by_hand(toyworld):
+    """toyworld's rows carry explicit one-hop prompts: the explicit baseline scores them
+    (log p and rank by a plain pass), ranks before and after equal a pass by hand, and
+    the summary's top-1 shares, known-fact split and gap closed follow from the records."""
+    from meminject.default_plugins.datasets import load_toyworld
+    from meminject.sweep.encoding import sweep_memory
+
+    rows = load_toyworld()[::19]  # 12 rows, several memories
+    config = SweepConfig(layers=(0,), taus=(3.0,), encodings=("embed",), controls=1)
+    result = run_sweep(toyworld, rows, config)
+    assert result.config.baselines == ("in-context", "shuffled", "explicit")
+    records = result.records
+    memory = records[records["kind"] == "memory"].set_index("row_id")
+    for row in rows[:4]:
+        rec = memory.loc[row.row_id]
+        explicit = dataclasses.replace(row, prompt=row.explicit_prompt)
+        assert (rec["rank_explicit"], rec["logp_explicit"]) == pytest.approx(
+            _rank_and_logp(toyworld, explicit), abs=1e-4
+        )
+        assert (rec["rank_before"], rec["logp_before"]) == pytest.approx(
+            _rank_and_logp(toyworld, row), abs=1e-4
+        )
+        added = sweep_memory(row.memory, layer=0, tau=3.0, encoding="embed")
+        assert (rec["rank_after"], rec["logp_after"]) == pytest.approx(
+            _rank_and_logp(toyworld, row, added), abs=1e-4
+        )
+    cell = result.summary.iloc[0]
+    assert cell["top1_after"] == pytest.approx((memory["rank_after"] == 1).mean())
+    assert cell["top5_after"] == pytest.approx((memory["rank_after"] <= 5).mean())
+    known = memory["rank_explicit"] == 1
+    assert cell["share_explicit_known"] == pytest.approx(known.mean())
+    assert known.mean() > 0.5  # toyworld knows its one-hop facts
+    gain = paired(records).set_index("row_id")["gain"]
+    assert cell["median_gain_known"] == pytest.approx(gain[known[gain.index].to_numpy()].median())
+    gap = memory["logp_explicit"] - memory["logp_before"]
+    closed = ((memory["logp_after"] - memory["logp_before"]) / gap)[gap > 0]
+    assert cell["median_gap_closed"] == pytest.approx(closed.median())

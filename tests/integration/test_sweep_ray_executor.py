@@ -172,7 +172,7 @@ def test_progress_counts_the_passes_of_every_worker(gpt2, capsys):
     )
     result = run_sweep_ray(gpt2, ROWS, config, tasks=3, progress=True)
     total = 4 * config.passes_per_batch  # 7 rows in batches of 2; τ = 0 costs no pass
-    assert result.stats["in_context_passes"] == 4  # the baseline: one pass per batch
+    assert result.stats["reference_passes"] == 4  # in-context: one pass per batch
     assert result.stats["replays"] + 4 == total
     err = capsys.readouterr().err
     assert f"{total}/{total} passes" in err

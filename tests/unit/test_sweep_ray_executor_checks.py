@@ -46,8 +46,9 @@ def test_passes_per_batch_counts_cells_and_controls_but_not_tau_zero() -> None:
     config = SweepConfig(
         layers=(0, 1, 2), taus=(0.0, 1.0, 2.0), encodings=("unembed", "embed"), controls=3
     )
-    # Per cell with τ ≠ 0: the memory, the shuffled memory and 3 controls; one in-context pass.
-    assert config.passes_per_batch == 3 * 2 * 2 * 5 + 1
+    # Per cell with τ ≠ 0: the memory, the shuffled memory and 3 controls; one pass each
+    # for the in-context and the explicit prompts.
+    assert config.passes_per_batch == 3 * 2 * 2 * 5 + 2
     bare = SweepConfig(layers=(0, 1, 2), taus=(0.0, 1.0, 2.0), controls=3, baselines=())
     assert bare.passes_per_batch == 3 * 2 * 4
     heads = SweepConfig(layers=(0,), taus=(1.0,), heads=(0, 1, 2), baselines=("shuffled",))
