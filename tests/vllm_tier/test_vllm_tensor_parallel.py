@@ -1,6 +1,6 @@
 """Memories under tensor parallelism: ``tensor_parallel_size=2`` on vLLM's CPU build
 (one core per rank, ``VLLM_CPU_OMP_THREADS_BIND="0|1"``) over a small random-weight
-Llama in float32 whose 4 heads, 4 KV heads and MLP split across the two ranks. With
+Llama in float32 (head size 64, which vLLM's CPU attention needs) whose 4 heads, 4 KV heads and MLP split across the two ranks. With
 memories at every site the workers hook, alone and all together, greedy tokens and
 every token's log-probability equal the ``hf`` backend's: each memory is added once to
 the whole residual stream, not once per rank (nor to one rank's slice only). One engine
@@ -39,7 +39,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     if (os.cpu_count() or 1) < 2:
         pytest.skip("tensor_parallel_size=2 needs two CPU cores (one per rank)")
     path = build_tiny_model(
-        tmp_path_factory.mktemp("tp") / "llama", "llama", d_model=64, n_layers=4, n_heads=4
+        tmp_path_factory.mktemp("tp") / "llama", "llama", d_model=256, n_layers=4, n_heads=4
     )
     model = load_model(path, dtype="float32")
     yield model
