@@ -111,7 +111,8 @@ def _export_vllm(
         overwrite=force,
     )
     fields = json.dumps({"vllm_xargs": {"meminject": name}, "cache_salt": digest})
-    click.echo(f"wrote plan '{name}' ({len(plan.hooks)} changes) for {model.name} to {output}")
+    changes = f"{len(plan.hooks)} change" + "s" * (len(plan.hooks) != 1)
+    click.echo(f"wrote plan '{name}' ({changes}) for {model.name} to {output}")
     click.echo(f"requests choose it with: {fields}")
     click.echo(
         f"serve: {PLANS_ENV}={output.parent} vllm serve {model.source} --dtype "

@@ -1,10 +1,10 @@
 """Memories under tensor parallelism: ``tensor_parallel_size=2`` on vLLM's CPU build
 (one core per rank, ``VLLM_CPU_OMP_THREADS_BIND="0|1"``) over a small random-weight
-Llama in float32 (head size 64, which vLLM's CPU attention needs) whose 4 heads, 4 KV heads and MLP split across the two ranks. With
-memories at every site the workers hook, alone and all together, greedy tokens and
-every token's log-probability equal the ``hf`` backend's: each memory is added once to
-the whole residual stream, not once per rank (nor to one rank's slice only). One engine
-for the module."""
+Llama in float32 (head size 64, which vLLM's CPU attention needs) whose 4 heads, 4 KV
+heads and MLP split across the two ranks. With memories at every site the workers hook,
+alone and all together, greedy tokens and every token's log-probability equal the
+``hf`` backend's: each memory is added once to the whole residual stream, not once per
+rank (nor to one rank's slice only). One engine for the module."""
 
 from __future__ import annotations
 
