@@ -214,6 +214,25 @@ def test_bad_requests_get_the_same_errors(served: dict[str, Any]) -> None:
     assert post(served, {"prompt": PROMPT, "max_tokens": 2}).status_code == 200
 
 
+def test_a_client_that_leaves_mid_stream_ends_its_vllm_request(served: dict[str, Any]) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 400, "temperature": 0, "memories": ["ocean"]}
+    body["stream"] = True
+    with httpx.stream("POST", f"{served['base']}/completions", json=body, timeout=300) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break  # one chunk, then the client is gone
+    deadline = time.monotonic() + 120
+    while "cancelled (client gone)" not in served["log"].read_text():
+        assert time.monotonic() < deadline, served["log"].read_text()[-3000:]
+        time.sleep(0.5)
+    line = next(
+        ln for ln in served["log"].read_text().splitlines() if "cancelled (client gone)" in ln
+    )
+    assert int(line.split("after ")[1].split(" ")[0]) < 400  # aborted, not run to the end
+    assert post(served, {"prompt": PROMPT, "max_tokens": 2}).status_code == 200
+
+
 def test_memories_vllm_cannot_run_stop_the_server_before_vllm_starts(tmp_path: Path) -> None:
     require_vllm_and_smollm2()
     (tmp_path / "set.toml").write_text(
