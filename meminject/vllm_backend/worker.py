@@ -4,7 +4,9 @@
 makes vLLM add this class's methods to every worker; ``LLM.collective_rpc(name, args)``
 calls them by name with plain data (:meth:`MemoryPlan.payload
 <meminject.vllm_backend.plan.MemoryPlan.payload>`). No code crosses the wire: the only
-code that runs in the workers is this module's, imported by name.
+code that runs in the workers is this module's, imported by name. Inside ``vllm serve``,
+:mod:`meminject.vllm_backend.vllm_serve`'s worker class carries the same methods and
+installs plan files itself once the model has loaded.
 
 Where each site is hooked on vLLM's Llama decoder layer, which returns
 ``(hidden_states, residual)`` and leaves the residual add to the next layer's fused
