@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import click
 
@@ -46,7 +47,12 @@ from meminject.cli import options
     help="The server's log: errors (with request ids) at warning, cancelled requests at info.",
 )
 @click.option("--served-name", default=None, help="The model name clients send (default: --model).")
-@click.option("--backend", default="auto", show_default=True, help="Generation backend.")
+@click.option(
+    "--backend",
+    default="auto",
+    show_default=True,
+    help="Generation backend; vllm runs requests on vLLM's async engine (docs/vllm.md).",
+)
 @options.outside_paths_option
 def serve(
     memory_paths: Sequence[str],
@@ -92,18 +98,28 @@ def serve(
     from meminject.engine import compile_memories
     from meminject.loading import load_memories
 
+    if backend == "vllm":
+        from meminject.vllm_backend import vllm_available
+
+        reason = vllm_available()
+        if reason is not None:  # before the model loads
+            raise BadInputError(reason)
     memory_set = load_memories(memory_paths) if memory_paths else None
     model = options.load_cli_model(model_name, memory_set)
-    if memory_set is not None:  # bad files stop here, before the port is bound
-        compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
-    batcher = Batcher(
-        model,
-        batch_size=batch_size,
-        wait_s=batch_wait_ms / 1000,
-        max_queue=max_queue,
-        backend=backend,
-        allow_outside_paths=allow_outside_paths,
-    )
+    batcher: Any
+    if backend == "vllm":
+        batcher = _vllm_jobs(model, memory_set, batch_size, max_queue, allow_outside_paths)
+    else:
+        if memory_set is not None:  # bad files stop here, before the port is bound
+            compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
+        batcher = Batcher(
+            model,
+            batch_size=batch_size,
+            wait_s=batch_wait_ms / 1000,
+            max_queue=max_queue,
+            backend=backend,
+            allow_outside_paths=allow_outside_paths,
+        )
     name = served_name or model.name
     server = Server(
         model,
@@ -126,4 +142,46 @@ def serve(
     )
     # Idle keep-alive connections close after 5 s; a body must arrive within
     # BODY_TIMEOUT_S (the app answers 408), so a slow client holds no worker.
-    uvicorn.run(create_app(server), host=host, port=port, log_level=log_level, timeout_keep_alive=5)
+    try:
+        uvicorn.run(
+            create_app(server), host=host, port=port, log_level=log_level, timeout_keep_alive=5
+        )
+    finally:
+        close = getattr(batcher, "close", None)
+        if backend == "vllm" and close is not None:
+            close()
+
+
+def _vllm_jobs(
+    model: Any,
+    memory_set: Any,
+    batch_size: int,
+    max_queue: int,
+    allow_outside_paths: bool,
+) -> Any:
+    """The server's jobs on vLLM's async engine (docs/vllm.md): every memory is checked
+    (one line per memory vLLM cannot run, exit 2) before vLLM starts; ``--batch-size``,
+    when given, is vLLM's ``max_num_seqs`` (vLLM schedules its own batches)."""
+    import os
+
+    from meminject.errors import EXIT_BAD_INPUT
+    from meminject.serve.vllm_jobs import VLLMJobs
+    from meminject.vllm_backend import prepare, start_async_engine
+    from meminject.vllm_backend.plan import NotRunnable, compile_plan
+
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    _, source, dtype = prepare(model, memory_set)
+    if memory_set is not None:
+        try:
+            compile_plan(model, memory_set, allow_outside_paths=allow_outside_paths)
+        except NotRunnable as exc:
+            for problem in exc.problems:
+                click.echo(f"Error: {problem}", err=True)
+            click.get_current_context().exit(EXIT_BAD_INPUT)
+    engine_options: dict[str, Any] = {}
+    ctx = click.get_current_context()
+    if ctx.get_parameter_source("batch_size") is not click.core.ParameterSource.DEFAULT:
+        engine_options["max_num_seqs"] = batch_size
+    engine = start_async_engine(source, dtype, **engine_options)
+    return VLLMJobs(model, engine, max_queue=max_queue, allow_outside_paths=allow_outside_paths)

@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from meminject.generation import Generation, Prompt, TokenLogprob
     from meminject.memfile import MemorySet
     from meminject.model_handle import LoadedModel
+    from meminject.serve.vllm_jobs import VLLMJobs
 
 log = logging.getLogger("meminject.serve")
 
@@ -85,7 +86,7 @@ class Server:
         self,
         model: LoadedModel,
         memory_set: MemorySet | None,
-        batcher: Batcher,
+        batcher: Batcher | VLLMJobs,
         *,
         served_name: str,
         api_key: str | None = None,

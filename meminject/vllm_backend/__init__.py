@@ -87,6 +87,8 @@ class VLLMModel:
 
     def install(self, plan: MemoryPlan | None) -> None:
         """Make ``plan`` (None or empty: no memories) the engine's only memory set."""
+        if plan:
+            self._check(plan)
         self.plans = {}
         self.default = None
         if plan:
@@ -94,22 +96,25 @@ class VLLMModel:
             self.plans[self.default] = plan
         self._push()
 
-    def _key(self, plan: MemoryPlan) -> str:
-        digest = plan.digest()
-        assert digest is not None  # a non-empty plan has one
-        return digest
-
-    def _push(self) -> None:
+    def _check(self, plan: MemoryPlan) -> None:
+        """Refuse a plan the engine's parallel layout cannot run."""
         from meminject.vllm_backend.plan import UNSPLIT_SITES
 
-        hooks = [h for plan in self.plans.values() for h in plan.hooks]
-        split = sorted({h["site"] for h in hooks if h["site"] in UNSPLIT_SITES})
+        split = sorted({h["site"] for h in plan.hooks if h["site"] in UNSPLIT_SITES})
         parallel = self.llm.llm_engine.vllm_config.parallel_config
         if split and parallel.tensor_parallel_size > 1:
             raise BadInputError(
                 f"memories at {', '.join(split)} do not run with tensor_parallel_size > 1 "
                 "(the MLP's hidden activation is split across ranks)"
             )
+
+    def _key(self, plan: MemoryPlan) -> str:
+        digest = plan.digest()
+        assert digest is not None  # a non-empty plan has one
+        return digest
+
+    def _push(self) -> None:
+        hooks = [h for plan in self.plans.values() for h in plan.hooks]
         payloads = {key: plan.payload() for key, plan in self.plans.items()}
         counts = self.llm.collective_rpc("meminject_set", args=(payloads, self.default))
         if any(c != len(hooks) for c in counts):  # pragma: no cover - defensive
@@ -122,6 +127,7 @@ class VLLMModel:
             return "", None
         key = self._key(plan)
         if key not in self.plans:
+            self._check(plan)
             self.plans[key] = plan
             self._push()
         return key, key
@@ -160,7 +166,6 @@ class VLLMModel:
         decides the steps): with the default plan, or with ``memories[i]`` for prompt
         ``i`` (None or an empty plan: no memories), each request running its own set
         inside the shared steps."""
-        from vllm import SamplingParams  # type: ignore[import-not-found,unused-ignore]
 
         from meminject.generation import DecodeOptions
 
@@ -185,23 +190,7 @@ class VLLMModel:
             if salt is not None:
                 request["cache_salt"] = salt
             requests.append(request)
-            # vLLM's logprobs are the model's own (before temperature and filters), as
-            # meminject's are; the first step's also give the top next tokens.
-            wanted = max(opt.logprobs or 0, opt.show_top)
-            params.append(
-                SamplingParams(
-                    max_tokens=opt.max_new_tokens,
-                    temperature=opt.temperature,
-                    top_k=opt.top_k if opt.top_k > 0 else -1,
-                    top_p=opt.top_p,
-                    repetition_penalty=opt.repetition_penalty,
-                    seed=opt.seed,
-                    stop=list(opt.stop) or None,
-                    ignore_eos=not opt.stop_at_eos,
-                    logprobs=wanted if opt.logprobs is not None or opt.show_top else None,
-                    extra_args=extra,
-                )
-            )
+            params.append(sampling_params(opt, extra))
         outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [
             self._generation(prompt, request["prompt_token_ids"], opt, out)
@@ -209,50 +198,7 @@ class VLLMModel:
         ]
 
     def _generation(self, prompt: str, ids: list[int], opt: DecodeOptions, out: Any) -> Generation:
-        import math
-
-        from meminject.generation import Generation, TokenLogprob, TokenProb
-
-        completion = out.outputs[0]
-        reason = completion.finish_reason or "length"
-        if reason == "stop":
-            reason = "eos" if completion.stop_reason is None else "stop"
-        new_tokens = [int(t) for t in completion.token_ids]
-        steps = completion.logprobs or []
-
-        def ranked(step: Any, k: int) -> list[tuple[int, Any]]:
-            ordered = sorted(step.items(), key=lambda kv: kv[1].rank or 0)
-            return [(int(t), lp) for t, lp in ordered if lp.rank is not None and lp.rank <= k]
-
-        top_next = []
-        if opt.show_top and steps:
-            top_next = [
-                TokenProb(self._token_str(t), t, math.exp(lp.logprob))
-                for t, lp in ranked(steps[0], opt.show_top)
-            ]
-        token_logprobs = []
-        if opt.logprobs is not None:
-            for token, step in zip(new_tokens, steps, strict=False):
-                top = tuple(
-                    (self._token_str(t), t, float(lp.logprob))
-                    for t, lp in ranked(step, opt.logprobs)
-                )
-                token_logprobs.append(
-                    TokenLogprob(self._token_str(token), token, float(step[token].logprob), top)
-                )
-        return Generation(
-            prompt=prompt,
-            completion=completion.text,
-            prompt_tokens=list(ids),
-            new_tokens=new_tokens,
-            top_next=top_next,
-            backend="vllm",
-            finish_reason=reason,
-            token_logprobs=token_logprobs,
-        )
-
-    def _token_str(self, token_id: int) -> str:
-        return str(self._tokens.tokenizer.decode([token_id]))
+        return to_generation(self._tokens.tokenizer, prompt, ids, opt, out)
 
     def close(self) -> None:
         """Shut the engine down (its processes end)."""
@@ -264,6 +210,79 @@ class VLLMModel:
             )
             if shutdown is not None:
                 shutdown()
+
+
+def sampling_params(opt: DecodeOptions, extra: dict[str, Any] | None = None) -> Any:
+    """vLLM's ``SamplingParams`` for meminject's decoding options, with ``extra`` as
+    ``extra_args`` (the request's memory plan)."""
+    from vllm import SamplingParams  # type: ignore[import-not-found,unused-ignore]
+
+    # vLLM's logprobs are the model's own (before temperature and filters), as
+    # meminject's are; the first step's also give the top next tokens.
+    wanted = max(opt.logprobs or 0, opt.show_top)
+    return SamplingParams(
+        max_tokens=opt.max_new_tokens,
+        temperature=opt.temperature,
+        top_k=opt.top_k if opt.top_k > 0 else -1,
+        top_p=opt.top_p,
+        repetition_penalty=opt.repetition_penalty,
+        seed=opt.seed,
+        stop=list(opt.stop) or None,
+        ignore_eos=not opt.stop_at_eos,
+        logprobs=wanted if opt.logprobs is not None or opt.show_top else None,
+        extra_args=extra,
+    )
+
+
+def to_generation(
+    tokenizer: Any, prompt: str, ids: list[int], opt: DecodeOptions, out: Any
+) -> Generation:
+    """A finished vLLM ``RequestOutput`` as meminject's :class:`Generation` record."""
+    import math
+
+    from meminject.generation import Generation, TokenLogprob, TokenProb
+
+    def token_str(token_id: int) -> str:
+        return str(tokenizer.decode([token_id]))
+
+    completion = out.outputs[0]
+    reason = completion.finish_reason or "length"
+    if reason == "stop":
+        reason = "eos" if completion.stop_reason is None else "stop"
+    if reason == "abort":
+        reason = "cancelled"
+    new_tokens = [int(t) for t in completion.token_ids]
+    steps = completion.logprobs or []
+
+    def ranked(step: Any, k: int) -> list[tuple[int, Any]]:
+        ordered = sorted(step.items(), key=lambda kv: kv[1].rank or 0)
+        return [(int(t), lp) for t, lp in ordered if lp.rank is not None and lp.rank <= k]
+
+    top_next = []
+    if opt.show_top and steps:
+        top_next = [
+            TokenProb(token_str(t), t, math.exp(lp.logprob))
+            for t, lp in ranked(steps[0], opt.show_top)
+        ]
+    token_logprobs = []
+    if opt.logprobs is not None:
+        for token, step in zip(new_tokens, steps, strict=False):
+            top = tuple(
+                (token_str(t), t, float(lp.logprob)) for t, lp in ranked(step, opt.logprobs)
+            )
+            token_logprobs.append(
+                TokenLogprob(token_str(token), token, float(step[token].logprob), top)
+            )
+    return Generation(
+        prompt=prompt,
+        completion=completion.text,
+        prompt_tokens=list(ids),
+        new_tokens=new_tokens,
+        top_next=top_next,
+        backend="vllm",
+        finish_reason=reason,
+        token_logprobs=token_logprobs,
+    )
 
 
 def prepare(model: LoadedModel, memories: MemorySet | None = None) -> tuple[_Tokens, str, str]:
@@ -310,6 +329,30 @@ def start_engine(
         **llm_options,
     )
     return VLLMModel(llm, tokens, source, time.perf_counter() - started)
+
+
+def start_async_engine(source: str, dtype: str, **engine_options: Any) -> Any:
+    """vLLM's ``AsyncLLM`` (the engine behind its OpenAI server) on ``source`` with
+    meminject's worker extension, in eager mode; no plan installed (requests' plans are
+    added with ``collective_rpc("meminject_add", …)``)."""
+    reason = vllm_available()
+    if reason is not None:
+        raise BadInputError(reason)
+    if engine_options.pop("enforce_eager", True) is not True:
+        raise BadInputError("the vllm backend runs with enforce_eager=True (hooks are Python)")
+    from vllm.engine.arg_utils import (  # type: ignore[import-not-found,unused-ignore]
+        AsyncEngineArgs,
+    )
+    from vllm.v1.engine.async_llm import AsyncLLM  # type: ignore[import-not-found,unused-ignore]
+
+    args = AsyncEngineArgs(
+        model=source,
+        dtype=dtype,
+        enforce_eager=True,
+        worker_extension_cls=WORKER_EXTENSION,
+        **engine_options,
+    )
+    return AsyncLLM.from_engine_args(args)
 
 
 def load_vllm(
@@ -371,6 +414,9 @@ __all__ = [
     "VLLMModel",
     "load_vllm",
     "prepare",
+    "sampling_params",
+    "start_async_engine",
     "start_engine",
+    "to_generation",
     "vllm_available",
 ]

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meminject.errors import BadInputError
@@ -49,6 +51,16 @@ LOWERED_ONTO_ATTN_OUT = ("attn_result", "attn_z")
 FAMILIES = ("llama", "mistral")
 
 STRATEGIES = ("add", "gated")
+
+#: The ``format`` field of a plan file's metadata (``meminject export --format vllm``).
+PLAN_FORMAT = "meminject-vllm-plan"
+#: What ``vllm serve`` is started with to load plan files (:mod:`.vllm_serve`): the
+#: directory's variable, the worker class and the logits processor that checks names.
+PLANS_ENV = "MEMINJECT_VLLM_PLANS"
+WORKER = "meminject.vllm_backend.vllm_serve.MemoryWorker"
+CHOICE = "meminject.vllm_backend.vllm_serve:MemoryChoice"
+#: A plan file's name (its stem) is what requests name in ``vllm_xargs``.
+PLAN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class NotRunnable(BadInputError):
@@ -133,6 +145,39 @@ class MemoryPlan:
             h.update(self.tensors[name].float().contiguous().numpy().tobytes())
         return "meminject-" + h.hexdigest()[:32]
 
+    def save(
+        self,
+        path: Path | str,
+        *,
+        model: str,
+        d_model: int,
+        n_layers: int,
+        overwrite: bool = False,
+    ) -> str:
+        """Write the plan as a safetensors file that vLLM's workers load as data
+        (:func:`read_plan_file`): the tensors, and in its metadata the hook records, the
+        digest (the requests' ``cache_salt``) and the model it was compiled for.
+        Returns the digest."""
+        from safetensors.torch import save
+
+        from meminject.atomic import write_bytes_atomic
+
+        digest = self.digest()
+        if digest is None:
+            raise BadInputError("no enabled memory to export")
+        metadata = {
+            "format": PLAN_FORMAT,
+            "version": "1",
+            "hooks": json.dumps(self.hooks, sort_keys=True),
+            "digest": digest,
+            "model": model,
+            "d_model": str(d_model),
+            "n_layers": str(n_layers),
+        }
+        tensors = {k: v.contiguous() for k, v in self.tensors.items()}
+        write_bytes_atomic(Path(path), save(tensors, metadata=metadata), overwrite=overwrite)
+        return digest
+
 
 def _positions(positions: Any) -> Any:
     return positions if isinstance(positions, str) else [int(p) for p in positions]
@@ -189,3 +234,50 @@ def compile_plan(
         if record["site"] not in SITES:  # pragma: no cover - refused above
             raise BadInputError(f"compiled to site '{record['site']}', which vllm cannot hook")
     return plan
+
+
+def read_plan_file(path: Path | str) -> tuple[MemoryPlan, dict[str, str]]:
+    """A plan file written by :meth:`MemoryPlan.save`, and its metadata. Raises
+    :class:`BadInputError` naming the file for anything else."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise BadInputError(f"{path}: not a readable safetensors file ({exc})") from None
+    if meta.get("format") != PLAN_FORMAT or meta.get("version") != "1":
+        raise BadInputError(
+            f"{path}: not a meminject vLLM plan (write one with meminject export --format vllm)"
+        )
+    try:
+        hooks = json.loads(meta["hooks"])
+        int(meta["d_model"]), int(meta["n_layers"])
+    except (KeyError, ValueError) as exc:
+        raise BadInputError(f"{path}: its plan metadata is damaged ({exc})") from None
+    for record in hooks:
+        if record.get("site") not in SITES or record.get("kind") not in ("add", "gate"):
+            raise BadInputError(f"{path}: a hook record names an unknown site or kind")
+        for name in record.get("tensors", {}).values():
+            if name not in tensors:
+                raise BadInputError(f"{path}: tensor '{name}' is missing")
+    plan = MemoryPlan(hooks=hooks, tensors={k: v.float() for k, v in tensors.items()})
+    if plan.digest() != meta.get("digest"):
+        raise BadInputError(f"{path}: its digest does not match its contents")
+    return plan, meta
+
+
+def plan_files(directory: Path | str) -> dict[str, Path]:
+    """The plan files of a directory by name (the file's stem): what ``vllm serve``'s
+    requests name in ``vllm_xargs``."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BadInputError(f"{directory}: no such directory of meminject vLLM plans")
+    found = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        name = path.name[: -len(".safetensors")]
+        if PLAN_NAME.fullmatch(name):
+            found[name] = path
+    return found

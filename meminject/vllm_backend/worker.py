@@ -4,7 +4,9 @@
 makes vLLM add this class's methods to every worker; ``LLM.collective_rpc(name, args)``
 calls them by name with plain data (:meth:`MemoryPlan.payload
 <meminject.vllm_backend.plan.MemoryPlan.payload>`). No code crosses the wire: the only
-code that runs in the workers is this module's, imported by name.
+code that runs in the workers is this module's, imported by name. Inside ``vllm serve``,
+:mod:`meminject.vllm_backend.vllm_serve`'s worker class carries the same methods and
+installs plan files itself once the model has loaded.
 
 Where each site is hooked on vLLM's Llama decoder layer, which returns
 ``(hidden_states, residual)`` and leaves the residual add to the next layer's fused
@@ -103,74 +105,149 @@ def _update(parts: list[dict[str, Any]], activation: Any, layout: _StepLayout) -
 
 
 class MemoryWorkerExtension:
-    """Methods vLLM adds to each worker (``worker_extension_cls``)."""
+    """Methods vLLM adds to each worker (``worker_extension_cls``).
+
+    The worker holds memory plans by key; a request runs the plan its
+    ``SamplingParams.extra_args["meminject"]`` names (``""``: none), or the default plan
+    when it names none. Plans are added and dropped between steps (``collective_rpc``
+    calls run between the engine's steps), and every change rebuilds the hooks."""
 
     model_runner: Any  # set by vLLM's worker
 
     def meminject_set(self, plans: dict[str, dict[str, Any]], default: str | None) -> int:
-        """Replace the installed memories by ``plans`` (key → payload). A request runs
-        the plan its ``SamplingParams.extra_args["meminject"]`` names (``""``: none), or
-        ``default`` when it names none. Returns the number of changes installed."""
+        """Replace the installed plans by ``plans`` (key → payload) and make ``default``
+        the plan of requests that name none. Returns the number of changes installed."""
+        self._meminject_plans: dict[str, list[tuple[str, int, dict[str, Any]]]] = {}
+        self._meminject_default = default
+        return self.meminject_add(plans)
+
+    def meminject_add(self, plans: dict[str, dict[str, Any]]) -> int:
+        """Add (or replace) plans, keeping the others. Returns the number of changes
+        installed in all."""
         from safetensors.torch import load
 
-        self.meminject_clear()
-        if not any(p.get("hooks") for p in plans.values()):
-            return 0
+        device = next(self._meminject_model().parameters()).device
+        held = self._meminject_held()
+        for key, payload in plans.items():
+            blob = bytes(payload.get("tensors") or b"")
+            tensors = {k: v.to(device) for k, v in load(blob).items()} if blob else {}
+            held[key] = _parts(payload.get("hooks") or [], tensors)
+        return self._meminject_rebuild()
+
+    def meminject_drop(self, keys: list[str]) -> int:
+        """Remove plans (requests must no longer name them). Returns the number of
+        changes still installed."""
+        held = self._meminject_held()
+        for key in keys:
+            held.pop(key, None)
+        return self._meminject_rebuild()
+
+    def meminject_load_files(self, directory: str) -> list[str]:
+        """Add every plan file of ``directory`` (``meminject export --format vllm``)
+        under its name, checked against the model. Returns the names."""
+        from meminject.vllm_backend.plan import plan_files, read_plan_file
+
+        model = self._meminject_model()
+        layers = model.model.layers
+        width = model.config.hidden_size if hasattr(model, "config") else None
+        payloads = {}
+        for name, path in plan_files(directory).items():
+            plan, meta = read_plan_file(path)
+            if int(meta["n_layers"]) != len(layers) or (
+                width is not None and int(meta["d_model"]) != int(width)
+            ):
+                raise RuntimeError(
+                    f"meminject: {path} was compiled for {meta.get('model')} "
+                    f"({meta['n_layers']} layers, width {meta['d_model']}), not this model "
+                    f"({len(layers)} layers, width {width})"
+                )
+            payloads[name] = plan.payload()
+        self.meminject_add(payloads)
+        return sorted(payloads)
+
+    def meminject_clear(self) -> None:
+        """Remove every plan and hook."""
+        self._meminject_plans = {}
+        self._meminject_default = None
+        self._meminject_rebuild()
+
+    def meminject_count(self) -> int:
+        """How many hook handles are installed (the layout hook included)."""
+        return len(getattr(self, _STATE, None) or ())
+
+    def meminject_keys(self) -> list[str]:
+        """The keys of the installed plans."""
+        return sorted(self._meminject_held())
+
+    # -- inside the worker ----------------------------------------------------------
+
+    def _meminject_held(self) -> dict[str, list[tuple[str, int, dict[str, Any]]]]:
+        if getattr(self, "_meminject_plans", None) is None:
+            self._meminject_plans = {}
+        plans: dict[str, list[tuple[str, int, dict[str, Any]]]] = self._meminject_plans
+        return plans
+
+    def _meminject_model(self) -> Any:
         runner = self.model_runner
         model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-        inner = getattr(model, "model", None)
-        layers = getattr(inner, "layers", None)
+        layers = getattr(getattr(model, "model", None), "layers", None)
         if layers is None:
             raise RuntimeError(
                 f"meminject: {type(model).__name__} has no model.layers; the vllm backend "
                 "hooks Llama-family decoder layers"
             )
+        return model
+
+    def _meminject_rebuild(self) -> int:
+        """Remove the hooks and install those of the held plans."""
+        for handle in getattr(self, _STATE, None) or ():
+            handle.remove()
+        setattr(self, _STATE, [])
+        held = self._meminject_held()
+        default = getattr(self, "_meminject_default", None)
+        if not any(held.values()):
+            return 0
+        runner = self.model_runner
+        layers = self._meminject_model().model.layers
         for attr in ("input_batch", "query_start_loc", "requests"):
             if not hasattr(runner, attr):
                 raise RuntimeError(f"meminject: vLLM's model runner has no '{attr}'")
-        device = next(model.parameters()).device
         # Plan 0 is "no memories"; the others are numbered in key order.
-        index = {key: i for i, key in enumerate(sorted(plans), start=1)}
+        index = {key: i for i, key in enumerate(sorted(held), start=1)}
         if default is not None and default not in index:
             raise RuntimeError(f"meminject: the default plan '{default}' is not among the plans")
         by_point: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
         count = 0
-        for key, payload in plans.items():
-            hooks = payload.get("hooks") or []
-            if not hooks:
-                continue
-            tensors = {k: v.to(device) for k, v in load(bytes(payload["tensors"])).items()}
-            for record in hooks:
-                part = {"kind": record["kind"], "positions": record["positions"]}
-                part["plan"] = index[key]
-                for role, name in record["tensors"].items():
-                    part[role] = tensors[name]
-                by_point[(record["site"], int(record["layer"]))].append(part)
+        for key in sorted(held):
+            for site, layer, part in held[key]:
+                if not 0 <= layer < len(layers):
+                    raise RuntimeError(f"meminject: layer {layer} is not in this model")
+                by_point[(site, layer)].append({**part, "plan": index[key]})
                 count += 1
         layout = _StepLayout()
         # The step's layout is read at the first decoder layer (whose first argument is
         # the positions), not on the model: vLLM's compile decorator replaces the model's
         # __call__, which skips module hooks. Registered first, it runs before any
         # memory's pre-hook on that layer.
-        first_layer = layers[0]
         hook = _layout_hook(runner, layout, index, index[default] if default else 0)
-        handles = [first_layer.register_forward_pre_hook(hook, with_kwargs=True)]
+        handles = [layers[0].register_forward_pre_hook(hook, with_kwargs=True)]
         for (site, layer), parts in by_point.items():
-            if not 0 <= layer < len(layers):
-                raise RuntimeError(f"meminject: layer {layer} is not in this model")
             handles.append(_install(layers[layer], site, parts, layout))
         setattr(self, _STATE, handles)
         return count
 
-    def meminject_clear(self) -> None:
-        """Remove every hook this extension installed."""
-        for handle in getattr(self, _STATE, None) or ():
-            handle.remove()
-        setattr(self, _STATE, [])
 
-    def meminject_count(self) -> int:
-        """How many hook handles are installed (the layout hook included)."""
-        return len(getattr(self, _STATE, None) or ())
+def _parts(
+    hooks: list[dict[str, Any]], tensors: dict[str, Any]
+) -> list[tuple[str, int, dict[str, Any]]]:
+    """A plan's records as (site, layer, part) with their tensors, in the plan's order."""
+    parts = []
+    for record in hooks:
+        part: dict[str, Any] = {"kind": record["kind"], "positions": record["positions"]}
+        for role, name in record["tensors"].items():
+            part[role] = tensors[name]
+        parts.append((str(record["site"]), int(record["layer"]), part))
+    return parts
 
 
 def _layout_hook(runner: Any, layout: _StepLayout, index: dict[str, int], default: int) -> Any:
