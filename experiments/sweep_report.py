@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from meminject.sweep import read_records
+from meminject.sweep.familywise import familywise_test
 from meminject.sweep.stats import best_cell, held_out_check, ranked, summarize
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -128,6 +129,20 @@ def report(records: pd.DataFrame, top: int) -> tuple[str, pd.DataFrame]:
                 f"({_share(cell['held_out_share_beats_controls'])} beat their controls): "
                 + ("it holds up." if low > 0 else "not confirmed."),
             ]
+    if best is not None:
+        lines += ["", _baselines(best)]
+    test = familywise_test(records)
+    if test is not None:
+        top_cell = test.cells.iloc[0]
+        lines += [
+            "",
+            f"Family-wise test (sign flips of {test.n_units} {test.units}, max-t over "
+            f"{len(test.cells)} cells, the {test.measure} against "
+            + ("the controls" if test.measure == "effect" else "no memory")
+            + f"): {test.significant} cell{'' if test.significant == 1 else 's'} significant "
+            f"at 5 %; the highest t, {_cell(top_cell)}, adjusted p = "
+            f"{top_cell['p_adjusted']:.3g}.",
+        ]
     for encoding, part in summary.groupby("encoding", observed=True):
         first = ranked(part).iloc[0]
         lines.append(
@@ -137,6 +152,39 @@ def report(records: pd.DataFrame, top: int) -> tuple[str, pd.DataFrame]:
             "their controls."
         )
     return "\n".join(lines) + "\n", summary
+
+
+def _baselines(best: Any) -> str:
+    """The best cell against prompting, another row's memory, and by accuracy."""
+    parts = []
+    if np.isfinite(best.get("median_vs_in_context", np.nan)):
+        parts.append(
+            f"against the memory's text in the prompt (in-context lift "
+            f"{_nats(best['in_context_lift'])}), injecting is "
+            f"{_nats(best['median_vs_in_context'])} [{_nats(best['vs_in_context_ci_low'])}, "
+            f"{_nats(best['vs_in_context_ci_high'])}] nats"
+        )
+    if np.isfinite(best.get("median_vs_shuffled", np.nan)):
+        parts.append(
+            f"against another row's memory {_nats(best['median_vs_shuffled'])} "
+            f"[{_nats(best['vs_shuffled_ci_low'])}, {_nats(best['vs_shuffled_ci_high'])}]"
+        )
+    if np.isfinite(best.get("top1_after", np.nan)):
+        parts.append(
+            f"top-1 accuracy {_share(best['top1_before'])} → {_share(best['top1_after'])}"
+            + (
+                f" ({_share(best['top1_in_context'])} in-context)"
+                if np.isfinite(best.get("top1_in_context", np.nan))
+                else ""
+            )
+        )
+    if np.isfinite(best.get("share_explicit_known", np.nan)):
+        parts.append(
+            f"the model answers {_share(best['share_explicit_known'])} of the explicit "
+            f"prompts; median gain there {_nats(best['median_gain_known'])}, elsewhere "
+            f"{_nats(best['median_gain_unknown'])}; gap closed {_share(best['median_gap_closed'])}"
+        )
+    return ("Baselines of the best cell: " + "; ".join(parts) + ".") if parts else ""
 
 
 def _same(row: Any, other: Any) -> bool:
