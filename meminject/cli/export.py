@@ -34,7 +34,7 @@ def export(
     allow_outside_paths: bool,
 ) -> None:
     """Write MEMORIES as a llama.cpp control vector: one direction per block, τ baked in
-    (run llama.cpp with --control-vector FILE, or --control-vector-scaled FILE S)."""
+    (run llama.cpp with --control-vector FILE, or --control-vector-scaled FILE:S)."""
     from meminject.errors import EXIT_BAD_INPUT, BadInputError
     from meminject.export_llama_cpp import (
         NotExpressible,

@@ -63,9 +63,11 @@ def complete(
     prompt: str,
     n_tokens: int,
     control_vector: Path | None = None,
+    scale: float | None = None,
 ) -> str:
     """llama.cpp's greedy continuation of ``prompt`` (without the prompt), as a user runs it:
-    raw text completion (``-no-cnv``: no chat template), one thread."""
+    raw text completion (``-no-cnv``: no chat template), one thread; the control vector
+    as written, or multiplied by ``scale`` (``--control-vector-scaled FILE:SCALE``)."""
     command = [
         str(binary),
         "-m",
@@ -84,8 +86,10 @@ def complete(
         "256",
         "--no-warmup",
     ]
-    if control_vector is not None:
+    if control_vector is not None and scale is None:
         command += ["--control-vector", str(control_vector)]
+    elif control_vector is not None:
+        command += ["--control-vector-scaled", f"{control_vector}:{scale}"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     # Standard output is the generated text, " [end of text]\n" if it stopped at the
