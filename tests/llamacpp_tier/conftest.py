@@ -41,7 +41,7 @@ def require_binary() -> Path:
     binary = llama_completion()
     if binary is None:
         pytest.skip(
-            f"{PROGRAM} is not built: run scripts/build_llama_cpp.sh (about 12 minutes on "
+            f"{PROGRAM} is not built: run scripts/build_llama_cpp.sh (12-15 minutes on "
             f"2 cores) or set {BINARY_ENV}"
         )
     if not (binary.is_file() and os.access(binary, os.X_OK)):
