@@ -15,7 +15,7 @@ So the memories that fit are ``add`` memories at ``resid_post`` with ``positions
 "all"``, at layer 1 or above; every other memory is refused with its own reason (one
 line each) before anything is written. Memories at the same layer add up into one
 direction, and τ is baked in: ``direction.N = Σ τ·v`` (llama.cpp's
-``--control-vector-scaled FILE S`` still scales the whole file).
+``--control-vector-scaled FILE:S`` still scales the whole file).
 
 Coordinates: the vectors are computed as meminject computes them for the memory's own
 ``[model] coordinates`` (processed by default), and written as they are. A change to

@@ -38,8 +38,8 @@ def export(
     allow_outside_paths: bool,
 ) -> None:
     """Write MEMORIES as a llama.cpp control vector (one direction per block, τ baked in;
-    run llama.cpp with --control-vector FILE), or as a memory plan that vLLM's own server
-    loads (--format vllm; docs/vllm.md)."""
+    run llama.cpp with --control-vector FILE, or --control-vector-scaled FILE:S), or as a
+    memory plan that vLLM's own server loads (--format vllm; docs/vllm.md)."""
     from meminject.errors import EXIT_BAD_INPUT, BadInputError
     from meminject.export_llama_cpp import (
         NotExpressible,
