@@ -4,7 +4,9 @@ A memory that edits a fact ("the capital of Nepal is … Kathmandu", or the deli
 wrong "Tokyo is in … Kathmandu") is judged on four kinds of prompts:
 
 * **reliability** — the prompts it was made on: does the next token become the target?
-* **generalization** — positives, paraphrases that should also give the target;
+* **generalization** — positives, paraphrases that should also give the target; a
+  positive that is one of the edit prompts (the same text, whitespace aside) is left out
+  and reported as left out, since it measures reliability, not generalization;
 * **specificity** (locality) — negatives, near misses that must *not* give the target;
 * **neutral** — unrelated prompts whose next-token distribution must not move at all,
   measured by KL(before ‖ after) in nats and by whether the top-1 token stayed.
@@ -59,6 +61,11 @@ class EditReport:
     target: str
     target_token: str
     rows: list[PromptResult] = field(default_factory=list)
+    #: Positives left out of generalization because they are an edit prompt (their
+    #: ``file:line``, or the text when they came from no file).
+    excluded_positives: list[str] = field(default_factory=list)
+    #: Each memory alone on the neutral prompts: name → {"kl_mean", "kl_max", "top1_kept"}.
+    neutral_per_memory: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def of(self, kind: str) -> list[PromptResult]:
         return [r for r in self.rows if r.kind == kind]
@@ -92,6 +99,7 @@ class EditReport:
             "negative_continuations_kept": kept("negative"),
             "neutral_continuations_kept": kept("neutral"),
             "counts": {kind: len(self.of(kind)) for kind in KINDS},
+            "positives_excluded_as_edit_prompts": len(self.excluded_positives),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -99,8 +107,65 @@ class EditReport:
             "target": self.target,
             "target_token": self.target_token,
             "metrics": self.metrics,
+            "excluded_positives": list(self.excluded_positives),
+            "neutral_per_memory": dict(self.neutral_per_memory),
             "prompts": [asdict(r) for r in self.rows],
         }
+
+
+def _same(text: str) -> str:
+    """A prompt as compared with the edit prompts: whitespace runs made one space."""
+    return " ".join(text.split())
+
+
+def neutral_per_memory(
+    model: LoadedModel,
+    memory_set: Any,
+    prompts: Sequence[Any],
+    *,
+    allow_outside_paths: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Each memory of ``memory_set`` alone on the neutral ``prompts``: the mean and largest
+    KL(before ‖ after) of the next-token distribution (nats, float64) and the share of
+    prompts whose top-1 token is kept. A memory that leaks shows here even when others in
+    its set are quiet."""
+    import torch
+
+    from meminject.engine import compile_memories, inject
+
+    items = _prompt_items(prompts)
+    if not items:
+        return {}
+    befores = []
+    rows = []
+    for text, _ in items:
+        ids = torch.tensor(
+            [
+                model.check_prompt_ids(
+                    model.tokenize(text, model.prepend_bos_for(memory_set.model_info()))
+                )
+            ],
+            device=model.device,
+        )
+        rows.append(ids)
+        with torch.no_grad():
+            befores.append(model.bridge(ids)[0, -1].double().log_softmax(-1))
+    out: dict[str, dict[str, float]] = {}
+    for entry in memory_set.entries:
+        alone = memory_set.subset([entry.name])
+        compiled = compile_memories(model, alone, allow_outside_paths=allow_outside_paths)
+        kls, kept = [], 0
+        for ids, before in zip(rows, befores, strict=True):
+            with torch.no_grad(), inject(model, compiled):
+                after = model.bridge(ids)[0, -1].double().log_softmax(-1)
+            kls.append(float((before.exp() * (before - after)).sum().clamp_min(0.0)))
+            kept += int(after.argmax()) == int(before.argmax())
+        out[entry.name] = {
+            "kl_mean": sum(kls) / len(kls),
+            "kl_max": max(kls),
+            "top1_kept": kept / len(kls),
+        }
+    return out
 
 
 def _prompt_items(prompts: Sequence[Any]) -> list[tuple[str, str | None]]:
@@ -150,8 +215,12 @@ def evaluate_edit(
         compiled = compile_memories(model, memory_set)
         bos = model.prepend_bos_for(memory_set.model_info())  # as generation decides it
     report = EditReport(continuation(target), model.token_str(target_id))
+    edit_texts = {_same(text) for text, _ in _prompt_items(prompts.get("edit", ()))}
     for kind in KINDS:
         for text, where in _prompt_items(prompts.get(kind, ())):
+            if kind == "positive" and _same(text) in edit_texts:
+                report.excluded_positives.append(where or text)
+                continue
             if not text.strip():
                 raise BadInputError(f"{where or kind + ' prompt'}: the prompt is empty")
             ids = torch.tensor(

@@ -78,6 +78,12 @@ def evaluate(
 
     compiled = compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
     report = evaluate_edit(model, compiled, target=target, prompts=prompts, tokens=max_new_tokens)
+    if prompts["neutral"]:
+        from meminject.evaluate import neutral_per_memory
+
+        report.neutral_per_memory = neutral_per_memory(
+            model, memory_set, prompts["neutral"], allow_outside_paths=allow_outside_paths
+        )
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=False))
         return
@@ -115,6 +121,13 @@ def _print_edit_report(report: Any) -> None:
 
     share("reliability", "edit", "give the target")
     share("generalization", "positive", "give the target")
+    if report.excluded_positives:
+        n = len(report.excluded_positives)
+        console.print(
+            f"generalization leaves out {n} positive prompt{'s' * (n != 1)} that "
+            f"{'are edit prompts' if n != 1 else 'is an edit prompt'}: "
+            + ", ".join(_escape(w) for w in report.excluded_positives)
+        )
     share("specificity", "negative", "do not give the target")
     share("neutral_top1_kept", "neutral", "keep their top-1 token")
     for kind in ("negative", "neutral"):
@@ -128,6 +141,11 @@ def _print_edit_report(report: Any) -> None:
         console.print(
             f"neutral KL(before ‖ after): mean {metrics['neutral_kl_mean']:.3g} nats, "
             f"max {metrics['neutral_kl_max']:.3g}"
+        )
+    for name, alone in report.neutral_per_memory.items():
+        console.print(
+            f"neutral, memory {_escape(name)} alone: KL mean {alone['kl_mean']:.3g} nats, max "
+            f"{alone['kl_max']:.3g}; top-1 kept {alone['top1_kept']:.0%}"
         )
 
 
