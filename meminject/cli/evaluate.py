@@ -25,9 +25,18 @@ from meminject.cli.options import (
 @model_option("files")
 @click.option(
     "--target",
-    required=True,
-    help=f"What the edit should make the model say next; its first token is scored. "
-    f"{CONTINUATION_RULE}",
+    default=None,
+    help=f"What the edit should make the model say next; its first token is scored "
+    f"(required unless --counterfact). {CONTINUATION_RULE}",
+)
+@click.option(
+    "--counterfact",
+    "counterfact_file",
+    type=click.Path(),
+    default=None,
+    help="A JSON file of edits in CounterFact's schema (requested_rewrite, "
+    "paraphrase_prompts, neighborhood_prompts): efficacy, paraphrase, neighbourhood score "
+    "and locality of the memories as one bank, against the unedited model.",
 )
 @click.option("--prompt", "edit_prompts", multiple=True, help="A prompt the edit was made on.")
 @click.option("--positive", "positive_file", type=click.Path(), help="Paraphrases, one a line.")
@@ -48,7 +57,8 @@ from meminject.cli.options import (
 def evaluate(
     memory_paths: Sequence[str],
     model_name: str | None,
-    target: str,
+    target: str | None,
+    counterfact_file: str | None,
     edit_prompts: Sequence[str],
     positive_file: str | None,
     negative_file: str | None,
@@ -60,9 +70,18 @@ def evaluate(
     """Edit metrics of MEMORIES: reliability (--prompt), generalization (--positive),
     specificity (--negative) and the KL divergence on unrelated prompts (--neutral), with
     each prompt's continuation before and after."""
+    from meminject.errors import BadInputError
     from meminject.learn import read_prompt_lines
     from meminject.loading import load_memories
 
+    if counterfact_file is not None:
+        _counterfact(
+            memory_paths, model_name, counterfact_file, as_json, allow_outside_paths,
+            bool(target or edit_prompts or positive_file or negative_file or neutral_file),
+        )  # fmt: skip
+        return
+    if target is None:
+        raise BadInputError("evaluate needs --target (or --counterfact FILE)")
     prompts: dict[str, Any] = {"edit": list(edit_prompts)}
     for kind, path in (
         ("positive", positive_file),
@@ -88,6 +107,47 @@ def evaluate(
         click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=False))
         return
     _print_edit_report(report)
+
+
+def _counterfact(
+    memory_paths: Sequence[str],
+    model_name: str | None,
+    path: str,
+    as_json: bool,
+    allow_outside_paths: bool,
+    mixed: bool,
+) -> None:
+    from meminject.engine import compile_memories
+    from meminject.errors import BadInputError
+    from meminject.evaluate import evaluate_counterfact, read_counterfact
+    from meminject.loading import load_memories
+
+    if mixed:
+        raise BadInputError(
+            "--counterfact takes its prompts and targets from the file; drop --target, "
+            "--prompt, --positive, --negative and --neutral"
+        )
+    records = read_counterfact(path)
+    memory_set = load_memories(memory_paths)
+    model = load_cli_model(model_name, memory_set, bridge=True)
+    compiled = compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
+    result = evaluate_counterfact(model, compiled, records)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False))
+        return
+    m = result["metrics"]
+    click.echo(f"{m['records']} edit{'s' * (m['records'] != 1)} from {path}, unedited → edited:")
+    for name, meaning in (
+        ("rewrite", "efficacy: p(new) > p(true) on the rewrite prompt"),
+        ("rewrite_acc", "efficacy: every token of the new target top-1 (teacher-forced)"),
+        ("paraphrase", "paraphrase: p(new) > p(true)"),
+        ("neighborhood_score", "neighbourhood score: p(true) > p(new) on neighbours"),
+    ):
+        before, after = m.get(f"{name}_before"), m.get(f"{name}_after")
+        if before is not None and after is not None:
+            click.echo(f"  {meaning}: {before:.0%} → {after:.0%}")
+    if "locality" in m:
+        click.echo(f"  locality: neighbours' top-1 next token kept: {m['locality']:.0%}")
 
 
 def _print_edit_report(report: Any) -> None:
