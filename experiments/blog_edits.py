@@ -258,6 +258,11 @@ def split_metrics(entry: dict) -> dict[str, dict]:
     return out
 
 
+def margin_cell(entry: dict) -> str:
+    margin = entry.get("margin")
+    return "—" if margin is None else f"{margin:.2f}"
+
+
 def share(value: float | None, n: int) -> str:
     return "—" if value is None else f"{value:.0%} ({n})"
 
@@ -289,7 +294,7 @@ def render(model: str, results: list[dict]) -> str:
         loo = r.get("loo_accuracy")
         lines.append(
             f"| {r['edit']} | `{r['site']}` | {r['layer']} | {gate} | {r['alpha']:.3g} | "
-            f"{r['boundary']:g} | {r.get('margin', float('nan')):.2f} | {m['reliability']:.0%} | "
+            f"{r['boundary']:g} | {margin_cell(r)} | {m['reliability']:.0%} | "
             f"{share(tune['generalization'], tune['counts']['positive'])} / "
             f"{share(test['generalization'], test['counts']['positive'])} | "
             f"{share(tune['specificity'], tune['counts']['negative'])} / "
