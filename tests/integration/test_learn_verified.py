@@ -169,3 +169,29 @@ def test_a_given_alpha_that_misses_the_margin_is_refused_and_nothing_written(tmp
     assert "does not make the target top-1 by the margin" in result.output
     assert "nothing was written" in result.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--margin", "0"], "--margin must be a finite number above 0, got 0.0"),
+        (["--margin", "nan"], "--margin must be a finite number above 0, got nan"),
+        (["--boundary", "1"], "--boundary: boundary of the 'projection' gate must be in (0, 1)"),
+        (
+            ["--gate", "cosine", "--boundary", "1.5"],
+            "--boundary: min_cosine of the 'cosine' gate must be in (0, 1)",
+        ),
+        (["--grid", "0.5-1.5:0.5"], "--grid: boundary of the 'projection' gate must be in (0, 1)"),
+    ],
+)
+def test_bad_margins_and_gate_values_are_one_line_errors(tmp_path: Path, extra, message):
+    out = tmp_path / "m.toml"
+    result = CliRunner().invoke(
+        cli,
+        ["learn", "the capital of", "--target", " speak", "--layer", "1", "--site", "attn_out",
+         "--model", "toyworld", "--output", str(out), *extra],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("Error: ") and result.stderr.count("\n") == 1
+    assert message in result.stderr, result.stderr
+    assert list(tmp_path.iterdir()) == []
