@@ -88,13 +88,12 @@ def main() -> None:
     model = meminject.load_model(args.model)
     neutral = read_prompt_lines(HERE / "neutral_prompts.txt")
     # Entries of earlier runs that this one does not redo are kept (so the edits and gates
-    # can be run in parts); an entry from before the split is replaced by any new one of
-    # its edit and site.
+    # can be run in parts); an entry from before the split counts as the projection gate's.
     results = []
     if stem.with_suffix(".json").is_file() and not args.fresh:
         results = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
         results = [
-            r for r in results if r["edit"] not in edits or ("gate" in r and r["gate"] not in gates)
+            r for r in results if r["edit"] not in edits or r.get("gate", "projection") not in gates
         ]
     for edit, prompt, target, attn_layer, mlp_layer in EDITS:
         if edit not in edits:
