@@ -4,7 +4,9 @@ A memory that edits a fact ("the capital of Nepal is … Kathmandu", or the deli
 wrong "Tokyo is in … Kathmandu") is judged on four kinds of prompts:
 
 * **reliability** — the prompts it was made on: does the next token become the target?
-* **generalization** — positives, paraphrases that should also give the target;
+* **generalization** — positives, paraphrases that should also give the target; a
+  positive that is one of the edit prompts (the same text, whitespace aside) is left out
+  and reported as left out, since it measures reliability, not generalization;
 * **specificity** (locality) — negatives, near misses that must *not* give the target;
 * **neutral** — unrelated prompts whose next-token distribution must not move at all,
   measured by KL(before ‖ after) in nats and by whether the top-1 token stayed.
@@ -59,6 +61,11 @@ class EditReport:
     target: str
     target_token: str
     rows: list[PromptResult] = field(default_factory=list)
+    #: Positives left out of generalization because they are an edit prompt (their
+    #: ``file:line``, or the text when they came from no file).
+    excluded_positives: list[str] = field(default_factory=list)
+    #: Each memory alone on the neutral prompts: name → {"kl_mean", "kl_max", "top1_kept"}.
+    neutral_per_memory: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def of(self, kind: str) -> list[PromptResult]:
         return [r for r in self.rows if r.kind == kind]
@@ -92,6 +99,7 @@ class EditReport:
             "negative_continuations_kept": kept("negative"),
             "neutral_continuations_kept": kept("neutral"),
             "counts": {kind: len(self.of(kind)) for kind in KINDS},
+            "positives_excluded_as_edit_prompts": len(self.excluded_positives),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -99,8 +107,65 @@ class EditReport:
             "target": self.target,
             "target_token": self.target_token,
             "metrics": self.metrics,
+            "excluded_positives": list(self.excluded_positives),
+            "neutral_per_memory": dict(self.neutral_per_memory),
             "prompts": [asdict(r) for r in self.rows],
         }
+
+
+def prompt_key(text: str) -> str:
+    """A prompt as compared with the edit prompts: whitespace runs made one space."""
+    return " ".join(text.split())
+
+
+def neutral_per_memory(
+    model: LoadedModel,
+    memory_set: Any,
+    prompts: Sequence[Any],
+    *,
+    allow_outside_paths: bool = False,
+) -> dict[str, dict[str, float]]:
+    """Each memory of ``memory_set`` alone on the neutral ``prompts``: the mean and largest
+    KL(before ‖ after) of the next-token distribution (nats, float64) and the share of
+    prompts whose top-1 token is kept. A memory that leaks shows here even when others in
+    its set are quiet."""
+    import torch
+
+    from meminject.engine import compile_memories, inject
+
+    items = _prompt_items(prompts)
+    if not items:
+        return {}
+    befores = []
+    rows = []
+    for text, _ in items:
+        ids = torch.tensor(
+            [
+                model.check_prompt_ids(
+                    model.tokenize(text, model.prepend_bos_for(memory_set.model_info()))
+                )
+            ],
+            device=model.device,
+        )
+        rows.append(ids)
+        with torch.no_grad():
+            befores.append(model.bridge(ids)[0, -1].double().log_softmax(-1))
+    out: dict[str, dict[str, float]] = {}
+    for entry in memory_set.entries:
+        alone = memory_set.subset([entry.name])
+        compiled = compile_memories(model, alone, allow_outside_paths=allow_outside_paths)
+        kls, kept = [], 0
+        for ids, before in zip(rows, befores, strict=True):
+            with torch.no_grad(), inject(model, compiled):
+                after = model.bridge(ids)[0, -1].double().log_softmax(-1)
+            kls.append(float((before.exp() * (before - after)).sum().clamp_min(0.0)))
+            kept += int(after.argmax()) == int(before.argmax())
+        out[entry.name] = {
+            "kl_mean": sum(kls) / len(kls),
+            "kl_max": max(kls),
+            "top1_kept": kept / len(kls),
+        }
+    return out
 
 
 def _prompt_items(prompts: Sequence[Any]) -> list[tuple[str, str | None]]:
@@ -150,8 +215,12 @@ def evaluate_edit(
         compiled = compile_memories(model, memory_set)
         bos = model.prepend_bos_for(memory_set.model_info())  # as generation decides it
     report = EditReport(continuation(target), model.token_str(target_id))
+    edit_texts = {prompt_key(text) for text, _ in _prompt_items(prompts.get("edit", ()))}
     for kind in KINDS:
         for text, where in _prompt_items(prompts.get(kind, ())):
+            if kind == "positive" and prompt_key(text) in edit_texts:
+                report.excluded_positives.append(where or text)
+                continue
             if not text.strip():
                 raise BadInputError(f"{where or kind + ' prompt'}: the prompt is empty")
             ids = torch.tensor(
@@ -189,3 +258,212 @@ def evaluate_edit(
                 )
             )
     return report
+
+
+# --- CounterFact's schema -------------------------------------------------------------
+
+#: Largest CounterFact-style JSON file read, in bytes (the full CounterFact is ~40 MB).
+MAX_COUNTERFACT_BYTES = 256 << 20
+
+
+@dataclass(frozen=True)
+class CounterfactRecord:
+    """One requested rewrite in CounterFact's schema (Meng et al., ROME): the prompt (with
+    ``{}`` for the subject), the subject, the new and the true target, paraphrases of the
+    prompt, and neighbourhood prompts (other subjects whose true answer is
+    ``target_true``)."""
+
+    case_id: str
+    prompt: str
+    subject: str
+    target_new: str
+    target_true: str
+    paraphrase_prompts: tuple[str, ...]
+    neighborhood_prompts: tuple[str, ...]
+
+    @property
+    def rewrite_prompt(self) -> str:
+        return self.prompt.replace("{}", self.subject)
+
+
+def read_counterfact(path: Any) -> list[CounterfactRecord]:
+    """Records of a JSON file in CounterFact's schema: a list of objects with
+    ``requested_rewrite`` (``prompt`` holding ``{}``, ``subject``, ``target_new`` and
+    ``target_true``, each ``{"str": …}`` or a string), ``paraphrase_prompts`` and
+    ``neighborhood_prompts`` (lists of strings); ``case_id`` is optional. The real
+    CounterFact file reads as it is; a problem is one line naming the file, the record
+    and the field."""
+    import json
+    from pathlib import Path
+
+    from meminject.fsread import read_user_text
+
+    path = Path(path)
+    text = read_user_text(path, MAX_COUNTERFACT_BYTES, "CounterFact files")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadInputError(f"{path}:{exc.lineno}: not JSON: {exc.msg}") from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not data:
+        raise BadInputError(f"{path}: expected a non-empty list of CounterFact records")
+    records = []
+    for index, item in enumerate(data):
+        where = f"{path}: record #{index + 1}"
+
+        def bad(field_name: str, why: str, where: str = where) -> BadInputError:
+            return BadInputError(f"{where}: field '{field_name}': {why}")
+
+        if not isinstance(item, dict):
+            raise BadInputError(f"{where}: must be an object")
+        rewrite = item.get("requested_rewrite")
+        if isinstance(rewrite, list) and len(rewrite) == 1:  # MQuAKE-style lists of one
+            rewrite = rewrite[0]
+        if not isinstance(rewrite, dict):
+            raise bad("requested_rewrite", "missing or not an object")
+
+        def text_of(key: str, rewrite: dict = rewrite) -> str:
+            value = rewrite.get(key)
+            if isinstance(value, dict):
+                value = value.get("str")
+            if not isinstance(value, str) or not value.strip():
+                raise bad(f"requested_rewrite.{key}", "missing or not a non-empty string")
+            return value
+
+        prompt = text_of("prompt")
+        if "{}" not in prompt:
+            raise bad("requested_rewrite.prompt", "must hold '{}' where the subject goes")
+
+        def prompts_of(key: str, item: dict = item) -> tuple[str, ...]:
+            value = item.get(key, [])
+            if not isinstance(value, list) or not all(
+                isinstance(p, str) and p.strip() for p in value
+            ):
+                raise bad(key, "must be a list of non-empty strings")
+            return tuple(value)
+
+        records.append(
+            CounterfactRecord(
+                case_id=str(item.get("case_id", index)),
+                prompt=prompt,
+                subject=text_of("subject"),
+                target_new=text_of("target_new"),
+                target_true=text_of("target_true"),
+                paraphrase_prompts=prompts_of("paraphrase_prompts"),
+                neighborhood_prompts=prompts_of("neighborhood_prompts"),
+            )
+        )
+    return records
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """A prompt's two answers, teacher-forced: the summed log-probabilities of every token
+    of the new and of the true target, and whether greedy decoding would produce every
+    token of the new target."""
+
+    kind: str  # rewrite, paraphrase, neighborhood
+    case_id: str
+    prompt: str
+    logp_new: float
+    logp_true: float
+    new_all_top1: bool
+    top1_before: int
+    top1_after: int
+
+
+def _target_logp(
+    model: LoadedModel, prompt_ids: list[int], target_ids: list[int], compiled: Any
+) -> tuple[float, bool, int]:
+    """(sum of log p of ``target_ids`` after the prompt, every target token top-1, top-1
+    token after the prompt), with ``compiled`` injected (None: none)."""
+    import torch
+
+    from meminject.engine import inject
+
+    ids = torch.tensor([prompt_ids + target_ids[:-1]], device=model.device)
+    with torch.no_grad(), inject(model, compiled):
+        logits = model.bridge(ids)[0].double().log_softmax(-1)
+    rows = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(target_ids))
+    targets = torch.tensor(target_ids, device=logits.device)
+    chosen = logits[rows.to(logits.device)]
+    logp = float(chosen.gather(1, targets[:, None]).sum())
+    all_top1 = bool((chosen.argmax(-1) == targets).all())
+    return logp, all_top1, int(chosen[0].argmax())
+
+
+def evaluate_counterfact(
+    model: LoadedModel, memories: MemoriesArg, records: Sequence[CounterfactRecord]
+) -> dict[str, Any]:
+    """The field's edit metrics over ``records`` with ``memories`` (one bank for all):
+
+    * efficacy — on each rewrite prompt, p(new) > p(old) (whole targets, teacher-forced,
+      as ROME scores them), and the new target's teacher-forced accuracy (every token
+      top-1, EasyEdit's ``rewrite_acc``);
+    * paraphrase — p(new) > p(old) on the paraphrase prompts;
+    * neighbourhood score — p(true) > p(new) on the neighbourhood prompts (ROME's NS);
+    * locality — the neighbourhood prompts' top-1 next token unchanged (EasyEdit);
+
+    each also for the unedited model, as the baseline. Shares over records (each record's
+    prompts averaged first, as ROME does), and the raw scores."""
+    from meminject.engine import CompiledHook, as_memory_set, compile_memories
+
+    if isinstance(memories, list) and all(isinstance(m, CompiledHook) for m in memories):
+        compiled, bos = list(memories), model.prepend_bos
+    else:
+        memory_set = as_memory_set(memories)  # type: ignore[arg-type]
+        compiled = compile_memories(model, memory_set)
+        bos = model.prepend_bos_for(memory_set.model_info())
+    rows: list[dict[str, Any]] = []
+    per_record: list[dict[str, Any]] = []
+    for record in records:
+        new_ids = model.continuation_ids(record.target_new, f"record {record.case_id}'s target_new")
+        true_ids = model.continuation_ids(
+            record.target_true, f"record {record.case_id}'s target_true"
+        )
+        shares: dict[str, list[float]] = {}
+        for kind, prompts in (
+            ("rewrite", (record.rewrite_prompt,)),
+            ("paraphrase", record.paraphrase_prompts),
+            ("neighborhood", record.neighborhood_prompts),
+        ):
+            for prompt in prompts:
+                ids = model.check_prompt_ids(model.tokenize(prompt, bos))
+                scores = {}
+                for label, hooks in (("before", None), ("after", compiled)):
+                    lp_new, acc, top = _target_logp(model, ids, new_ids, hooks)
+                    lp_true, _, _ = _target_logp(model, ids, true_ids, hooks)
+                    scores[label] = (lp_new, lp_true, acc, top)
+                row: dict[str, Any] = {"case_id": record.case_id, "kind": kind, "prompt": prompt}
+                for label, (lp_new, lp_true, acc, top) in scores.items():
+                    row[label] = {
+                        "logp_new": lp_new,
+                        "logp_true": lp_true,
+                        "new_all_top1": acc,
+                        "top1": model.token_str(top),
+                    }
+                rows.append(row)
+                for label in ("before", "after"):
+                    lp_new, lp_true, acc, top = scores[label]
+                    if kind == "neighborhood":
+                        shares.setdefault(f"neighborhood_score_{label}", []).append(
+                            float(lp_true > lp_new)
+                        )
+                    else:
+                        shares.setdefault(f"{kind}_{label}", []).append(float(lp_new > lp_true))
+                    if kind == "rewrite":
+                        shares.setdefault(f"rewrite_acc_{label}", []).append(float(acc))
+                if kind == "neighborhood":
+                    kept = scores["before"][3] == scores["after"][3]
+                    shares.setdefault("locality", []).append(float(kept))
+        per_record.append(
+            {"case_id": record.case_id, **{k: sum(v) / len(v) for k, v in shares.items()}}
+        )
+    names = sorted({k for r in per_record for k in r if k != "case_id"})
+    metrics: dict[str, Any] = {}
+    for name in names:
+        values = [r[name] for r in per_record if name in r]
+        metrics[name] = sum(values) / len(values)
+    metrics["records"] = len(records)
+    return {"metrics": metrics, "records": per_record, "prompts": rows}

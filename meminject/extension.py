@@ -128,6 +128,9 @@ class Gate:
     deltas: torch.Tensor
     boundary: torch.Tensor
     hardness: torch.Tensor
+    #: ``[memories]`` gate codes (``meminject.gates.GATES``); None: every gate is
+    #: ``projection``, and ``boundary`` holds each memory's own gate parameter.
+    kinds: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from meminject.errors import (
 from meminject.extension import site_hook
 from meminject.fsread import FS_ERRORS, describe_mode, fs_reason, read_user_text
 from meminject.memfile_writer import memory_file_text
-from meminject.schema import NAME_PATTERN, MemoryBase
+from meminject.schema import GATES, NAME_PATTERN, MemoryBase
 from meminject.sites import LAYER_SITES, hook_name
 
 if TYPE_CHECKING:
@@ -47,8 +47,18 @@ if TYPE_CHECKING:
     from meminject.model_handle import LoadedModel
 
 LEARN_SITES = LAYER_SITES
-DEFAULT_GRID = tuple(round(0.05 * i, 4) for i in range(1, 41))  # 0.05 … 2.0
+DEFAULT_GRID = GATES["projection"].grid  # 0.05 … 0.95: the boundary is below 1
 DEFAULT_HARDNESS = 3.0
+#: The target's log-probability must beat the runner-up's by this much (nats), in the
+#: written file run through the generation path (``meminject generate``'s code, KV cache
+#: included): the smallest α that makes the target top-1 leaves no room for the gate at the
+#: other positions, float rounding and the backend generate runs on.
+DEFAULT_MARGIN = 0.5
+#: When the written file misses the margin, α is raised by this factor, at most this often.
+RAISE_FACTOR = 1.5
+MAX_RAISES = 8
+#: After a raise, bisections between the α that missed and the one that reached it.
+REFINE_BISECTIONS = 4
 #: With the default ``--steps`` (1), the α search also tries 2 and then 3 steps before it
 #: gives up (one step is often not enough; several smaller steps follow the loss further).
 AUTO_MAX_STEPS = 3
@@ -286,10 +296,20 @@ class _Objective:
         return float(loss.detach()), grad.detach()
 
     def is_top1(self, delta: Tensor) -> bool:
+        return self.margin(delta) > 0
+
+    def margin(self, delta: Tensor | None) -> float:
+        """The smallest, over the target rows, of the target's log-probability minus the
+        best other token's (positive: the target is top-1 everywhere)."""
         import torch
 
         with torch.no_grad():
-            return bool((self.logits(delta).argmax(-1) == self.targets).all())
+            logp = self.logits(delta).log_softmax(-1)
+        rows = torch.arange(len(self.targets), device=logp.device)
+        target = logp[rows, self.targets]
+        others = logp.clone()
+        others[rows, self.targets] = -math.inf
+        return float((target - others.max(-1).values).min())
 
     def first_prob(self, delta: Tensor | None) -> float:
         import torch
@@ -320,27 +340,30 @@ def learn(
     steps: int = 1,
     max_steps: int | None = None,
     teacher_force: bool = False,
+    margin: float = DEFAULT_MARGIN,
     max_doublings: int = 40,
     bisections: int = 10,
 ) -> LearnedMemory:
     """Learn the key and delta that make ``prompt`` continue with ``target``.
 
-    Without ``alpha``, the smallest α that makes the target top-1 in ``steps`` steps is
-    searched; if none exists and ``max_steps`` is larger, ``steps + 1`` … ``max_steps``
-    steps are tried in turn (``LearnedMemory.steps`` says how many were used). The key and
-    the delta are checked to be finite, also in the model's dtype."""
+    Without ``alpha``, the smallest α that puts the target's log-probability ``margin``
+    nats above the runner-up's (at every target row, with the delta at the key's
+    position) in ``steps`` steps is searched; if none exists and ``max_steps`` is larger,
+    ``steps + 1`` … ``max_steps`` steps are tried in turn (``LearnedMemory.steps`` says how
+    many were used). The key and the delta are checked to be finite, also in the model's dtype."""
     steps = _check_steps(steps, "steps")
     last = steps if max_steps is None else _check_steps(max_steps, "max_steps")
     if last < steps:
         raise BadInputError(f"max_steps ({last}) must be at least steps ({steps})")
     if alpha is not None:
         alpha = check_positive(alpha, "alpha")
+    margin = check_positive(margin, "margin")
     ids = target_tokens(model, target)
     objective = _Objective(model, prompt, ids, layer, site, position, teacher_force)
     prob_before = objective.first_prob(None)
     hint = "use a smaller --alpha"
     if alpha is None:
-        alpha, steps = _search_alpha(objective, steps, last, max_doublings, bisections)
+        alpha, steps = _search_alpha(objective, steps, last, margin, max_doublings, bisections)
         hint = "try another --layer or --site"
     found = _descend(objective, alpha, steps)
     assert objective.key is not None
@@ -400,27 +423,34 @@ class _NoStepSize(Exception):
 
 
 def _search_alpha(
-    objective: _Objective, first: int, last: int, max_doublings: int, bisections: int
+    objective: _Objective,
+    first: int,
+    last: int,
+    margin: float,
+    max_doublings: int,
+    bisections: int,
 ) -> tuple[float, int]:
-    """The smallest α for the fewest steps from ``first`` to ``last`` that reaches top-1."""
+    """The smallest α for the fewest steps from ``first`` to ``last`` that puts the target
+    ``margin`` nats above the runner-up."""
     high = 0.0
     for steps in range(first, last + 1):
         try:
-            return _smallest_alpha(objective, steps, max_doublings, bisections), steps
+            return _smallest_alpha(objective, steps, margin, max_doublings, bisections), steps
         except _NoStepSize as exc:
             high = max(high, exc.high)
     tried = f"{first} step{'s' * (first > 1)}" if first == last else f"{first} to {last} steps"
     raise BadInputError(
-        f"no step size up to {high:.3g} makes the target top-1 with {tried} at "
-        f"{objective.where}; try more --steps (e.g. --steps {2 * last}), another --layer or "
-        "another --site"
+        f"no step size up to {high:.3g} makes the target top-1 by a margin of {margin:g} "
+        f"nats with {tried} at {objective.where}; try more --steps (e.g. --steps "
+        f"{2 * last}), a smaller --margin, another --layer or another --site"
     )
 
 
 def _smallest_alpha(
-    objective: _Objective, steps: int, max_doublings: int, bisections: int
+    objective: _Objective, steps: int, margin: float, max_doublings: int, bisections: int
 ) -> float:
-    """Smallest α (to bisection precision) whose descent makes the target top-1."""
+    """Smallest α (to bisection precision) whose descent puts the target ``margin`` nats
+    above the runner-up."""
     import torch
 
     loss, grad = objective.loss_and_grad(_zero(objective))
@@ -439,7 +469,7 @@ def _smallest_alpha(
     def works(alpha: float) -> bool:
         delta = _descend(objective, alpha, steps)
         # A step so large that the delta overflows never counts as reaching top-1.
-        return bool(torch.isfinite(delta).all()) and objective.is_top1(delta)
+        return bool(torch.isfinite(delta).all()) and objective.margin(delta) >= margin
 
     # Start where a linearised loss would reach zero (α = loss/‖g‖²), then walk by
     # factors of two until the answer flips, then bisect the bracket.
@@ -496,6 +526,12 @@ class BoundaryChoice:
     #: the target, and of each negative whose top-1 is — the prompts to look at.
     failing_positives: tuple[tuple[int, int], ...] = ()
     failing_negatives: tuple[tuple[int, int], ...] = ()
+    #: The gate whose parameter was searched (``boundary``, ``min_cosine`` or ``radius``).
+    gate: str = "projection"
+    #: Leave-one-out: each example scored by the value chosen on the others (the chosen
+    #: value's own accuracy is measured on the prompts that chose it, so it is optimistic).
+    loo_accuracy: float | None = None
+    loo_right: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -546,9 +582,10 @@ def gated_top1(
     prompts: Sequence[str],
     boundary: float,
     hardness: float,
+    gate: str = "projection",
 ) -> list[int]:
     """Top-1 next token of each prompt with the memory applied at every position, through
-    the same hook body as the ``gated`` strategy."""
+    the same hook body as the ``gated`` strategy (``boundary``: the gate's parameter)."""
     import torch
 
     from meminject.engine import CompiledHook, inject
@@ -562,6 +599,7 @@ def gated_top1(
         torch.tensor([boundary], device=device),
         torch.tensor([hardness], device=device),
         "all",
+        None if gate == "projection" else torch.tensor([GATES[gate].code], device=device),
     )
     hook = CompiledHook(
         site_hook(learned.site, learned.layer, body),
@@ -595,41 +633,95 @@ def search_boundary(
     negatives: Sequence[str],
     *,
     hardness: float = DEFAULT_HARDNESS,
-    grid: Sequence[float] = DEFAULT_GRID,
+    grid: Sequence[float] | None = None,
+    gate: str = "projection",
+    leave_one_out: bool = True,
 ) -> BoundaryChoice:
-    """Score every grid boundary by accuracy (positives whose top-1 is the target plus
-    negatives whose top-1 is not, over both sets); choose the best, and among ties the
-    centre of the widest run of best boundaries."""
+    """Score every grid value of the gate's parameter by accuracy (positives whose top-1
+    is the target plus negatives whose top-1 is not, over both sets); choose the best, and
+    among ties the centre of the widest run of best values. With ``leave_one_out``, each
+    example is also scored by the value chosen on all the others."""
     if not positives and not negatives:
         raise BadInputError("boundary search needs positive or negative prompts")
-    grid = check_grid(grid)
+    kind = GATES[gate]
+    grid = check_grid(kind.grid if grid is None else grid, gate)
     hardness = check_positive(hardness, "hardness")
-    for kind, prompts in (("positive", positives), ("negative", negatives)):
+    for kind_name, prompts in (("positive", positives), ("negative", negatives)):
         for i, prompt in enumerate(prompts):
-            check_fits(model, prompt, where=f"{kind} prompt #{i + 1}")
+            check_fits(model, prompt, where=f"{kind_name} prompt #{i + 1}")
     target = learned.target_ids[0]
+    every = [*positives, *negatives]
+    n_pos = len(positives)
+
+    def right(tops: Sequence[int], indices: Sequence[int]) -> list[bool]:
+        return [(t == target) == (i < n_pos) for t, i in zip(tops, indices, strict=True)]
+
     table = []
+    ok_at: list[list[bool]] = []  # per grid value, per example
     for b in grid:
-        top = gated_top1(model, learned, [*positives, *negatives], b, hardness)
-        pos_ok = sum(t == target for t in top[: len(positives)])
-        neg_ok = sum(t != target for t in top[len(positives) :])
-        table.append(BoundaryRow(b, pos_ok, neg_ok, (pos_ok + neg_ok) / len(top)))
+        ok = right(gated_top1(model, learned, every, b, hardness, gate), range(len(every)))
+        ok_at.append(ok)
+        table.append(_row(b, ok, n_pos))
     centre, best = choose_boundary(table)
-    top = gated_top1(model, learned, [*positives, *negatives], centre, hardness)
-    failing_pos = tuple((i, t) for i, t in enumerate(top[: len(positives)]) if t != target)
-    failing_neg = tuple((i, t) for i, t in enumerate(top[len(positives) :]) if t == target)
+    top = gated_top1(model, learned, every, centre, hardness, gate)
+    failing_pos = tuple((i, t) for i, t in enumerate(top[:n_pos]) if t != target)
+    failing_neg = tuple((i, t) for i, t in enumerate(top[n_pos:]) if t == target)
+    loo: tuple[bool, ...] = ()
+    if leave_one_out and len(every) > 1:
+        chosen = []
+        for i in range(len(every)):
+            rows = [
+                _row(b, ok[:i] + ok[i + 1 :], n_pos - (i < n_pos))
+                for b, ok in zip(grid, ok_at, strict=True)
+            ]
+            chosen.append(choose_boundary(rows)[0])
+        results: dict[int, bool] = {}
+        for value in sorted(set(chosen)):
+            indices = [i for i, c in enumerate(chosen) if c == value]
+            tops = gated_top1(model, learned, [every[i] for i in indices], value, hardness, gate)
+            results.update(zip(indices, right(tops, indices), strict=True))
+        loo = tuple(results[i] for i in range(len(every)))
     return BoundaryChoice(
-        centre, best, table, len(positives), len(negatives), failing_pos, failing_neg
+        centre,
+        best,
+        table,
+        n_pos,
+        len(negatives),
+        failing_pos,
+        failing_neg,
+        gate,
+        sum(loo) / len(loo) if loo else None,
+        loo,
     )
 
 
-def check_grid(grid: Sequence[float]) -> list[float]:
-    """The grid sorted and without repeats, if it is not empty and every boundary is a
-    finite number above 0."""
+def _row(value: float, ok: Sequence[bool], n_pos: int) -> BoundaryRow:
+    pos_ok = sum(ok[:n_pos])
+    neg_ok = sum(ok[n_pos:])
+    return BoundaryRow(value, pos_ok, neg_ok, (pos_ok + neg_ok) / len(ok) if ok else 0.0)
+
+
+def check_grid(grid: Sequence[float], gate: str = "projection") -> list[float]:
+    """The grid sorted and without repeats, if it is not empty and every value is a finite
+    number the gate accepts (the projection gate's boundary is in (0, 1))."""
     values = sorted({check_positive(b, "every boundary of the grid") for b in grid})
     if not values:
         raise BadInputError("the boundary grid is empty")
+    kind = GATES[gate]
+    for value in values:
+        problem = kind.check(value)
+        if problem is not None:
+            raise BadInputError(f"--grid: {problem}")
     return values
+
+
+def check_gate_value(value: float, gate: str, what: str = "--boundary") -> float:
+    """``value`` if it is a valid parameter of ``gate``, else a BadInputError."""
+    value = check_positive(value, what)
+    problem = GATES[gate].check(value)
+    if problem is not None:
+        raise BadInputError(f"{what}: {problem}")
+    return value
 
 
 def choose_boundary(table: Sequence[BoundaryRow]) -> tuple[float, float]:
@@ -647,6 +739,236 @@ def choose_boundary(table: Sequence[BoundaryRow]) -> tuple[float, float]:
         previous_best = is_best
     widest = max(runs, key=lambda run: run[-1].boundary - run[0].boundary)
     return round((widest[0].boundary + widest[-1].boundary) / 2, 6), best
+
+
+# --- the written file, through the generation path ------------------------------------
+
+
+@dataclass(frozen=True)
+class FileScore:
+    """What ``meminject generate`` gives for a memory file after the learning prompt: the
+    probability of the target's first token with the file (``prob_after``) and without
+    (``prob_before``), as ``--show-top`` shows them (``None``: not among the
+    :data:`SHOWN` most likely), and the margin: over the target tokens scored (all with
+    teacher forcing, else the first), the smallest log-probability of the target token
+    minus the best other token's, greedy with the KV cache (``-inf`` once the target is
+    outside the :data:`SHOWN` most likely)."""
+
+    prob_before: float | None
+    prob_after: float | None
+    margin: float
+    top1: str  # the first generated token with the file
+    runner_up: str  # the best other token at the step with the smallest margin
+    backend: str
+
+    def summary(self) -> str:
+        return (
+            f"generate with this file: p(target) {_p(self.prob_after)}, margin "
+            f"{self.margin:.3f} nats over {self.runner_up!r}"
+        )
+
+
+#: How many most likely tokens the file's score asks ``generate`` for.
+SHOWN = 20
+
+
+def _p(prob: float | None) -> str:
+    return f"< top {SHOWN}" if prob is None else f"{prob:.4f}"
+
+
+def score_file(
+    model: LoadedModel,
+    path: Path | str,
+    prompt: str,
+    target_ids: Sequence[int],
+    *,
+    teacher_force: bool = False,
+) -> FileScore:
+    """Score a written memory file the way ``meminject generate -m FILE PROMPT`` runs it
+    (:func:`meminject.generation.generate`: the memory set read from the file, the
+    default backend, the KV cache)."""
+    from meminject.generation import generate
+
+    scored = list(target_ids) if teacher_force else list(target_ids[:1])
+    shown = min(SHOWN, model.dims.d_vocab)
+    plain = generate(model, prompt, None, max_new_tokens=1, show_top=shown)
+    edited = generate(
+        model, prompt, [Path(path)], max_new_tokens=len(scored), show_top=shown, logprobs=shown
+    )
+
+    def prob(run: Any) -> float | None:
+        return next((t.prob for t in run.top_next if t.token_id == scored[0]), None)
+
+    margin, runner_up = math.inf, ""
+    for step, want in enumerate(scored):
+        if step >= len(edited.token_logprobs):
+            margin, runner_up = -math.inf, "(generation ended)"
+            break
+        top = edited.token_logprobs[step].top
+        target_lp = next((lp for _, i, lp in top if i == want), -math.inf)
+        best_other = next(((tok, lp) for tok, i, lp in top if i != want), ("", -math.inf))
+        here = target_lp - best_other[1]
+        if here < margin:
+            margin, runner_up = here, best_other[0]
+        if edited.new_tokens[step] != want:
+            break  # greedy left the target: later steps do not continue it
+    first = edited.token_logprobs[0].token if edited.token_logprobs else ""
+    return FileScore(prob(plain), prob(edited), margin, first, runner_up, edited.backend)
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A memory as written: what was learned, the gate parameter, the examples' choice, the
+    score of the written file, and how often α was raised to reach the margin."""
+
+    learned: LearnedMemory
+    boundary: float
+    choice: BoundaryChoice | None
+    score: FileScore
+    raised: int
+    paths: tuple[Path, Path]
+
+
+def fit_and_write(
+    model: LoadedModel,
+    prompt: str,
+    target: str,
+    out: Path | str,
+    *,
+    layer: int,
+    site: str,
+    name: str,
+    position: int = -1,
+    alpha: float | None = None,
+    steps: int = 1,
+    max_steps: int | None = None,
+    teacher_force: bool = False,
+    margin: float = DEFAULT_MARGIN,
+    gate: str = "projection",
+    hardness: float = DEFAULT_HARDNESS,
+    boundary: float | None = None,
+    positives: Sequence[str] = (),
+    negatives: Sequence[str] = (),
+    grid: Sequence[float] | None = None,
+    append: bool = False,
+    force: bool = False,
+    on_learned: Any = None,
+) -> Fitted:
+    """Learn a memory, choose its gate parameter on the examples (or take ``boundary``, or
+    the gate's default), write it to a private folder and score that file through the
+    generation path; while its margin is below ``margin``, raise α by
+    :data:`RAISE_FACTOR` (at most :data:`MAX_RAISES` times; never for a given ``alpha``)
+    and choose again. Only a file that reaches the margin is written to ``out``, and the
+    score returned is the written file's. ``on_learned(learned, choice, score)`` is called
+    for each try (for progress output)."""
+    import tempfile
+
+    margin = check_positive(margin, "margin")
+    if gate not in GATES:
+        raise BadInputError(f"unknown gate '{gate}'; registered: {', '.join(GATES)}")
+    if boundary is not None:
+        boundary = check_gate_value(boundary, gate)
+    learned = learn(
+        model,
+        prompt,
+        target,
+        layer=layer,
+        site=site,
+        position=position,
+        alpha=alpha,
+        steps=steps,
+        max_steps=max_steps,
+        teacher_force=teacher_force,
+        margin=margin,
+    )
+
+    def attempt(candidate: LearnedMemory) -> tuple[BoundaryChoice | None, float, FileScore]:
+        choice = None
+        value = boundary
+        if value is None and (positives or negatives):
+            choice = search_boundary(
+                model, candidate, positives, negatives, hardness=hardness, grid=grid, gate=gate
+            )
+            value = choice.boundary
+        elif value is None:
+            value = GATES[gate].default
+        with tempfile.TemporaryDirectory(prefix="meminject-learn-") as folder:
+            staged, _ = write_learned(
+                Path(folder) / "staged.toml",
+                candidate,
+                model,
+                name=name,
+                boundary=value,
+                hardness=hardness,
+                gate=gate,
+            )
+            score = score_file(
+                model, staged, prompt, candidate.target_ids, teacher_force=teacher_force
+            )
+        if on_learned is not None:
+            on_learned(candidate, choice, score)
+        return choice, value, score
+
+    def relearn(step: float) -> LearnedMemory:
+        return learn(
+            model,
+            prompt,
+            target,
+            layer=layer,
+            site=site,
+            position=position,
+            alpha=step,
+            steps=learned.steps,
+            teacher_force=teacher_force,
+            margin=margin,
+        )
+
+    choice, value, score = attempt(learned)
+    raised = 0
+    low = learned.alpha
+    while score.margin < margin:
+        if alpha is not None or raised >= MAX_RAISES:
+            how = (
+                "raise --alpha"
+                if alpha is not None
+                else f"α was raised {raised} times to {learned.alpha:.6g}"
+            )
+            raise BadInputError(
+                f"the memory as written does not make the target top-1 by the margin: "
+                f"generate gives p(target) {_p(score.prob_after)}, margin {score.margin:.3f} "
+                f"nats over {score.runner_up!r} (--margin {margin:g}); {how}, or try a "
+                f"smaller --margin, a narrower gate, another --layer or --site; nothing was "
+                "written"
+            )
+        raised += 1
+        low = learned.alpha
+        learned = relearn(learned.alpha * RAISE_FACTOR)
+        choice, value, score = attempt(learned)
+    if raised:
+        # The raise overshoots: bisect between the last α that missed and the one that
+        # reached the margin, keeping the smallest that reaches it.
+        for _ in range(REFINE_BISECTIONS):
+            candidate = relearn((low + learned.alpha) / 2)
+            tried = attempt(candidate)
+            if tried[2].margin >= margin:
+                learned, (choice, value, score) = candidate, tried
+            else:
+                low = candidate.alpha
+    paths = write_learned(
+        out,
+        learned,
+        model,
+        name=name,
+        boundary=value,
+        hardness=hardness,
+        append=append,
+        force=force,
+        choice=choice,
+        gate=gate,
+        score=score,
+    )
+    written = score_file(model, paths[0], prompt, learned.target_ids, teacher_force=teacher_force)
+    return Fitted(learned, value, choice, written, raised, paths)
 
 
 # --- writing ----------------------------------------------------------------------------
@@ -667,8 +989,13 @@ def write_learned(
     append: bool = False,
     force: bool = False,
     choice: BoundaryChoice | None = None,
+    gate: str = "projection",
+    score: FileScore | None = None,
 ) -> tuple[Path, Path]:
     """Write the tensors, then the TOML, each atomically; returns both paths.
+    ``boundary`` is the value of ``gate``'s parameter (``boundary``, ``min_cosine`` or
+    ``radius``); ``score``, what the generation path gave for the file, goes into a
+    comment.
 
     Everything is checked before the first byte is written: the name, boundary and
     hardness, the output (:func:`check_output`), the tensors (finite, also in the model's
@@ -683,7 +1010,9 @@ def write_learned(
     from safetensors.torch import save
 
     check_name(name)
-    boundary = check_positive(boundary, "boundary")
+    if gate not in GATES:
+        raise BadInputError(f"unknown gate '{gate}'; registered: {', '.join(GATES)}")
+    boundary = check_gate_value(boundary, gate, GATES[gate].field)
     hardness = check_positive(hardness, "hardness")
     out = check_output(out, name=name, append=append, force=force, model=model)
     exists = out.exists()
@@ -720,19 +1049,26 @@ def write_learned(
         f"{learned.alpha:.6g}; steps = {learned.steps}; position = {learned.position}",
     ]
     if choice is not None:
-        comments.append(
-            f"boundary chosen on {choice.n_positives} positives and {choice.n_negatives} "
-            f"negatives: accuracy {choice.accuracy:.3f}"
+        loo = (
+            f"; leave-one-out {choice.loo_accuracy:.3f}" if choice.loo_accuracy is not None else ""
         )
-    memory = {
+        comments.append(
+            f"{GATES[gate].field} chosen on {choice.n_positives} positives and "
+            f"{choice.n_negatives} negatives: accuracy {choice.accuracy:.3f}{loo}"
+        )
+    if score is not None:
+        comments.append(score.summary())
+    memory: dict[str, Any] = {
         "name": name,
         "strategy": "gated",
         "site": learned.site,
         "layer": learned.layer,
         "tensors": tensor_path.name,
-        "boundary": boundary,
-        "hardness": hardness,
     }
+    if gate != "projection":
+        memory["gate"] = gate
+    memory[GATES[gate].field] = boundary
+    memory["hardness"] = hardness
     text = memory_file_text(
         memory,
         model=table,

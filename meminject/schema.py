@@ -9,6 +9,7 @@ is registered. Nothing here imports torch, so ``meminject validate`` stays light
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -222,14 +223,105 @@ class AddMemory(MemoryBase):
         return getattr(self, "_encoder_params", None)
 
 
+# --- gates of local memories (meminject.gates computes them) ----------------------------
+
+
+@dataclass(frozen=True)
+class GateKind:
+    """One registered gate: its name in a memory file (``gate = "…"``), the field that
+    holds its parameter, that parameter's bounds, the default used without examples and
+    the grid ``learn`` searches."""
+
+    name: str
+    code: int  # how a bank of mixed gates names each memory's gate (a tensor of codes)
+    field: str
+    low: float  # the parameter is above this
+    high: float  # and below this (or at it, when ``high_inclusive``)
+    high_inclusive: bool
+    default: float
+    grid: tuple[float, ...]
+    meaning: str
+
+    def check(self, value: float) -> str | None:
+        """Why ``value`` is not a valid parameter of this gate, or None."""
+        above = value > self.low
+        below = value <= self.high if self.high_inclusive else value < self.high
+        if above and below:
+            return None
+        top = f"{self.high:g}]" if self.high_inclusive else f"{self.high:g})"
+        return (
+            f"{self.field} of the '{self.name}' gate must be in ({self.low:g}, {top}, got {value!r}"
+        )
+
+
+def _grid(last: float) -> tuple[float, ...]:
+    return tuple(round(0.05 * i, 4) for i in range(1, round(last / 0.05) + 1))
+
+
+#: The registered gates, by name. ``gate = "projection"`` is the default (the blog's).
+GATES: dict[str, GateKind] = {}
+
+
+def register_gate(kind: GateKind) -> None:
+    """Add a gate kind (its name and code must be new)."""
+    if kind.name in GATES or any(g.code == kind.code for g in GATES.values()):
+        raise ValueError(f"gate '{kind.name}' (code {kind.code}) is registered already")
+    GATES[kind.name] = kind
+
+
+register_gate(
+    GateKind(
+        "projection",
+        0,
+        "boundary",
+        0.0,
+        1.0,
+        False,
+        0.25,
+        _grid(0.95),
+        "x = 1 − (a·k)/‖k‖², s = exp(−(x²/b²)^h); fires while |x| ≲ b",
+    )
+)
+register_gate(
+    GateKind(
+        "cosine",
+        1,
+        "min_cosine",
+        0.0,
+        1.0,
+        False,
+        0.9,
+        _grid(0.95),
+        "c = cos(a, k), s = ((c − t)/(1 − t))₊^h; closed unless c > t",
+    )
+)
+register_gate(
+    GateKind(
+        "distance",
+        2,
+        "radius",
+        0.0,
+        1.0,
+        True,
+        0.5,
+        _grid(1.0),
+        "d = ‖a − k‖/‖k‖, s = (1 − d²/r²)₊^h; closed unless d < r",
+    )
+)
+GATE_NAMES = tuple(GATES)
+PARAMETER_FIELDS = tuple(g.field for g in GATES.values())
+
+
 GatedSite = Literal[
     "attn_z", "attn_out", "mlp_post", "mlp_out", "resid_pre", "resid_mid", "resid_post"
 ]
 
 
 class GatedMemory(MemoryBase):
-    """A gradient-derived local memory: ``a ← a + s·Δ`` with the similarity gate
-    ``x = 1 − (a·k)/‖k‖²``, ``s = exp(−(x²/b²)^h)``; k and Δ live in a safetensors file."""
+    """A gradient-derived local memory: ``a ← a + s·Δ`` with a similarity gate ``s`` of
+    the activation to a stored key (``gate``: ``projection``, the blog's, with
+    ``boundary``; ``cosine`` with ``min_cosine``; ``distance`` with ``radius``; see
+    :mod:`meminject.gates`); k and Δ live in a safetensors file."""
 
     strategy: Literal["gated"]
     site: GatedSite = Field(..., description="Where the delta is added (and the key was read).")
@@ -238,13 +330,69 @@ class GatedMemory(MemoryBase):
         min_length=1,
         description="Safetensors file holding 'key' and 'delta', relative to this TOML file.",
     )
-    boundary: float = Field(..., gt=0, description="Gate width b: fires while |x| ≲ b.")
+    gate: str = Field(
+        "projection",
+        description="The similarity gate: "
+        + "; ".join(f"'{g.name}' ({g.field}): {g.meaning}" for g in GATES.values())
+        + ".",
+        json_schema_extra={"enum": list(GATE_NAMES)},
+    )
+    boundary: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="The 'projection' gate's width b in (0, 1): fires while |x| ≲ b.",
+    )
+    min_cosine: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="The 'cosine' gate's threshold t in (0, 1): closed unless cos(a, k) > t.",
+    )
+    radius: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="The 'distance' gate's radius r in (0, 1], in units of ‖k‖: closed "
+        "unless ‖a − k‖ < r‖k‖.",
+    )
     hardness: float = Field(3.0, gt=0, description="Gate hardness h: larger is sharper.")
 
-    @field_validator("boundary", "hardness")
+    @field_validator("boundary", "min_cosine", "radius", "hardness")
     @classmethod
-    def _finite_gate(cls, value: float) -> float:
-        return _finite(value)
+    def _finite_gate(cls, value: float | None) -> float | None:
+        return None if value is None else _finite(value)
+
+    @field_validator("gate")
+    @classmethod
+    def _known_gate(cls, value: str) -> str:
+        if value not in GATES:
+            raise ValueError(f"unknown gate '{value}'; registered: {', '.join(GATE_NAMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _gate_parameter(self) -> GatedMemory:
+        kind = GATES[self.gate]
+        for name in PARAMETER_FIELDS:
+            given = getattr(self, name, None)
+            if name == kind.field:
+                if given is None:
+                    raise FieldValueError(name, f"the '{self.gate}' gate needs '{name}'")
+                problem = kind.check(given)
+                if problem is not None:
+                    raise FieldValueError(name, problem)
+            elif given is not None:
+                raise FieldValueError(
+                    name,
+                    f"'{name}' belongs to another gate; the '{self.gate}' gate takes "
+                    f"'{kind.field}'",
+                )
+        return self
+
+    @property
+    def gate_parameter(self) -> float:
+        """The value of this memory's gate parameter (b, t or r)."""
+        return float(getattr(self, GATES[self.gate].field))
 
 
 def _exact_version(value: Any) -> Any:

@@ -25,9 +25,18 @@ from meminject.cli.options import (
 @model_option("files")
 @click.option(
     "--target",
-    required=True,
-    help=f"What the edit should make the model say next; its first token is scored. "
-    f"{CONTINUATION_RULE}",
+    default=None,
+    help=f"What the edit should make the model say next; its first token is scored "
+    f"(required unless --counterfact). {CONTINUATION_RULE}",
+)
+@click.option(
+    "--counterfact",
+    "counterfact_file",
+    type=click.Path(),
+    default=None,
+    help="A JSON file of edits in CounterFact's schema (requested_rewrite, "
+    "paraphrase_prompts, neighborhood_prompts): efficacy, paraphrase, neighbourhood score "
+    "and locality of the memories as one bank, against the unedited model.",
 )
 @click.option("--prompt", "edit_prompts", multiple=True, help="A prompt the edit was made on.")
 @click.option("--positive", "positive_file", type=click.Path(), help="Paraphrases, one a line.")
@@ -48,7 +57,8 @@ from meminject.cli.options import (
 def evaluate(
     memory_paths: Sequence[str],
     model_name: str | None,
-    target: str,
+    target: str | None,
+    counterfact_file: str | None,
     edit_prompts: Sequence[str],
     positive_file: str | None,
     negative_file: str | None,
@@ -60,9 +70,18 @@ def evaluate(
     """Edit metrics of MEMORIES: reliability (--prompt), generalization (--positive),
     specificity (--negative) and the KL divergence on unrelated prompts (--neutral), with
     each prompt's continuation before and after."""
+    from meminject.errors import BadInputError
     from meminject.learn import read_prompt_lines
     from meminject.loading import load_memories
 
+    if counterfact_file is not None:
+        _counterfact(
+            memory_paths, model_name, counterfact_file, as_json, allow_outside_paths,
+            bool(target or edit_prompts or positive_file or negative_file or neutral_file),
+        )  # fmt: skip
+        return
+    if target is None:
+        raise BadInputError("evaluate needs --target (or --counterfact FILE)")
     prompts: dict[str, Any] = {"edit": list(edit_prompts)}
     for kind, path in (
         ("positive", positive_file),
@@ -78,10 +97,57 @@ def evaluate(
 
     compiled = compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
     report = evaluate_edit(model, compiled, target=target, prompts=prompts, tokens=max_new_tokens)
+    if prompts["neutral"]:
+        from meminject.evaluate import neutral_per_memory
+
+        report.neutral_per_memory = neutral_per_memory(
+            model, memory_set, prompts["neutral"], allow_outside_paths=allow_outside_paths
+        )
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, ensure_ascii=False, allow_nan=False))
         return
     _print_edit_report(report)
+
+
+def _counterfact(
+    memory_paths: Sequence[str],
+    model_name: str | None,
+    path: str,
+    as_json: bool,
+    allow_outside_paths: bool,
+    mixed: bool,
+) -> None:
+    from meminject.engine import compile_memories
+    from meminject.errors import BadInputError
+    from meminject.evaluate import evaluate_counterfact, read_counterfact
+    from meminject.loading import load_memories
+
+    if mixed:
+        raise BadInputError(
+            "--counterfact takes its prompts and targets from the file; drop --target, "
+            "--prompt, --positive, --negative and --neutral"
+        )
+    records = read_counterfact(path)
+    memory_set = load_memories(memory_paths)
+    model = load_cli_model(model_name, memory_set, bridge=True)
+    compiled = compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
+    result = evaluate_counterfact(model, compiled, records)
+    if as_json:
+        click.echo(json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False))
+        return
+    m = result["metrics"]
+    click.echo(f"{m['records']} edit{'s' * (m['records'] != 1)} from {path}, unedited → edited:")
+    for name, meaning in (
+        ("rewrite", "efficacy: p(new) > p(true) on the rewrite prompt"),
+        ("rewrite_acc", "efficacy: every token of the new target top-1 (teacher-forced)"),
+        ("paraphrase", "paraphrase: p(new) > p(true)"),
+        ("neighborhood_score", "neighbourhood score: p(true) > p(new) on neighbours"),
+    ):
+        before, after = m.get(f"{name}_before"), m.get(f"{name}_after")
+        if before is not None and after is not None:
+            click.echo(f"  {meaning}: {before:.0%} → {after:.0%}")
+    if "locality" in m:
+        click.echo(f"  locality: neighbours' top-1 next token kept: {m['locality']:.0%}")
 
 
 def _print_edit_report(report: Any) -> None:
@@ -115,6 +181,13 @@ def _print_edit_report(report: Any) -> None:
 
     share("reliability", "edit", "give the target")
     share("generalization", "positive", "give the target")
+    if report.excluded_positives:
+        n = len(report.excluded_positives)
+        console.print(
+            f"generalization leaves out {n} positive prompt{'s' * (n != 1)} that "
+            f"{'are edit prompts' if n != 1 else 'is an edit prompt'}: "
+            + ", ".join(_escape(w) for w in report.excluded_positives)
+        )
     share("specificity", "negative", "do not give the target")
     share("neutral_top1_kept", "neutral", "keep their top-1 token")
     for kind in ("negative", "neutral"):
@@ -128,6 +201,11 @@ def _print_edit_report(report: Any) -> None:
         console.print(
             f"neutral KL(before ‖ after): mean {metrics['neutral_kl_mean']:.3g} nats, "
             f"max {metrics['neutral_kl_max']:.3g}"
+        )
+    for name, alone in report.neutral_per_memory.items():
+        console.print(
+            f"neutral, memory {_escape(name)} alone: KL mean {alone['kl_mean']:.3g} nats, max "
+            f"{alone['kl_max']:.3g}; top-1 kept {alone['top1_kept']:.0%}"
         )
 
 

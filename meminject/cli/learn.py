@@ -15,6 +15,7 @@ from meminject.cli.options import (
     number_option,
     output_option,
 )
+from meminject.schema import GATE_NAMES
 from meminject.sites import LAYER_SITES
 
 
@@ -49,6 +50,22 @@ from meminject.sites import LAYER_SITES
     "are tried when no step size works with one.",
 )
 @click.option("--teacher-force", is_flag=True, help="Fit all target tokens, not only the first.")
+@click.option(
+    "--margin",
+    default=0.5,
+    show_default=True,
+    type=float,
+    help="Nats by which the target's log-probability must beat the runner-up's when the "
+    "written file is run by generate (KV cache included); alpha is raised until it does.",
+)
+@click.option(
+    "--gate",
+    default="projection",
+    show_default=True,
+    type=click.Choice(GATE_NAMES),
+    help="The similarity gate: projection (the blog's; --boundary is b < 1), cosine "
+    "(--boundary is the minimum cosine) or distance (--boundary is the radius, in key norms).",
+)
 @file_in_option(
     "--positive", "positive_file", help="Prompts (one per line) that must produce the target."
 )
@@ -62,9 +79,10 @@ from meminject.sites import LAYER_SITES
     "--boundary",
     default=None,
     type=float,
-    help="Use this boundary (finite, > 0) instead of searching (default 0.25 without examples).",
+    help="Use this value of the gate's parameter instead of searching (without examples: "
+    "0.25 for projection, 0.9 for cosine, 0.5 for distance).",
 )
-@click.option("--grid", default=None, help="Boundaries to search, e.g. 0.05-2:0.05.")
+@click.option("--grid", default=None, help="Values to search, e.g. 0.05-0.95:0.05 (the default).")
 @click.option("--name", default=None, help="Memory name (default: from the target).")
 @output_option(
     "TOML file to write (tensors go beside it).",
@@ -86,6 +104,8 @@ def learn(
     alpha: float | None,
     steps: int,
     teacher_force: bool,
+    margin: float,
+    gate: str,
     positive_file: str | None,
     negative_file: str | None,
     hardness: float,
@@ -105,17 +125,19 @@ def learn(
     from click.core import ParameterSource
 
     from meminject import learn as learning
+    from meminject.schema import GATES
     from meminject.specs import parse_float_spec
 
     # 1. Everything that needs no model, before the model loads.
     name = learning.check_name(name, "--name") if name is not None else learning.slug(target)
     if alpha is not None:
         alpha = learning.check_positive(alpha, "--alpha")
+    margin = learning.check_positive(margin, "--margin")
     hardness = learning.check_positive(hardness, "--hardness")
     if boundary is not None:
-        boundary = learning.check_positive(boundary, "--boundary")
+        boundary = learning.check_gate_value(boundary, gate)
     boundaries = learning.check_grid(
-        parse_float_spec(grid, "grid") if grid is not None else learning.DEFAULT_GRID
+        parse_float_spec(grid, "grid") if grid is not None else GATES[gate].grid, gate
     )
     learning.check_output(output, name=name, append=append, force=force)
     positives = learning.read_prompt_lines(positive_file) if positive_file is not None else []
@@ -127,53 +149,58 @@ def learn(
     learning.check_prompts_fit(model, [*positives, *negatives])
     learning.check_output(output, name=name, append=append, force=force, model=model)
     auto_steps = alpha is None and ctx.get_parameter_source("steps") == ParameterSource.DEFAULT
-    learned = learning.learn(
+    shown = _target_shown(model, target)
+
+    def tried(learned: Any, choice: Any, score: Any) -> None:
+        if score.margin < margin:
+            click.echo(
+                f"alpha = {learned.alpha:.6g}: the file gives p({shown}) "
+                f"{learning._p(score.prob_after)}, margin {score.margin:.3f} nats over "
+                f"{score.runner_up!r}, below --margin {margin:g}"
+            )
+
+    fitted = learning.fit_and_write(
         model,
         prompt,
         target,
+        output,
         layer=layer,
         site=site,
+        name=name,
         position=position,
         alpha=alpha,
         steps=steps,
         max_steps=max(steps, learning.AUTO_MAX_STEPS) if auto_steps else None,
         teacher_force=teacher_force,
-    )
-    used = learned.steps
-    note = f"; {steps} step{'s' * (steps > 1)} did not reach top-1" if used != steps else ""
-    click.echo(
-        f"alpha = {learned.alpha:.6g} ({used} step{'s' * (used > 1)}{note}); "
-        f"p({_target_shown(model, target)}) "
-        f"{learned.prob_before:.4f} -> {learned.prob_after:.4f} at the key's position"
-    )
-    choice = None
-    if boundary is None and (positives or negatives):
-        choice = learning.search_boundary(
-            model,
-            learned,
-            [p.text for p in positives],
-            [p.text for p in negatives],
-            hardness=hardness,
-            grid=boundaries,
-        )
-        _print_boundary_table(choice)
-        _print_failing(model, choice, positives, negatives)
-        boundary = choice.boundary
-    elif boundary is None:
-        boundary = 0.25
-    toml_path, tensor_path = learning.write_learned(
-        output,
-        learned,
-        model,
-        name=name,
-        boundary=boundary,
+        margin=margin,
+        gate=gate,
         hardness=hardness,
+        boundary=boundary,
+        positives=[p.text for p in positives],
+        negatives=[p.text for p in negatives],
+        grid=boundaries,
         append=append,
         force=force,
-        choice=choice,
+        on_learned=tried,
     )
+    learned, score, choice = fitted.learned, fitted.score, fitted.choice
+    used = learned.steps
+    note = f"; {steps} step{'s' * (steps > 1)} did not reach the margin" if used != steps else ""
+    raised = f"; raised {fitted.raised}x to reach the margin" if fitted.raised else ""
     click.echo(
-        f"wrote {toml_path} and {tensor_path.name} (boundary {boundary:g}, hardness {hardness:g})"
+        f"alpha = {learned.alpha:.6g} ({used} step{'s' * (used > 1)}{note}{raised}); "
+        f"p({shown}) {learning._p(score.prob_before)} -> {learning._p(score.prob_after)} "
+        f"with the written file (generate, {score.backend} backend), margin "
+        f"{score.margin:.3f} nats over {score.runner_up!r}"
+    )
+    field = GATES[gate].field
+    if choice is not None:
+        _print_boundary_table(choice, field)
+        _print_failing(model, choice, positives, negatives)
+    toml_path, tensor_path = fitted.paths
+    click.echo(
+        f"wrote {toml_path} and {tensor_path.name} ({gate} gate, {field} {fitted.boundary:g}, "
+        f"hardness {hardness:g})"
     )
 
 
@@ -202,14 +229,14 @@ def _print_failing(model: Any, choice: Any, positives: Any, negatives: Any) -> N
         click.echo("  every positive and negative is right at the chosen boundary")
 
 
-def _print_boundary_table(choice: Any) -> None:
+def _print_boundary_table(choice: Any, field: str = "boundary") -> None:
     from rich.console import Console
     from rich.table import Table
 
     table = Table(
-        title=f"boundary search ({choice.n_positives} positives, {choice.n_negatives} negatives)"
+        title=f"{field} search ({choice.n_positives} positives, {choice.n_negatives} negatives)"
     )
-    for column in ("boundary", "positives ok", "negatives ok", "accuracy"):
+    for column in (field, "positives ok", "negatives ok", "accuracy"):
         table.add_column(column, justify="right")
     for row in choice.table:
         mark = "bold" if row.accuracy == choice.accuracy else ""
@@ -222,6 +249,11 @@ def _print_boundary_table(choice: Any) -> None:
         )
     Console(highlight=False).print(table)
     click.echo(
-        f"chosen boundary {choice.boundary:g} (accuracy {choice.accuracy:.3f}; centre of "
-        "the widest best interval)"
+        f"chosen {field} {choice.boundary:g} (accuracy {choice.accuracy:.3f} on the examples "
+        "that chose it; centre of the widest best interval)"
     )
+    if choice.loo_accuracy is not None:
+        click.echo(
+            f"leave-one-out accuracy {choice.loo_accuracy:.3f}: each example scored with the "
+            f"{field} chosen on the others"
+        )

@@ -25,7 +25,7 @@ from meminject.extension import (
     SiteHook,
     Strategy,
 )
-from meminject.gates import gate_body
+from meminject.gates import GATES, gate_body
 from meminject.heads import through_head
 from meminject.hookspecs import hookimpl
 from meminject.schema import AddMemory, GatedMemory
@@ -140,7 +140,9 @@ class GatedStrategy(Strategy):
         from meminject.tensorfile import read_tensors
 
         model = ctx.model
-        banks: dict[tuple[str, str], list[tuple[Tensor, Tensor, float, float]]] = defaultdict(list)
+        banks: dict[tuple[str, str], list[tuple[Tensor, Tensor, float, float, int]]] = defaultdict(
+            list
+        )
         positions_of: dict[tuple[str, str], Any] = {}
         site_of: dict[str, tuple[str, int]] = {}
         for memory in memories:
@@ -170,16 +172,21 @@ class GatedStrategy(Strategy):
             group = (hook_name(memory.site, memory.layer), repr(memory.positions))
             positions_of[group] = memory.positions
             site_of[group[0]] = (memory.site, memory.layer)
-            banks[group].append((key, delta, memory.boundary, memory.hardness))
+            code = GATES[memory.gate].code
+            banks[group].append((key, delta, memory.gate_parameter, memory.hardness, code))
         hooks = []
         for (point, positions_key), bank in banks.items():
-            keys = torch.stack([k for k, _, _, _ in bank]).to(model.device)
-            deltas = torch.stack([d for _, d, _, _ in bank]).to(model.device)
-            boundary = torch.tensor([b for _, _, b, _ in bank], device=model.device)
-            hardness = torch.tensor([h for _, _, _, h in bank], device=model.device)
+            keys = torch.stack([m[0] for m in bank]).to(model.device)
+            deltas = torch.stack([m[1] for m in bank]).to(model.device)
+            boundary = torch.tensor([m[2] for m in bank], device=model.device)
+            hardness = torch.tensor([m[3] for m in bank], device=model.device)
+            codes = [m[4] for m in bank]
+            kinds = (
+                torch.tensor(codes, dtype=torch.int64, device=model.device) if any(codes) else None
+            )
             positions = positions_of[(point, positions_key)]
-            body = gate_body(keys, deltas, boundary, hardness, positions)
-            gate = Gate(*site_of[point], point, positions, keys, deltas, boundary, hardness)
+            body = gate_body(keys, deltas, boundary, hardness, positions, kinds)
+            gate = Gate(*site_of[point], point, positions, keys, deltas, boundary, hardness, kinds)
             hooks.append(SiteHook(point, body, gates=(gate,)))
         return hooks
 

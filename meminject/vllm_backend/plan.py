@@ -217,7 +217,9 @@ def compile_plan(
             )
         for gate in hook.gates:
             names = {}
-            for role in ("keys", "deltas", "boundary", "hardness"):
+            for role in ("keys", "deltas", "boundary", "hardness", "kinds"):
+                if getattr(gate, role) is None:
+                    continue
                 name = f"t{len(plan.tensors)}"
                 plan.tensors[name] = getattr(gate, role).detach().float().cpu()
                 names[role] = name

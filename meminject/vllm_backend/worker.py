@@ -98,7 +98,9 @@ def _update(parts: list[dict[str, Any]], activation: Any, layout: _StepLayout) -
         rows = (activation + total)[mask]
         if rows.shape[0] == 0:
             continue
-        gates = gate_values(rows.float(), part["keys"], part["boundary"], part["hardness"])
+        gates = gate_values(
+            rows.float(), part["keys"], part["boundary"], part["hardness"], part.get("kinds")
+        )
         total = total.clone()
         total[mask] += (gates @ part["deltas"]).to(activation.dtype)
     return total

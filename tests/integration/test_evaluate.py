@@ -13,7 +13,7 @@ import meminject
 from meminject.cli import cli
 from meminject.errors import BadInputError
 from meminject.evaluate import evaluate_edit
-from meminject.learn import learn, write_learned
+from meminject.learn import learn, read_prompt_lines, write_learned
 from tests.conftest import write
 from tests.integration.test_learn import capitals, world  # noqa: F401 (fixtures)
 
@@ -123,3 +123,68 @@ def test_evaluate_command_json_and_table(toyworld, edit, tmp_path):
     assert "neutral KL(before ‖ after): mean" in table.output
     missing = CliRunner().invoke(cli, [*args[:4]])
     assert missing.exit_code == 2 and "evaluate needs prompts" in missing.output
+
+
+def test_generalization_leaves_out_the_edit_prompt(toyworld, edit, tmp_path):
+    """Issue 27, defect 2: a positives file that starts with the edit prompt (as the blog's
+    do) must not count it as a paraphrase; the output says it was left out."""
+    prompt = f"The capital of {edit['country']} is"
+    positives = write(tmp_path / "pos.txt", f"{prompt}\nThe capital city of {edit['country']} is\n")
+    report = evaluate_edit(
+        toyworld,
+        [edit["toml"]],
+        target=edit["target"],
+        prompts={"edit": [prompt], "positive": read_prompt_lines(positives)},
+        tokens=0,
+    )
+    assert report.excluded_positives == [f"{positives}:1"]
+    paraphrase = f"The capital city of {edit['country']} is"
+    assert [r.prompt for r in report.of("positive")] == [paraphrase]
+    assert report.metrics["counts"]["positive"] == 1
+    assert report.metrics["positives_excluded_as_edit_prompts"] == 1
+    # Whitespace aside, the same text is the same prompt.
+    spaced = evaluate_edit(
+        toyworld,
+        [edit["toml"]],
+        target=edit["target"],
+        prompts={"edit": [prompt], "positive": ["  " + prompt.replace(" ", "  ")]},
+        tokens=0,
+    )
+    assert spaced.of("positive") == [] and spaced.metrics["generalization"] is None
+    args = [
+        "evaluate", str(edit["toml"]), "--target", edit["target"], "--prompt", prompt,
+        "--positive", str(positives), "--max-new-tokens", "0",
+    ]  # fmt: skip
+    table = CliRunner().invoke(cli, args)
+    assert table.exit_code == 0, table.output
+    assert "generalization: " in table.output and "of 1 positive prompt give" in table.output
+    assert f"generalization leaves out 1 positive prompt that is an edit prompt: {positives}:1" in (
+        " ".join(table.output.split())
+    )
+
+
+def test_neutral_kl_is_reported_per_memory(toyworld, edit, tmp_path):
+    """Issue 27, defect 3: each memory's own neutral KL, so a leaking memory shows even in a
+    set with quiet ones. Here an always-on text memory beside the gated edit."""
+    always = write(
+        tmp_path / "always.toml",
+        f'version = 1\n[[memory]]\nname = "always"\ntext = "{edit["target"].strip()}"\n'
+        "layer = 1\ntau = 4.0\n",
+    )
+    neutral = write(tmp_path / "neutral.txt", NEUTRAL[0] + "\n")
+    args = [
+        "evaluate", str(edit["toml"]), str(always), "--target", edit["target"],
+        "--neutral", str(neutral), "--max-new-tokens", "0", "--model", "toyworld", "--json",
+    ]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    per = json.loads(result.output)["neutral_per_memory"]
+    assert set(per) == {"edit", "always"}
+    assert per["edit"]["kl_max"] < 1e-6 and per["edit"]["top1_kept"] == 1.0
+    alone = evaluate_edit(
+        toyworld, [always], target=edit["target"], prompts={"neutral": NEUTRAL[:1]}, tokens=0
+    )
+    assert per["always"]["kl_mean"] == pytest.approx(alone.rows[0].kl, abs=1e-9)
+    assert per["always"]["kl_mean"] > 0.1
+    table = CliRunner().invoke(cli, args[:-1])
+    assert "neutral, memory always alone: KL mean" in table.output

@@ -11,7 +11,14 @@ from click.testing import CliRunner
 from meminject.cli import cli
 from meminject.errors import BadInputError
 from meminject.generation import generate
-from meminject.learn import _Objective, gated_top1, learn, search_boundary, write_learned
+from meminject.learn import (
+    DEFAULT_MARGIN,
+    _Objective,
+    gated_top1,
+    learn,
+    search_boundary,
+    write_learned,
+)
 from meminject.loading import load_memories
 from tests.conftest import write
 
@@ -50,13 +57,14 @@ def test_learned_delta_makes_the_wrong_target_top1(toyworld, wrong_capital):
     assert learned.prob_before < 0.01
     assert learned.prob_after > learned.prob_before
     assert learned.key.shape == (toyworld.dims.d_model,)
-    # α is the smallest that works: 5 % less no longer makes the target top-1.
+    # α is the smallest that reaches the margin: 5 % less no longer does.
     smaller = learn(
         toyworld, learned.prompt, wrong, layer=2, site="resid_pre", alpha=learned.alpha * 0.95
     )
     objective = _Objective(toyworld, learned.prompt, learned.target_ids, 2, "resid_pre", -1, False)
     assert objective.is_top1(learned.delta)
-    assert not objective.is_top1(smaller.delta)
+    assert objective.margin(learned.delta) >= DEFAULT_MARGIN
+    assert objective.margin(smaller.delta) < DEFAULT_MARGIN
 
 
 def test_boundary_search_separates_paraphrases_from_near_misses(
@@ -114,11 +122,16 @@ def test_boundary_search_separates_paraphrases_from_near_misses(
 
 def test_boundary_choice_on_the_model(toyworld, wrong_capital):
     _, _, _, learned = wrong_capital
-    choice = search_boundary(toyworld, learned, [learned.prompt], [], grid=[0.1, 0.2, 0.3, 50.0])
-    # Small boundaries fire only at the key's own position; b = 50 fires at every position
-    # of the prompt and derails it. The plateau 0.1-0.3 has its centre at 0.2.
-    assert [r.accuracy for r in choice.table] == [1.0, 1.0, 1.0, 0.0]
+    choice = search_boundary(toyworld, learned, [learned.prompt], [], grid=[0.1, 0.2, 0.3])
+    # Every boundary keeps the learning prompt edited; the plateau's centre is chosen.
+    assert [r.accuracy for r in choice.table] == [1.0, 1.0, 1.0]
     assert choice.boundary == pytest.approx(0.2)
+    # The projection gate's boundary stays below 1 (at b >= 1 an activation orthogonal
+    # to the key opens the gate past 1/e).
+    with pytest.raises(
+        BadInputError, match=r"boundary of the 'projection' gate must be in \(0, 1\)"
+    ):
+        search_boundary(toyworld, learned, [learned.prompt], [], grid=[0.5, 1.0])
 
 
 def test_teacher_forcing_fits_every_target_token(toyworld, world):

@@ -17,6 +17,10 @@ from meminject.loading import load_memories
 from meminject.plugins import get_registry
 
 OK = '[[memory]]\nname = "m"\ntext = "Paris"\nlayer = 1\ntau = 2.0\n'
+GATED = (
+    '[[memory]]\nname = "g"\nstrategy = "gated"\nsite = "resid_pre"\nlayer = 1\n'
+    'tensors = "g.safetensors"\n'
+)
 
 CASES: list[tuple[str, str, str]] = [
     (
@@ -203,6 +207,33 @@ CASES: list[tuple[str, str, str]] = [
         "memory-not-a-table",
         "version = 1\nmemory = [3]\n",
         "{f}:2: memory #1: must be a table, got 3",
+    ),
+    (
+        "gated-boundary-at-1",
+        "version = 1\n" + GATED + "boundary = 1.0\n",
+        "{f}:8: memory 'g': field 'boundary': Input should be less than 1, got 1.0",
+    ),
+    (
+        "gated-no-boundary",
+        "version = 1\n" + GATED,
+        "{f}:2: memory 'g': field 'boundary': the 'projection' gate needs 'boundary'",
+    ),
+    (
+        "gated-unknown-gate",
+        "version = 1\n" + GATED + 'gate = "dot"\nboundary = 0.5\n',
+        "{f}:8: memory 'g': field 'gate': unknown gate 'dot'; registered: projection, cosine, "
+        "distance",
+    ),
+    (
+        "gated-other-gates-parameter",
+        "version = 1\n" + GATED + 'gate = "cosine"\nmin_cosine = 0.8\nradius = 0.5\n',
+        "{f}:10: memory 'g': field 'radius': 'radius' belongs to another gate; the 'cosine' "
+        "gate takes 'min_cosine'",
+    ),
+    (
+        "gated-radius-above-1",
+        "version = 1\n" + GATED + 'gate = "distance"\nradius = 1.5\n',
+        "{f}:9: memory 'g': field 'radius': Input should be less than or equal to 1, got 1.5",
     ),
     (
         "model-unknown-key",
