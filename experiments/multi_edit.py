@@ -35,7 +35,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 SET = HERE / "data" / "counterfact_meminject_known.json"
 #: The site and layer per model (the blog's attention layer, GPT-2's 9 of 12, scaled).
-SITES = {"smollm2-135m": ("attn_z", 22), "gemma3-270m": ("attn_z", 13), "toyworld": ("attn_out", 1)}
+SITES = {"smollm2-135m": ("attn_z", 22), "gemma3-270m": ("attn_z", 14), "toyworld": ("attn_out", 1)}
 BANKS = (1, 10, 40)
 
 
@@ -215,6 +215,8 @@ def score_all(model: Any, records: list[Any], folder: Path, gates: list[str]) ->
     log = json.loads((folder / "learn.json").read_text(encoding="utf-8"))
     learned = [r for r in records if "error" not in log.get(r.case_id, {"error": "not learned"})]
     before = scores_for(model, records, None)
+    learned_ids = {r.case_id for r in learned}
+    before_learned = {k: v for k, v in before.items() if k[0] in learned_ids}
     result: dict[str, Any] = {
         "learned": len(learned),
         "failed": {
@@ -223,7 +225,7 @@ def score_all(model: Any, records: list[Any], folder: Path, gates: list[str]) ->
             if r not in learned and r.case_id in log
         },
         "learn": log,
-        "baseline": metrics(records, before, before),
+        "baseline": metrics(learned, before_learned, before_learned),
         "gates": {},
     }
     for gate in gates:
