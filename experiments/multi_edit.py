@@ -308,11 +308,14 @@ def render(model: str, result: dict[str, Any]) -> str:
             f"same metrics): {'yes' if g['check']['agrees'] else '**no**'}. Scoring took "
             f"{g['seconds']} s.\n"
         )
-    seconds = [e["seconds"] for e in result["learn"].values()]
+    scored = result.get("case_ids") or list(result["learn"])
+    seconds = [result["learn"][c]["seconds"] for c in scored if c in result["learn"]]
     lines.append(
         f"Learning: {result['learned']} memories, {sum(seconds):.0f} s in all "
         f"(median {sorted(seconds)[len(seconds) // 2]:.0f} s); failed: "
-        f"{', '.join(f'{k} ({v})' for k, v in result['failed'].items()) or 'none'}.\n"
+        f"{', '.join(f'{k} ({v})' for k, v in result['failed'].items()) or 'none'}. "
+        f"Scoring (both gates, the unedited baseline): {result['score_seconds']:.0f} s. "
+        "CPU (2 shared cores), times include other jobs' load.\n"
     )
     return "\n".join(lines) + "\n"
 
@@ -332,10 +335,18 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=0.5)
     parser.add_argument("--memories", default=None)
     parser.add_argument(
+        "--render-only", action="store_true", help="Rewrite the .md from the saved .json."
+    )
+    parser.add_argument(
         "--out", default=None, help="Result stem (default experiments/results/multi_edit_<model>)."
     )
     args = parser.parse_args()
     gates = [g.strip() for g in args.gates.split(",") if g.strip()]
+    stem = Path(args.out) if args.out else HERE / "results" / f"multi_edit_{args.model}"
+    if args.render_only:
+        saved = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
+        stem.with_suffix(".md").write_text(render(args.model, saved), encoding="utf-8")
+        return
     records = read_counterfact(args.set)[: args.limit]
     folder = memory_dir(args)
     model = meminject.load_model(args.model, bridge=True)
@@ -349,10 +360,10 @@ def main() -> None:
 
         result.update(
             set=Path(args.set).name, records=len(records), site=site, layer=layer,
+            case_ids=[r.case_id for r in records],
             margin=args.margin, parameters={g: GATES[g].default for g in gates},
             score_seconds=round(time.perf_counter() - started, 1),
         )  # fmt: skip
-        stem = Path(args.out) if args.out else HERE / "results" / f"multi_edit_{args.model}"
         stem.parent.mkdir(parents=True, exist_ok=True)
         stem.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         stem.with_suffix(".md").write_text(render(args.model, result), encoding="utf-8")
