@@ -265,6 +265,41 @@ def score_all(model: Any, records: list[Any], folder: Path, gates: list[str]) ->
     return result
 
 
+def key_cosines(records: list[Any], folder: Path, threshold: float = 0.9) -> dict[str, Any]:
+    """Cosines between the learned keys (flattened, as the gates see them): among edits
+    of the same prompt template and among edits of different templates, and how many
+    pairs lie within ``threshold`` (the cosine gate's default)."""
+    import torch
+    from safetensors.torch import load_file
+
+    keys, templates = [], []
+    for r in records:
+        found = sorted(folder.glob(f"case-{r.case_id}.*.safetensors"))
+        if found:
+            keys.append(load_file(found[0])["key"].flatten().double())
+            templates.append(r.prompt)
+    k = torch.stack(keys)
+    k = k / k.norm(dim=1, keepdim=True)
+    cos = k @ k.T
+    same = torch.tensor([[a == b for b in templates] for a in templates])
+    off = ~torch.eye(len(keys), dtype=torch.bool)
+    out: dict[str, Any] = {"threshold": threshold}
+    for name, mask in (("same_template", same & off), ("other_template", ~same)):
+        values = cos[mask]
+        if not len(values):
+            out[name] = {"pairs": 0, "mean": None, "min": None, "max": None}
+            out[name]["above_threshold"] = 0
+            continue
+        out[name] = {
+            "pairs": int(mask.sum()) // 2,
+            "mean": float(values.mean()),
+            "min": float(values.min()),
+            "max": float(values.max()),
+            "above_threshold": int((values > threshold).sum()) // 2,
+        }
+    return out
+
+
 ROWS = (
     ("rewrite", "efficacy p(new) > p(true)"),
     ("rewrite_acc", "efficacy: new target top-1 (teacher-forced)"),
@@ -308,6 +343,17 @@ def render(model: str, result: dict[str, Any]) -> str:
             f"same metrics): {'yes' if g['check']['agrees'] else '**no**'}. Scoring took "
             f"{g['seconds']} s.\n"
         )
+    if result.get("key_cosine", {}).get("other_template", {}).get("pairs"):
+        kc = result["key_cosine"]
+        lines.append(
+            f"Cosine between learned keys (flattened, as the gates compare them): same prompt "
+            f"template {kc['same_template']['mean']:.3f} mean, "
+            f"{kc['same_template']['above_threshold']} of {kc['same_template']['pairs']} "
+            f"pairs above {kc['threshold']}; different templates "
+            f"{kc['other_template']['mean']:.3f} mean, max "
+            f"{kc['other_template']['max']:.3f}, {kc['other_template']['above_threshold']} of "
+            f"{kc['other_template']['pairs']} pairs above {kc['threshold']}.\n"
+        )
     scored = result.get("case_ids") or list(result["learn"])
     seconds = [result["learn"][c]["seconds"] for c in scored if c in result["learn"]]
     lines.append(
@@ -325,7 +371,7 @@ def main() -> None:
     from meminject.evaluate import read_counterfact
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("learn", "score", "both"))
+    parser.add_argument("phase", choices=("learn", "score", "both", "keys"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--set", default=str(SET))
     parser.add_argument("--limit", type=int, default=40, help="The first N edits of the set.")
@@ -349,6 +395,12 @@ def main() -> None:
         return
     records = read_counterfact(args.set)[: args.limit]
     folder = memory_dir(args)
+    if args.phase == "keys":  # add the keys' cosines to a saved run
+        saved = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
+        saved["key_cosine"] = key_cosines(records, folder)
+        stem.with_suffix(".json").write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
+        stem.with_suffix(".md").write_text(render(args.model, saved), encoding="utf-8")
+        return
     model = meminject.load_model(args.model, bridge=True)
     started = time.perf_counter()
     if args.phase in ("learn", "both"):
@@ -356,6 +408,7 @@ def main() -> None:
     if args.phase in ("score", "both"):
         site, layer = (args.site, args.layer) if args.site else SITES[args.model]
         result = score_all(model, records, folder, gates)
+        result["key_cosine"] = key_cosines(records, folder)
         from meminject.schema import GATES
 
         result.update(

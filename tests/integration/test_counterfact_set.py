@@ -96,3 +96,5 @@ def test_benchmark_and_known_check_run_on_toyworld(toyworld, tmp_path):
         assert g["check"]["agrees"]
         assert g["sequential"]["rewrite_after"] == 1.0
         assert g["batch_1"] == g["sequential"]
+    cosines = multi_edit.key_cosines(records, tmp_path)
+    assert cosines["same_template"]["pairs"] == 0 and cosines["other_template"]["pairs"] == 0
