@@ -171,7 +171,10 @@ def test_progress_counts_the_passes_of_every_worker(gpt2, capsys):
         layers=(0, 1), taus=(0.0, 2.0), encodings=("unembed",), controls=2, batch_size=2
     )
     result = run_sweep_ray(gpt2, ROWS, config, tasks=3, progress=True)
-    total = 4 * config.passes_per_batch  # 7 rows in batches of 2; τ = 0 costs no pass
+    # 7 rows in batches of 2; τ = 0 costs no pass. The rows have no explicit prompts, so
+    # the run's config (the one returned) has no explicit baseline: its passes are counted.
+    assert result.config.baselines == ("in-context", "shuffled")
+    total = 4 * result.config.passes_per_batch
     assert result.stats["reference_passes"] == 4  # in-context: one pass per batch
     assert result.stats["replays"] + 4 == total
     err = capsys.readouterr().err

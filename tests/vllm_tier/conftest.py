@@ -8,6 +8,7 @@ minute to start on two cores and holds its own copy of the weights and KV cache.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -65,3 +66,24 @@ def generate_on_both(*args: str) -> tuple[list[dict], list[dict]]:
         assert done.returncode == 0, done.stderr[-3000:]
         records.append([json.loads(line) for line in done.stdout.splitlines()])
     return records[0], records[1]
+
+
+def stop_group(process: subprocess.Popen[bytes]) -> None:
+    """Stop a server started with ``start_new_session=True`` and every process of its
+    session: vLLM's engine core and workers are its children, and terminating the server
+    alone can leave them running (holding gigabytes) after the test module."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # The server is gone; anything left in its session goes too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        return

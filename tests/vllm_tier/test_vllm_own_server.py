@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.vllm_tier.conftest import require_vllm_and_smollm2
+from tests.vllm_tier.conftest import require_vllm_and_smollm2, stop_group
 
 pytestmark = pytest.mark.vllm
 
@@ -109,6 +109,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**_env(), variable: directory},
+            start_new_session=True,  # its engine processes go down with it
         )
     base = f"http://127.0.0.1:{number}/v1"
     deadline = time.monotonic() + 600
@@ -119,15 +120,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         except httpx.TransportError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
+            stop_group(process)
             raise RuntimeError(log_path.read_text()[-5000:])
         time.sleep(1)
     yield {"base": base, "model": model_dir, "salts": salts, "root": root, "log": log_path}
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    stop_group(process)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.vllm_tier.conftest import require_vllm_and_smollm2
+from tests.vllm_tier.conftest import require_vllm_and_smollm2, stop_group
 
 pytestmark = pytest.mark.vllm
 
@@ -78,6 +78,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
             stdout=log,
             stderr=subprocess.STDOUT,
             env=_env(),
+            start_new_session=True,  # its engine processes go down with it
         )
     base = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 600
@@ -88,15 +89,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         except httpx.TransportError:
             pass
         if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
+            stop_group(process)
             raise RuntimeError(log_path.read_text()[-5000:])
         time.sleep(1)
     yield {"base": base, "root": root, "process": process, "log": log_path}
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
+    stop_group(process)
 
 
 @pytest.fixture(scope="module")
