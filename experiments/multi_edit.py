@@ -174,37 +174,17 @@ def scores_for(model: Any, records: list[Any], compiled: Any) -> dict[tuple[str,
 
 
 def metrics(records: list[Any], before: dict, after: dict) -> dict[str, Any]:
-    """``evaluate_counterfact``'s metrics from precomputed scores."""
+    """``evaluate_counterfact``'s metrics from precomputed scores (its own aggregation)."""
+    from meminject.evaluate import add_prompt_shares, mean_over_records
+
     per_record = []
     for r in records:
         shares: dict[str, list[float]] = {}
         for (case_id, p), b in before.items():
-            if case_id != r.case_id:
-                continue
-            kind = b[4]
-            for label, (lp_new, lp_true, acc, _top, _) in (
-                ("before", b),
-                ("after", after[(case_id, p)]),
-            ):
-                if kind == "neighborhood":
-                    shares.setdefault(f"neighborhood_score_{label}", []).append(
-                        float(lp_true > lp_new)
-                    )
-                else:
-                    shares.setdefault(f"{kind}_{label}", []).append(float(lp_new > lp_true))
-                if kind == "rewrite":
-                    shares.setdefault(f"rewrite_acc_{label}", []).append(float(acc))
-            if kind == "neighborhood":
-                shares.setdefault("locality", []).append(float(b[3] == after[(case_id, p)][3]))
+            if case_id == r.case_id:
+                add_prompt_shares(shares, b[4], b[:4], after[(case_id, p)][:4])
         per_record.append({k: sum(v) / len(v) for k, v in shares.items()})
-    names = sorted({k for m in per_record for k in m})
-    out: dict[str, Any] = {
-        name: sum(m[name] for m in per_record if name in m)
-        / sum(1 for m in per_record if name in m)
-        for name in names
-    }
-    out["records"] = len(records)
-    return out
+    return mean_over_records(per_record)
 
 
 def score_all(model: Any, records: list[Any], folder: Path, gates: list[str]) -> dict[str, Any]:

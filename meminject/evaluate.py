@@ -444,26 +444,41 @@ def evaluate_counterfact(
                         "top1": model.token_str(top),
                     }
                 rows.append(row)
-                for label in ("before", "after"):
-                    lp_new, lp_true, acc, top = scores[label]
-                    if kind == "neighborhood":
-                        shares.setdefault(f"neighborhood_score_{label}", []).append(
-                            float(lp_true > lp_new)
-                        )
-                    else:
-                        shares.setdefault(f"{kind}_{label}", []).append(float(lp_new > lp_true))
-                    if kind == "rewrite":
-                        shares.setdefault(f"rewrite_acc_{label}", []).append(float(acc))
-                if kind == "neighborhood":
-                    kept = scores["before"][3] == scores["after"][3]
-                    shares.setdefault("locality", []).append(float(kept))
+                add_prompt_shares(shares, kind, scores["before"], scores["after"])
         per_record.append(
             {"case_id": record.case_id, **{k: sum(v) / len(v) for k, v in shares.items()}}
         )
+    return {"metrics": mean_over_records(per_record), "records": per_record, "prompts": rows}
+
+
+#: One prompt's scores: log p(new), log p(true), the new target all top-1, top token.
+PromptScores = tuple[float, float, bool, int]
+
+
+def add_prompt_shares(
+    shares: dict[str, list[float]], kind: str, before: PromptScores, after: PromptScores
+) -> None:
+    """Append one prompt's hits to its record's lists: efficacy or paraphrase p(new) >
+    p(true), the rewrite's teacher-forced accuracy, the neighbourhood score p(true) >
+    p(new), and locality (the top token unchanged), before and after the edit."""
+    for label, (lp_new, lp_true, acc, _top) in (("before", before), ("after", after)):
+        if kind == "neighborhood":
+            shares.setdefault(f"neighborhood_score_{label}", []).append(float(lp_true > lp_new))
+        else:
+            shares.setdefault(f"{kind}_{label}", []).append(float(lp_new > lp_true))
+        if kind == "rewrite":
+            shares.setdefault(f"rewrite_acc_{label}", []).append(float(acc))
+    if kind == "neighborhood":
+        shares.setdefault("locality", []).append(float(before[3] == after[3]))
+
+
+def mean_over_records(per_record: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each metric's mean over the records that have it (records' prompts averaged
+    first, as ROME does), and the number of records."""
     names = sorted({k for r in per_record for k in r if k != "case_id"})
     metrics: dict[str, Any] = {}
     for name in names:
         values = [r[name] for r in per_record if name in r]
         metrics[name] = sum(values) / len(values)
-    metrics["records"] = len(records)
-    return {"metrics": metrics, "records": per_record, "prompts": rows}
+    metrics["records"] = len(per_record)
+    return metrics
