@@ -12,6 +12,7 @@ import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,36 @@ def stop_group(process: subprocess.Popen[bytes]) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         return
+
+
+@contextlib.contextmanager
+def running_server(
+    command: list[str], *, env: dict[str, str], port: int, log_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """Start an OpenAI-compatible server (``command``, listening on ``port``) in its own
+    session, wait up to 10 minutes for ``/v1/models`` to answer, yield the process and
+    its base URL, and stop it with its engine processes (:func:`stop_group`). A server
+    that dies or does not answer in time raises with the tail of its log."""
+    import time
+
+    import httpx
+
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    base = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 600
+    try:
+        while True:
+            try:
+                if httpx.get(f"{base}/models").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(log_path.read_text()[-5000:])
+            time.sleep(1)
+        yield process, base
+    finally:
+        stop_group(process)

@@ -14,7 +14,6 @@ import shlex
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.vllm_tier.conftest import require_vllm_and_smollm2, stop_group
+from tests.vllm_tier.conftest import require_vllm_and_smollm2, running_server
 
 pytestmark = pytest.mark.vllm
 
@@ -92,39 +91,25 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     number = port.getsockname()[1]
     port.close()
     log_path = root / "vllm.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "vllm.entrypoints.openai.api_server",
-                "--model",
-                model_dir,
-                *flags,
-                "--max-model-len",
-                "512",
-                "--port",
-                str(number),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**_env(), variable: directory},
-            start_new_session=True,  # its engine processes go down with it
-        )
-    base = f"http://127.0.0.1:{number}/v1"
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            if httpx.get(f"{base}/models").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_group(process)
-            raise RuntimeError(log_path.read_text()[-5000:])
-        time.sleep(1)
-    yield {"base": base, "model": model_dir, "salts": salts, "root": root, "log": log_path}
-    stop_group(process)
+    command = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_dir,
+        *flags,
+        "--max-model-len",
+        "512",
+        "--port",
+        str(number),
+    ]
+    with running_server(
+        command, env={**_env(), variable: directory}, port=number, log_path=log_path
+    ) as (
+        _process,
+        base,
+    ):
+        yield {"base": base, "model": model_dir, "salts": salts, "root": root, "log": log_path}
 
 
 @pytest.fixture(scope="module")

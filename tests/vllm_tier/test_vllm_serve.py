@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.vllm_tier.conftest import require_vllm_and_smollm2, stop_group
+from tests.vllm_tier.conftest import require_vllm_and_smollm2, running_server
 
 pytestmark = pytest.mark.vllm
 
@@ -53,47 +53,31 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
     (root / "ocean.toml").write_text(OCEAN)
     port = free_port()
     log_path = root / "server.log"
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "meminject.cli",
-                "serve",
-                "--model",
-                "smollm2-135m",
-                "-m",
-                str(TOKYO),
-                "-m",
-                str(root / "ocean.toml"),
-                "--backend",
-                "vllm",
-                "--port",
-                str(port),
-                "--served-name",
-                "smol",
-                "--log-level",
-                "info",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=_env(),
-            start_new_session=True,  # its engine processes go down with it
-        )
-    base = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 600
-    while True:
-        try:
-            if httpx.get(f"{base}/models").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_group(process)
-            raise RuntimeError(log_path.read_text()[-5000:])
-        time.sleep(1)
-    yield {"base": base, "root": root, "process": process, "log": log_path}
-    stop_group(process)
+    command = [
+        sys.executable,
+        "-m",
+        "meminject.cli",
+        "serve",
+        "--model",
+        "smollm2-135m",
+        "-m",
+        str(TOKYO),
+        "-m",
+        str(root / "ocean.toml"),
+        "--backend",
+        "vllm",
+        "--port",
+        str(port),
+        "--served-name",
+        "smol",
+        "--log-level",
+        "info",
+    ]
+    with running_server(command, env=_env(), port=port, log_path=log_path) as (
+        process,
+        base,
+    ):
+        yield {"base": base, "root": root, "process": process, "log": log_path}
 
 
 @pytest.fixture(scope="module")
