@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="folder of the paper's CSV files")
     parser.add_argument("--only", help="run only this planned cell")
     parser.add_argument("--secondary", action="store_true", help="also the full-answer metric")
+    parser.add_argument(
+        "--secondary-only", action="store_true", help="only the full-answer metric's run"
+    )
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     plan = tomllib.loads(PLAN.read_text(encoding="utf-8"))
@@ -147,8 +150,9 @@ def main() -> None:
         for cell in plan["cell"]:
             if args.only and cell["name"] != args.only:
                 continue
-            run_cell(cell, plan, args.data, plan["metric"])
-            if args.secondary:
+            if not args.secondary_only:
+                run_cell(cell, plan, args.data, plan["metric"])
+            if args.secondary or args.secondary_only:
                 run_cell(cell, plan, args.data, plan["secondary_metric"])
     text = report(plan)
     (RESULTS / "confirmation.md").write_text(text, encoding="utf-8")

@@ -245,6 +245,69 @@ def score_all(model: Any, records: list[Any], folder: Path, gates: list[str]) ->
     return result
 
 
+def fluency_all(
+    model: Any, records: list[Any], folder: Path, gates: list[str], tokens: int
+) -> dict[str, Any]:
+    """ROME's fluency (n-gram entropy of ``tokens`` greedy tokens after each edit's rewrite
+    prompt and paraphrases), unedited and, per gate, with each edit's memory alone and
+    with the banks of 10 and 40 (each bank on its own edits' prompts) — the conditions
+    ``score`` reports. The unedited continuations are made once and shared."""
+    from meminject.engine import compile_memories
+    from meminject.evaluate import add_fluency, mean_over_records
+    from meminject.fluency import continuations, ngram_entropy
+    from meminject.loading import load_memories
+
+    log = json.loads((folder / "learn.json").read_text(encoding="utf-8"))
+    learned = [r for r in records if "error" not in log.get(r.case_id, {"error": "not learned"})]
+    bos = model.prepend_bos
+    prompts = [p for r in learned for p in r.fluency_prompts]
+    started = time.perf_counter()
+    before = continuations(model, prompts, tokens=tokens, prepend_bos=bos)
+    unedited = [{"case_id": r.case_id} for r in learned]
+    offset = 0
+    for r, entry in zip(learned, unedited, strict=True):
+        mine = before[offset : offset + len(r.fluency_prompts)]
+        offset += len(mine)
+        entry["fluency_before"] = sum(ngram_entropy(t) for t in mine) / len(mine)
+    result: dict[str, Any] = {
+        "tokens": tokens,
+        "prompts": len(prompts),
+        "unedited": mean_over_records(unedited)["fluency_before"],
+        "gates": {},
+    }
+
+    def bank(chosen: list[Any], gate: str) -> Any:
+        paths = [folder / f"case-{r.case_id}-{gate}.toml" for r in chosen]
+        return compile_memories(model, load_memories(paths))
+
+    for gate in gates:
+        per_gate: dict[str, Any] = {}
+        per = [{"case_id": r.case_id} for r in learned]
+        rows = add_fluency(
+            model, learned, per, None, tokens, bos,
+            memories_per_prompt=[bank([r], gate) for r in learned], before=before,
+        )  # fmt: skip
+        per_gate["sequential"] = mean_entropies_of(per, mean_over_records)
+        per_gate["example"] = {k: rows[0][k] for k in ("prompt", "before", "after")}
+        for n in BANKS[1:]:
+            if n > len(learned):
+                continue
+            chosen = learned[:n]
+            width = sum(len(r.fluency_prompts) for r in chosen)
+            per = [{"case_id": r.case_id} for r in chosen]
+            add_fluency(model, chosen, per, bank(chosen, gate), tokens, bos, before=before[:width])
+            per_gate[f"batch_{n}"] = mean_entropies_of(per, mean_over_records)
+        result["gates"][gate] = per_gate
+        print(f"fluency {gate}: {json.dumps(per_gate)}", flush=True)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def mean_entropies_of(per_record: list[dict[str, Any]], mean: Any) -> dict[str, float]:
+    m = mean(per_record)
+    return {"before": m["fluency_before"], "after": m["fluency_after"], "edits": m["records"]}
+
+
 def key_cosines(records: list[Any], folder: Path, threshold: float = 0.9) -> dict[str, Any]:
     """Cosines between the learned keys (flattened, as the gates see them): among edits
     of the same prompt template and among edits of different templates, and how many
@@ -312,6 +375,25 @@ def render(model: str, result: dict[str, Any]) -> str:
             lines.append(f"| {label} | {base[f'{key}_before']:.1%} | " + " | ".join(cells) + " |")
         cells = [f"{g[c]['locality']:.1%}" for c in cols]
         lines.append("| locality (neighbours' top-1 kept) | 100% | " + " | ".join(cells) + " |")
+        fluency = result.get("fluency", {})
+        if gate in fluency.get("gates", {}):
+            f = fluency["gates"][gate]
+            cells = [
+                "–"
+                if c not in f
+                else f"{f[c]['after']:.3f}"
+                + (
+                    f" (unedited {f[c]['before']:.3f})"
+                    if abs(f[c]["before"] - fluency["unedited"]) > 1e-9
+                    else ""
+                )
+                for c in cols
+            ]
+            lines.append(
+                f"| fluency (n-gram entropy, bits) | {fluency['unedited']:.3f} | "
+                + " | ".join(cells)
+                + " |"
+            )
         lines.append(
             "| edits scored | "
             + f"{base['records']} | "
@@ -322,6 +404,14 @@ def render(model: str, result: dict[str, Any]) -> str:
             f"\nReader check (case {g['check']['case_id']}: `evaluate_counterfact` gives the "
             f"same metrics): {'yes' if g['check']['agrees'] else '**no**'}. Scoring took "
             f"{g['seconds']} s.\n"
+        )
+    if result.get("fluency"):
+        f = result["fluency"]
+        lines.append(
+            f"Fluency: ROME's n-gram entropy (bits) of {f['tokens']} greedy tokens after each "
+            f"edit's rewrite prompt and paraphrases ({f['prompts']} prompts), averaged per "
+            "edit, then over edits; each column's edits are scored on their own prompts, and "
+            f"the unedited column on all of them ({f['seconds']:.0f} s).\n"
         )
     if result.get("key_cosine", {}).get("other_template", {}).get("pairs"):
         kc = result["key_cosine"]
@@ -351,7 +441,7 @@ def main() -> None:
     from meminject.evaluate import read_counterfact
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("phase", choices=("learn", "score", "both", "keys"))
+    parser.add_argument("phase", choices=("learn", "score", "both", "keys", "fluency"))
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--set", default=str(SET))
     parser.add_argument("--limit", type=int, default=40, help="The first N edits of the set.")
@@ -360,6 +450,9 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=None)
     parser.add_argument("--margin", type=float, default=0.5)
     parser.add_argument("--memories", default=None)
+    parser.add_argument(
+        "--fluency-tokens", type=int, default=32, help="Greedy tokens per prompt (fluency)."
+    )
     parser.add_argument(
         "--render-only", action="store_true", help="Rewrite the .md from the saved .json."
     )
@@ -382,6 +475,14 @@ def main() -> None:
         stem.with_suffix(".md").write_text(render(args.model, saved), encoding="utf-8")
         return
     model = meminject.load_model(args.model, bridge=True)
+    if args.phase == "fluency":  # add fluency to a saved run
+        saved = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
+        scored = [r for r in records if r.case_id in saved.get("case_ids", [r.case_id])]
+        saved["fluency"] = fluency_all(model, scored, folder, gates, args.fluency_tokens)
+        stem.with_suffix(".json").write_text(json.dumps(saved, indent=1) + "\n", encoding="utf-8")
+        stem.with_suffix(".md").write_text(render(args.model, saved), encoding="utf-8")
+        print(f"wrote {stem}.md and .json")
+        return
     started = time.perf_counter()
     if args.phase in ("learn", "both"):
         learn_all(model, records, folder, gates, args)

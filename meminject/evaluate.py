@@ -66,6 +66,9 @@ class EditReport:
     excluded_positives: list[str] = field(default_factory=list)
     #: Each memory alone on the neutral prompts: name → {"kl_mean", "kl_max", "top1_kept"}.
     neutral_per_memory: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: Longer greedy continuations of every prompt, before and after, with ROME's n-gram
+    #: entropy (:mod:`meminject.fluency`); empty unless fluency was asked for.
+    fluency: list[dict[str, Any]] = field(default_factory=list)
 
     def of(self, kind: str) -> list[PromptResult]:
         return [r for r in self.rows if r.kind == kind]
@@ -89,6 +92,13 @@ class EditReport:
 
         neutral = self.of("neutral")
         kls = [r.kl for r in neutral]
+        fluency: dict[str, float | None] = {"fluency_before": None, "fluency_after": None}
+        if self.fluency:
+            n = len(self.fluency)
+            fluency = {
+                "fluency_before": sum(r["entropy_before"] for r in self.fluency) / n,
+                "fluency_after": sum(r["entropy_after"] for r in self.fluency) / n,
+            }
         return {
             "reliability": share("edit"),
             "generalization": share("positive"),
@@ -100,6 +110,7 @@ class EditReport:
             "neutral_continuations_kept": kept("neutral"),
             "counts": {kind: len(self.of(kind)) for kind in KINDS},
             "positives_excluded_as_edit_prompts": len(self.excluded_positives),
+            **fluency,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -110,6 +121,7 @@ class EditReport:
             "excluded_positives": list(self.excluded_positives),
             "neutral_per_memory": dict(self.neutral_per_memory),
             "prompts": [asdict(r) for r in self.rows],
+            "fluency": list(self.fluency),
         }
 
 
@@ -186,6 +198,7 @@ def evaluate_edit(
     target: str,
     prompts: Mapping[str, Sequence[Any]],
     tokens: int = 5,
+    fluency_tokens: int = 0,
 ) -> EditReport:
     """Run every prompt of ``prompts`` (keys among ``edit``, ``positive``, ``negative``,
     ``neutral``) with and without ``memories`` and report the edit metrics.
@@ -193,7 +206,9 @@ def evaluate_edit(
     ``target`` is the text the edit should produce after the prompts, by the rule of
     ``learn``'s ``--target`` (``LoadedModel.continuation_ids``: a space is put before it
     unless it starts with whitespace); its first token is what "gives the target"
-    means. ``tokens`` greedy tokens are generated for each prompt both ways."""
+    means. ``tokens`` greedy tokens are generated for each prompt both ways; with
+    ``fluency_tokens`` > 0, every prompt is also continued that far both ways and scored
+    by ROME's n-gram entropy (the fluency metrics)."""
     import torch
 
     from meminject.engine import CompiledHook, as_memory_set, compile_memories, inject
@@ -206,6 +221,8 @@ def evaluate_edit(
         raise BadInputError("evaluate needs prompts: --prompt, --positive, --negative or --neutral")
     if tokens < 0:
         raise BadInputError("--max-new-tokens must be >= 0")
+    if fluency_tokens < 0:
+        raise BadInputError("--fluency-tokens must be >= 0")
     target_ids = model.continuation_ids(target)
     target_id = target_ids[0]
     if isinstance(memories, list) and all(isinstance(m, CompiledHook) for m in memories):
@@ -257,6 +274,16 @@ def evaluate_edit(
                     ok=ok,
                 )
             )
+    if fluency_tokens:
+        from meminject.fluency import measure_fluency
+
+        rows = measure_fluency(
+            model, [r.prompt for r in report.rows], compiled, tokens=fluency_tokens,
+            prepend_bos=bos,
+        )  # fmt: skip
+        report.fluency = [
+            {"kind": r.kind, **asdict(f)} for r, f in zip(report.rows, rows, strict=True)
+        ]
     return report
 
 
@@ -280,17 +307,26 @@ class CounterfactRecord:
     target_true: str
     paraphrase_prompts: tuple[str, ...]
     neighborhood_prompts: tuple[str, ...]
+    #: CounterFact's prompts for measuring fluency; optional in the schema.
+    generation_prompts: tuple[str, ...] = ()
 
     @property
     def rewrite_prompt(self) -> str:
         return self.prompt.replace("{}", self.subject)
+
+    @property
+    def fluency_prompts(self) -> tuple[str, ...]:
+        """The record's ``generation_prompts``, or, when it has none, its rewrite prompt
+        and paraphrases (where the edit should show, so where it can spoil the text)."""
+        return self.generation_prompts or (self.rewrite_prompt, *self.paraphrase_prompts)
 
 
 def read_counterfact(path: Any) -> list[CounterfactRecord]:
     """Records of a JSON file in CounterFact's schema: a list of objects with
     ``requested_rewrite`` (``prompt`` holding ``{}``, ``subject``, ``target_new`` and
     ``target_true``, each ``{"str": …}`` or a string), ``paraphrase_prompts`` and
-    ``neighborhood_prompts`` (lists of strings); ``case_id`` is optional. The real
+    ``neighborhood_prompts`` (lists of strings); ``case_id`` and ``generation_prompts``
+    are optional. The real
     CounterFact file reads as it is; a problem is one line naming the file, the record
     and the field."""
     import json
@@ -352,6 +388,7 @@ def read_counterfact(path: Any) -> list[CounterfactRecord]:
                 target_true=text_of("target_true"),
                 paraphrase_prompts=prompts_of("paraphrase_prompts"),
                 neighborhood_prompts=prompts_of("neighborhood_prompts"),
+                generation_prompts=prompts_of("generation_prompts"),
             )
         )
     return records
@@ -394,7 +431,11 @@ def _target_logp(
 
 
 def evaluate_counterfact(
-    model: LoadedModel, memories: MemoriesArg, records: Sequence[CounterfactRecord]
+    model: LoadedModel,
+    memories: MemoriesArg,
+    records: Sequence[CounterfactRecord],
+    *,
+    fluency_tokens: int = 0,
 ) -> dict[str, Any]:
     """The field's edit metrics over ``records`` with ``memories`` (one bank for all):
 
@@ -404,11 +445,15 @@ def evaluate_counterfact(
     * paraphrase — p(new) > p(old) on the paraphrase prompts;
     * neighbourhood score — p(true) > p(new) on the neighbourhood prompts (ROME's NS);
     * locality — the neighbourhood prompts' top-1 next token unchanged (EasyEdit);
+    * fluency (with ``fluency_tokens`` > 0) — ROME's n-gram entropy of that many greedy
+      tokens after each record's :attr:`~CounterfactRecord.fluency_prompts`;
 
     each also for the unedited model, as the baseline. Shares over records (each record's
     prompts averaged first, as ROME does), and the raw scores."""
     from meminject.engine import CompiledHook, as_memory_set, compile_memories
 
+    if fluency_tokens < 0:
+        raise BadInputError("--fluency-tokens must be >= 0")
     if isinstance(memories, list) and all(isinstance(m, CompiledHook) for m in memories):
         compiled, bos = list(memories), model.prepend_bos
     else:
@@ -448,7 +493,48 @@ def evaluate_counterfact(
         per_record.append(
             {"case_id": record.case_id, **{k: sum(v) / len(v) for k, v in shares.items()}}
         )
-    return {"metrics": mean_over_records(per_record), "records": per_record, "prompts": rows}
+    result = {"metrics": mean_over_records(per_record), "records": per_record, "prompts": rows}
+    if fluency_tokens:
+        result["fluency"] = add_fluency(model, records, per_record, compiled, fluency_tokens, bos)
+        result["metrics"] = mean_over_records(per_record)
+    return result
+
+
+def add_fluency(
+    model: LoadedModel,
+    records: Sequence[CounterfactRecord],
+    per_record: list[dict[str, Any]],
+    memories: Any,
+    tokens: int,
+    bos: bool | None,
+    *,
+    memories_per_prompt: Sequence[Any] | None = None,
+    before: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Each record's mean n-gram entropy before and after (``fluency_before`` and
+    ``fluency_after`` in its entry of ``per_record``, matched by position) over its
+    fluency prompts, generated in one batched run; the rows, for the JSON output.
+    ``memories_per_prompt``, if given, holds one entry per record (each edit alone);
+    ``before``, the unedited continuations of the records' fluency prompts, if already
+    made."""
+    from meminject.fluency import mean_entropies, measure_fluency
+
+    prompts = [(i, p) for i, r in enumerate(records) for p in r.fluency_prompts]
+    per_prompt = None
+    if memories_per_prompt is not None:
+        per_prompt = [memories_per_prompt[i] for i, _ in prompts]
+    rows = measure_fluency(
+        model, [p for _, p in prompts], None if per_prompt else memories,
+        memories_per_prompt=per_prompt, tokens=tokens, prepend_bos=bos, before=before,
+    )  # fmt: skip
+    for i, entry in enumerate(per_record):
+        entry.update(
+            mean_entropies([row for (j, _), row in zip(prompts, rows, strict=True) if j == i])
+        )
+    return [
+        {"case_id": records[i].case_id, **asdict(row)}
+        for (i, _), row in zip(prompts, rows, strict=True)
+    ]
 
 
 #: One prompt's scores: log p(new), log p(true), the new target all top-1, top token.

@@ -52,6 +52,15 @@ from meminject.cli.options import (
     type=click.IntRange(0, 256),
     help="Greedy tokens generated per prompt, with and without the memories.",
 )
+@click.option(
+    "--fluency-tokens",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 1024),
+    help="Also continue each prompt (--counterfact: each record's generation prompts, or "
+    "its rewrite and paraphrases) greedily for this many tokens, with and without the "
+    "memories, and report ROME's fluency (n-gram entropy, bits); 0: not measured.",
+)
 @json_option()
 @outside_paths_option
 def evaluate(
@@ -64,6 +73,7 @@ def evaluate(
     negative_file: str | None,
     neutral_file: str | None,
     max_new_tokens: int,
+    fluency_tokens: int,
     as_json: bool,
     allow_outside_paths: bool,
 ) -> None:
@@ -78,6 +88,7 @@ def evaluate(
         _counterfact(
             memory_paths, model_name, counterfact_file, as_json, allow_outside_paths,
             bool(target or edit_prompts or positive_file or negative_file or neutral_file),
+            fluency_tokens,
         )  # fmt: skip
         return
     if target is None:
@@ -96,7 +107,10 @@ def evaluate(
     from meminject.evaluate import evaluate_edit
 
     compiled = compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
-    report = evaluate_edit(model, compiled, target=target, prompts=prompts, tokens=max_new_tokens)
+    report = evaluate_edit(
+        model, compiled, target=target, prompts=prompts, tokens=max_new_tokens,
+        fluency_tokens=fluency_tokens,
+    )  # fmt: skip
     if prompts["neutral"]:
         from meminject.evaluate import neutral_per_memory
 
@@ -116,6 +130,7 @@ def _counterfact(
     as_json: bool,
     allow_outside_paths: bool,
     mixed: bool,
+    fluency_tokens: int,
 ) -> None:
     from meminject.engine import compile_memories
     from meminject.errors import BadInputError
@@ -131,7 +146,7 @@ def _counterfact(
     memory_set = load_memories(memory_paths)
     model = load_cli_model(model_name, memory_set, bridge=True)
     compiled = compile_memories(model, memory_set, allow_outside_paths=allow_outside_paths)
-    result = evaluate_counterfact(model, compiled, records)
+    result = evaluate_counterfact(model, compiled, records, fluency_tokens=fluency_tokens)
     if as_json:
         click.echo(json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False))
         return
@@ -148,6 +163,11 @@ def _counterfact(
             click.echo(f"  {meaning}: {before:.0%} → {after:.0%}")
     if "locality" in m:
         click.echo(f"  locality: neighbours' top-1 next token kept: {m['locality']:.0%}")
+    if "fluency_before" in m:
+        click.echo(
+            f"  fluency: n-gram entropy of {fluency_tokens} greedy tokens: "
+            f"{m['fluency_before']:.3f} → {m['fluency_after']:.3f} bits"
+        )
 
 
 def _print_edit_report(report: Any) -> None:
@@ -201,6 +221,12 @@ def _print_edit_report(report: Any) -> None:
         console.print(
             f"neutral KL(before ‖ after): mean {metrics['neutral_kl_mean']:.3g} nats, "
             f"max {metrics['neutral_kl_max']:.3g}"
+        )
+    if metrics["fluency_before"] is not None:
+        console.print(
+            f"fluency (ROME's n-gram entropy of {len(report.fluency)} prompts' longer "
+            f"continuations): {metrics['fluency_before']:.3f} → "
+            f"{metrics['fluency_after']:.3f} bits"
         )
     for name, alone in report.neutral_per_memory.items():
         console.print(

@@ -96,5 +96,13 @@ def test_benchmark_and_known_check_run_on_toyworld(toyworld, tmp_path):
         assert g["check"]["agrees"]
         assert g["sequential"]["rewrite_after"] == 1.0
         assert g["batch_1"] == g["sequential"]
+    # Fluency per gate: each edit alone equals evaluate --counterfact's on that memory.
+    fluency = multi_edit.fluency_all(toyworld, records, tmp_path, ["cosine"], 8)
+    alone = fluency["gates"]["cosine"]["sequential"]
+    memory = tmp_path / f"case-{records[0].case_id}-cosine.toml"
+    theirs = evaluate_counterfact(toyworld, [memory], records[:1], fluency_tokens=8)["metrics"]
+    assert alone["edits"] == len(records) == 1
+    assert alone["after"] == pytest.approx(theirs["fluency_after"], abs=1e-12)
+    assert alone["before"] == fluency["unedited"] == pytest.approx(theirs["fluency_before"])
     cosines = multi_edit.key_cosines(records, tmp_path)
     assert cosines["same_template"]["pairs"] == 0 and cosines["other_template"]["pairs"] == 0
