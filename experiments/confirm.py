@@ -61,6 +61,9 @@ def run_cell(cell: dict[str, Any], plan: dict[str, Any], data: Path, metric: str
         encodings=(str(cell["encoding"]),),
         controls=int(plan["controls"]),
         metric=metric,
+        # The plan's controls, as its first runs had them: matched by token count only
+        # (norm-matched controls became the default after the plan was committed).
+        control_norm="own",
     )
     started = time.perf_counter()
     result = run_sweep(model, rows, config, progress=sys.stderr.isatty())

@@ -143,6 +143,7 @@ def report(records: pd.DataFrame, top: int) -> tuple[str, pd.DataFrame]:
             f"at 5 %; the highest t, {_cell(top_cell)}, adjusted p = "
             f"{top_cell['p_adjusted']:.3g}.",
         ]
+    lines += by_tau(summary)
     for encoding, part in summary.groupby("encoding", observed=True):
         first = ranked(part).iloc[0]
         lines.append(
@@ -152,6 +153,37 @@ def report(records: pd.DataFrame, top: int) -> tuple[str, pd.DataFrame]:
             "their controls."
         )
     return "\n".join(lines) + "\n", summary
+
+
+def by_tau(summary: pd.DataFrame) -> list[str]:
+    """Encodings side by side at each τ, each at its best layer (by median gain): with τ
+    in residual-norm units, equal-size interventions, so "which encoding helps" is not a
+    question of scale. Empty for a sweep of one τ or one encoding."""
+    encodings = list(dict.fromkeys(str(e) for e in summary["encoding"]))
+    taus = sorted(summary["tau"].unique())
+    if len(encodings) < 2 or len(taus) < 2:
+        return []
+    lines = [
+        "",
+        "Each encoding at its best layer, by τ (median gain [95 % CI], nats; ℓ the layer):",
+        "",
+        "| τ | " + " | ".join(encodings) + " |",
+        "|---:|" + "---|" * len(encodings),
+    ]
+    for tau in taus:
+        cells = []
+        for encoding in encodings:
+            part = summary[(summary["tau"] == tau) & (summary["encoding"].astype(str) == encoding)]
+            if part.empty:
+                cells.append("–")
+                continue
+            r = ranked(part).iloc[0]
+            cells.append(
+                f"ℓ {int(r['layer'])}: {_nats(r['median_gain'])} [{_nats(r['gain_ci_low'])}, "
+                f"{_nats(r['gain_ci_high'])}]"
+            )
+        lines.append(f"| {tau:g} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _baselines(best: Any) -> str:

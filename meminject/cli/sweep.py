@@ -87,6 +87,16 @@ if TYPE_CHECKING:
     "token only, or every position but the first (BOS, the attention sink): the mechanism "
     "ablations; one per run, recorded in the records.",
 )
+@click.option(
+    "--control-norm",
+    type=click.Choice(["memory", "own"]),
+    default="memory",
+    show_default=True,
+    help="How long each random-token control's vector is, with absolute τ: the length of "
+    "the row's memory vector in the same cell (the control differs in direction only), or "
+    "its own encoding's length (the paper's controls, matched by token count only). With "
+    "--tau-units resid_norm every vector has length τ·N and both are the same.",
+)
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(1))
 @click.option("--shard", default="0/1", show_default=True, help="Take rows i, i+n, … (0-based).")
 @click.option(
@@ -193,6 +203,7 @@ def sweep(
     controls: int,
     baseline_spec: str,
     positions: str,
+    control_norm: str,
     batch_size: int,
     shard: str,
     answer_metric: str,
@@ -284,6 +295,7 @@ def sweep(
         tau_units=tau_units,
         baselines=baselines,
         positions=positions,
+        control_norm=control_norm,
     )
 
     checkpoint = files.checkpoint if files.partial is not None else None

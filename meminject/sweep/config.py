@@ -21,6 +21,11 @@ BASELINES = ("in-context", "shuffled", "explicit")
 #: only, or every position but the first (the BOS token, or the first token where the
 #: model prepends none: the attention sink either way).
 POSITIONS = ("all", "last", "not-bos")
+#: How long a random-token control's vector is: "memory" rescales it to the length of
+#: the row's memory vector in the same cell (the control then differs from the memory in
+#: direction only), "own" keeps its own encoding's length (the paper's controls, matched
+#: by token count). In residual-norm units every vector has length τ·N_ℓ, so both agree.
+CONTROL_NORMS = ("memory", "own")
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,8 @@ class SweepConfig:
     #: (row_id, memory) pairs: the memory each row's shuffled baseline injects, drawn over
     #: the whole dataset by :func:`meminject.sweep.rows.with_shuffled` when not given.
     shuffled: tuple[tuple[int, str], ...] | None = None
+    #: How long a control's vector is (:data:`CONTROL_NORMS`).
+    control_norm: str = "memory"
 
     def __post_init__(self) -> None:
         if self.tau_units not in TAU_UNITS:
@@ -72,11 +79,20 @@ class SweepConfig:
             raise BadInputError(
                 f"unknown positions '{self.positions}'; choose {', '.join(POSITIONS)}"
             )
+        if self.control_norm not in CONTROL_NORMS:
+            raise BadInputError(
+                f"unknown control norm '{self.control_norm}'; choose {', '.join(CONTROL_NORMS)}"
+            )
         for baseline in self.baselines:
             if baseline not in BASELINES:
                 raise BadInputError(
                     f"unknown baseline '{baseline}'; choose {', '.join(BASELINES)} or none"
                 )
+
+    @property
+    def first_control(self) -> int:
+        """The variant index of the first control (after the memory and the shuffled one)."""
+        return 1 + int("shuffled" in self.baselines)
 
     @property
     def n_variants(self) -> int:

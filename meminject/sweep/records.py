@@ -125,6 +125,7 @@ def records_frame(
             "metric": config.metric,
             "tau_units": config.tau_units,
             "positions": config.positions,
+            "control_norm": config.control_norm,
             "resid_norm": axis(
                 [dict(config.resid_norms or ()).get(layer, np.nan) for layer in config.layers], 1
             ).astype(np.float64),
@@ -207,6 +208,11 @@ def finished_records(done: pd.DataFrame, config: SweepConfig) -> pd.DataFrame:
         expected["positions"] = {config.positions}
         if "positions" not in done.columns:
             done = done.assign(positions="all")
+    if config.controls and config.tau_units == "absolute":
+        # Records written before controls were norm-matched kept their own lengths.
+        expected["control_norm"] = {config.control_norm}
+        if "control_norm" not in done.columns:
+            done = done.assign(control_norm="own")
     for column, values in expected.items():
         found = {v.item() if hasattr(v, "item") else v for v in done[column].unique()}
         if column == "tau":

@@ -32,19 +32,30 @@ def reference_cell(
     tau_units: str = "absolute",
     resid_norm: float | None = None,
     positions: str = "all",
+    length_of: str | None = None,
 ) -> tuple[float, float]:
     """The plain loop: ``(p_before, p_after)`` for one prompt and one cell, from two
     ordinary forward passes, the second inside :func:`meminject.engine.inject` with the
     cell's :class:`AddMemory` (``memory_text`` replaces the row's memory, for controls;
     ``positions`` is the sweep's, written as the file's explicit position list).
     With a ``head`` it is a memory routed through that head (site ``attn_z``), compiled
-    as in a file."""
+    as in a file. ``length_of``: in absolute units, the vector is rescaled to the length
+    of this text's vector in the same cell (a control matched to the row's memory,
+    ``control_norm = "memory"``), written as a file does it: a ``resid_norm`` memory
+    whose norm is that length."""
     import torch
 
     from meminject.engine import inject
     from meminject.memfile import LoadedFile, MemoryEntry, MemorySet
 
     tokenized = tokenize_row(model, row, metric)
+    if length_of is not None and tau_units == "absolute":
+        from meminject.sweep.encoding import encode_text
+
+        matched = encode_text(
+            model, length_of, layer=layer, encoding=encoding, registry=registry, head=head
+        )
+        tau_units, resid_norm = "resid_norm", float(matched.float().norm())
     memory = sweep_memory(
         memory_text if memory_text is not None else row.memory,
         layer=layer,

@@ -214,6 +214,22 @@ def to_norm(
     return (stacked * (norm / lengths)).to(stacked.dtype)
 
 
+def controls_at_memory_length(
+    stacked: Float[Tensor, "variant batch d_model"], first: int
+) -> Float[Tensor, "variant batch d_model"]:
+    """Variants ``first``… (the controls) rescaled, row by row, to the length of variant
+    0 (the row's memory): a control then tests the memory's direction, not its size."""
+    if first >= stacked.shape[0]:
+        return stacked
+    out = stacked.clone()
+    target = stacked[0].float().norm(dim=-1, keepdim=True)
+    lengths = stacked[first:].float().norm(dim=-1, keepdim=True)
+    if bool((lengths == 0).any()):
+        raise BadInputError("a control's vector is zero, so it cannot be scaled to a norm")
+    out[first:] = (stacked[first:] * (target / lengths)).to(stacked.dtype)
+    return out
+
+
 def residual_norms(
     model: LoadedModel, rows: Sequence[PromptRow], layers: Sequence[int]
 ) -> dict[int, float]:

@@ -23,6 +23,7 @@ from meminject.sweep.replay import (
     REPLAY_TOLERANCE,
     Adder,
     Batch,
+    controls_at_memory_length,
     head_shares,
     injection_hook,
     position_mask,
@@ -289,6 +290,9 @@ def run_sweep(
                     vectors.append(stacked)
                 if config.tau_units == "resid_norm":
                     vectors = [to_norm(v, norm_of[layer]) for v in vectors]
+                elif config.control_norm == "memory" and config.controls:
+                    first = config.first_control
+                    vectors = [controls_at_memory_length(v, first) for v in vectors]
                 adder = Adder(mask)
                 hook = (hook_names[li], adder)
                 with bridge.hooks(fwd_hooks=[hook]):

@@ -67,6 +67,13 @@ def _head(value) -> int | None:
     return None if pd.isna(value) else int(value)
 
 
+def _matched_to(row, rec) -> str | None:
+    """The text a record's vector was rescaled to: a control's row memory, when the sweep
+    matched controls to their memory's length."""
+    matched = rec.kind == "control" and getattr(rec, "control_norm", "own") == "memory"
+    return row.memory if matched else None
+
+
 def assert_matches_reference(model, rows, records, metric, registry=None):
     """Every record equals the reference loop's two plain forward passes: 1e-5 in
     probability, and 1e-4 relative (the tiny random models give p ~ 1e-5, where an
@@ -85,6 +92,7 @@ def assert_matches_reference(model, rows, records, metric, registry=None):
             memory_text=rec.memory,
             registry=registry,
             positions=getattr(rec, "positions", "all"),
+            length_of=_matched_to(by_id[rec.row_id], rec),
         )
         for ours, theirs in ((rec.p_before, before), (rec.p_after, after)):
             worst_abs = max(worst_abs, abs(ours - theirs))
@@ -776,3 +784,30 @@ def test_ranks_and_the_explicit_baseline_by_hand(toyworld):
     gap = memory["logp_explicit"] - memory["logp_before"]
     closed = ((memory["logp_after"] - memory["logp_before"]) / gap)[gap > 0]
     assert cell["median_gap_closed"] == pytest.approx(closed.median())
+
+
+def test_controls_take_the_memory_length_or_their_own(gpt2):
+    """Absolute τ: controls rescaled to their row memory's length (the default) or kept at
+    their own; each equals the plain loop, and the choice changes the controls only."""
+    common = dict(layers=(1,), taus=(4.0,), controls=2, baselines=())
+    matched = run_sweep(gpt2, ROWS[:3], SweepConfig(**common)).records
+    own = run_sweep(gpt2, ROWS[:3], SweepConfig(**common, control_norm="own")).records
+    assert set(matched["control_norm"]) == {"memory"} and set(own["control_norm"]) == {"own"}
+    assert_matches_reference(gpt2, ROWS[:3], matched, "first-token")
+    assert_matches_reference(gpt2, ROWS[:3], own, "first-token")
+    is_control = matched["kind"] == "control"
+    assert (matched.loc[~is_control, "p_after"] == own.loc[~is_control, "p_after"]).all()
+    moved = (matched.loc[is_control, "logp_after"] - own.loc[is_control, "logp_after"]).abs()
+    assert moved.max() > 0.01  # the rescaling reaches the controls' outcomes (nats)
+
+
+def test_rescaled_controls_have_their_memory_length():
+    from meminject.sweep.replay import controls_at_memory_length
+
+    stacked = torch.randn(4, 3, 8)  # memory, shuffled, two controls; 3 rows
+    out = controls_at_memory_length(stacked, first=2)
+    assert torch.equal(out[:2], stacked[:2])
+    lengths = out.norm(dim=-1)
+    assert torch.allclose(lengths[2:], lengths[0].expand(2, 3), rtol=1e-6)
+    cosine = torch.nn.functional.cosine_similarity(out[2:], stacked[2:], dim=-1)
+    assert torch.allclose(cosine, torch.ones_like(cosine), atol=1e-6)

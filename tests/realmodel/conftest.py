@@ -75,6 +75,11 @@ def worst_log_error_against_reference(model: Any, rows: list[Any], records: Any)
             encoding=str(rec.encoding),
             head=None if pd.isna(rec.head) else int(rec.head),
             memory_text=rec.memory,
+            length_of=rows[rec.row_id].memory
+            if rec.kind == "control"
+            and rec.control_norm == "memory"
+            and rec.tau_units == "absolute"
+            else None,
         )
         worst = max(
             worst,
