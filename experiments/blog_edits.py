@@ -69,7 +69,15 @@ def main() -> None:
     parser.add_argument(
         "--fresh", action="store_true", help="Drop the saved entries of other edits and gates."
     )
+    parser.add_argument(
+        "--docs-table",
+        action="store_true",
+        help="Print docs/local-memories.md's table of both models from the saved .json files.",
+    )
     args = parser.parse_args()
+    if args.docs_table:
+        print(docs_table(), end="")
+        return
     stem = HERE / "results" / f"blog_edits_{args.model}"
     if args.render_only:
         results = json.loads(stem.with_suffix(".json").read_text(encoding="utf-8"))
@@ -175,6 +183,42 @@ def main() -> None:
                 save(stem, args.model, results)
     save(stem, args.model, results)
     print(f"wrote {stem}.md and .json")
+
+
+#: The models of docs/local-memories.md's table, with the names it shows.
+DOC_MODELS = (("smollm2-135m", "SmolLM2"), ("gemma3-270m", "Gemma 3"))
+
+
+def docs_table() -> str:
+    """One row per model, edit, site and gate, from the saved results (numbers only)."""
+    lines = [
+        "| model | edit | site, layer | gate | α | parameter | margin (nats) | reliability "
+        "| generalization tune / test | specificity tune / test | leave-one-out "
+        "| neutral top-1 kept | neutral KL mean / max |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for model, shown in DOC_MODELS:
+        path = HERE / "results" / f"blog_edits_{model}.json"
+        for r in sorted(json.loads(path.read_text(encoding="utf-8")), key=order):
+            gate = r.get("gate", "projection")
+            where = f"{shown} | {r['edit'].capitalize()} | `{r['site']}` {r['layer']} | {gate}"
+            if "error" in r:
+                lines.append(f"| {where} | — | — | — | learning failed | | | | | |")
+                continue
+            sm = split_metrics(r)
+            m, tune, test = sm["all"], sm["tune"], sm["test"]
+            loo = r.get("loo_accuracy")
+            lines.append(
+                f"| {where} | {r['alpha']:.3g} | {r['boundary']:g} | {margin_cell(r)} | "
+                f"{m['reliability']:.0%} | "
+                f"{share(tune['generalization'], tune['counts']['positive'])} / "
+                f"{share(test['generalization'], test['counts']['positive'])} | "
+                f"{share(tune['specificity'], tune['counts']['negative'])} / "
+                f"{share(test['specificity'], test['counts']['negative'])} | "
+                f"{'—' if loo is None else f'{loo:.0%}'} | {m['neutral_top1_kept']:.0%} | "
+                f"{m['neutral_kl_mean']:.2g} / {m['neutral_kl_max']:.2g} |"
+            )
+    return "\n".join(lines) + "\n"
 
 
 def order(entry: dict) -> tuple:

@@ -52,3 +52,28 @@ def test_encoding_by_tau_table_names_each_best_layer(toyworld):
     assert len(lines) == 4
     one_tau = records[records["tau"] == 0.1]
     assert "Each encoding at its best layer" not in report.report(one_tau, top=3)[0]
+
+
+def test_positions_table_sets_the_modes_side_by_side(toyworld):
+    positions = _script("positions_report")
+    rows = resolve_dataset("toyworld", limit=32)
+    common = dict(layers=(0, 1), taus=(0.1, 0.3), encodings=("embed",), controls=1)
+    runs = {
+        mode: run_sweep(toyworld, rows, SweepConfig(**common, positions=mode)).records
+        for mode in ("all", "last")
+    }
+    summary = positions.ablation_table(runs, layer=1, encoding="embed")
+    assert sorted(zip(summary["positions"], summary["tau"], strict=True)) == [
+        ("all", 0.1), ("all", 0.3), ("last", 0.1), ("last", 0.3)
+    ]  # fmt: skip
+    for mode, records in runs.items():
+        alone = summarize(records[records["layer"] == 1])
+        mine = summary[summary["positions"] == mode].drop(columns="positions")
+        assert mine.reset_index(drop=True).equals(alone.reset_index(drop=True))
+    text = positions.render(summary, "t")
+    gain = positions._nats(summary.iloc[0]["median_gain"])
+    assert f"| 0.1 | all | {gain} [" in text
+    # The modes differ, or the table compares nothing.
+    assert runs["all"]["logp_after"].ne(runs["last"]["logp_after"]).any()
+    with pytest.raises(SystemExit, match="were run with"):
+        positions.ablation_table({"last": runs["all"]}, layer=1, encoding="embed")
