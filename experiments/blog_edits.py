@@ -205,17 +205,9 @@ def docs_table() -> str:
             if "error" in r:
                 lines.append(f"| {where} | — | — | — | learning failed | | | | | |")
                 continue
-            sm = split_metrics(r)
-            m, tune, test = sm["all"], sm["tune"], sm["test"]
-            loo = r.get("loo_accuracy")
+            m = split_metrics(r)["all"]
             lines.append(
-                f"| {where} | {r['alpha']:.3g} | {r['boundary']:g} | {margin_cell(r)} | "
-                f"{m['reliability']:.0%} | "
-                f"{share(tune['generalization'], tune['counts']['positive'])} / "
-                f"{share(test['generalization'], test['counts']['positive'])} | "
-                f"{share(tune['specificity'], tune['counts']['negative'])} / "
-                f"{share(test['specificity'], test['counts']['negative'])} | "
-                f"{'—' if loo is None else f'{loo:.0%}'} | {m['neutral_top1_kept']:.0%} | "
+                f"| {where} | {edit_cells(r)} | {m['neutral_top1_kept']:.0%} | "
                 f"{m['neutral_kl_mean']:.2g} / {m['neutral_kl_max']:.2g} |"
             )
     return "\n".join(lines) + "\n"
@@ -306,6 +298,23 @@ def margin_cell(entry: dict) -> str:
     return "—" if margin is None else f"{margin:.2f}"
 
 
+def edit_cells(entry: dict) -> str:
+    """The cells both tables share: α, the gate's parameter, the margin, reliability,
+    generalization and specificity on the tuning / test halves, leave-one-out."""
+    s = split_metrics(entry)
+    m, tune, test = s["all"], s["tune"], s["test"]
+    loo = entry.get("loo_accuracy")
+    return (
+        f"{entry['alpha']:.3g} | {entry['boundary']:g} | {margin_cell(entry)} | "
+        f"{m['reliability']:.0%} | "
+        f"{share(tune['generalization'], tune['counts']['positive'])} / "
+        f"{share(test['generalization'], test['counts']['positive'])} | "
+        f"{share(tune['specificity'], tune['counts']['negative'])} / "
+        f"{share(test['specificity'], test['counts']['negative'])} | "
+        f"{'—' if loo is None else f'{loo:.0%}'}"
+    )
+
+
 def share(value: float | None, n: int) -> str:
     return "—" if value is None else f"{value:.0%} ({n})"
 
@@ -315,9 +324,7 @@ def render(model: str, results: list[dict]) -> str:
     lines += [
         "The gate's parameter is chosen on the tuning split of the positives and negatives "
         "and scored on both; the test split did not choose it. The edit prompt is left out "
-        "of generalization. Neutral prompts are held out. A row with no test figure is from a "
-        "run before the split (the projection gate, its boundary chosen on every positive "
-        "and negative, all reported under tune), re-rendered without the edit prompt.\n",
+        "of generalization. Neutral prompts are held out.\n",
         "| edit | site | layer | gate | α | parameter | margin | reliability "
         "| generalization tune / test | specificity tune / test | leave-one-out (tuning) "
         "| negatives' continuations kept | neutral top-1 kept | neutral KL mean / max (nats) |",
@@ -332,17 +339,9 @@ def render(model: str, results: list[dict]) -> str:
                 f"{r['error'].replace('|', '/')} |"
             )
             continue
-        s = split_metrics(r)
-        m, tune, test = s["all"], s["tune"], s["test"]
-        loo = r.get("loo_accuracy")
+        m = split_metrics(r)["all"]
         lines.append(
-            f"| {r['edit']} | `{r['site']}` | {r['layer']} | {gate} | {r['alpha']:.3g} | "
-            f"{r['boundary']:g} | {margin_cell(r)} | {m['reliability']:.0%} | "
-            f"{share(tune['generalization'], tune['counts']['positive'])} / "
-            f"{share(test['generalization'], test['counts']['positive'])} | "
-            f"{share(tune['specificity'], tune['counts']['negative'])} / "
-            f"{share(test['specificity'], test['counts']['negative'])} | "
-            f"{'—' if loo is None else f'{loo:.0%}'} | "
+            f"| {r['edit']} | `{r['site']}` | {r['layer']} | {gate} | {edit_cells(r)} | "
             f"{m['negative_continuations_kept']:.0%} | "
             f"{m['neutral_top1_kept']:.0%} | "
             f"{m['neutral_kl_mean']:.3g} / {m['neutral_kl_max']:.3g} |"

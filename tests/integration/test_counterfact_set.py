@@ -4,7 +4,6 @@ scripts' scoring agrees with ``evaluate_counterfact`` on toyworld."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import types
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from meminject.evaluate import evaluate_counterfact, read_counterfact
+from tests.experiment_scripts import experiment_script
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "experiments" / "data"
@@ -19,14 +19,6 @@ FULL = DATA / "counterfact_meminject.json"
 KNOWN = DATA / "counterfact_meminject_known.json"
 TOY_SET = ROOT / "memories" / "toyworld" / "local" / "counterfact.json"
 TOY_MEMORY = ROOT / "memories" / "toyworld" / "local" / "vreduthur-capital.toml"
-
-
-def _script(name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("path", [FULL, KNOWN], ids=["full", "known"])
@@ -57,7 +49,7 @@ def test_known_set_is_a_subset_of_the_full_set():
 
 @pytest.mark.integration
 def test_benchmark_scoring_matches_the_reader(toyworld):
-    multi_edit = _script("multi_edit")
+    multi_edit = experiment_script("multi_edit")
     records = read_counterfact(TOY_SET)
     theirs = evaluate_counterfact(toyworld, [TOY_MEMORY], records)
     from meminject.engine import compile_memories
@@ -80,8 +72,8 @@ def test_benchmark_scoring_matches_the_reader(toyworld):
 
 @pytest.mark.integration
 def test_benchmark_and_known_check_run_on_toyworld(toyworld, tmp_path):
-    multi_edit = _script("multi_edit")
-    known = _script("counterfact_known")
+    multi_edit = experiment_script("multi_edit")
+    known = experiment_script("counterfact_known")
     records = read_counterfact(TOY_SET)
     rows = known.check(toyworld, records)
     assert rows[0]["known"] == (rows[0]["rewrite_true_above_new"] and rows[0]["neighbours"] > 0)

@@ -4,31 +4,18 @@ statistics, on a real toyworld sweep."""
 
 from __future__ import annotations
 
-import importlib.util
-import types
-from pathlib import Path
-
 import pytest
 
 from meminject.datasets import resolve_dataset
 from meminject.sweep import SweepConfig, run_sweep
 from meminject.sweep.stats import ranked, summarize
+from tests.experiment_scripts import experiment_script
 
 pytestmark = pytest.mark.integration
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _script(name: str) -> types.ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_encoding_by_tau_table_names_each_best_layer(toyworld):
-    report = _script("sweep_report")
+    report = experiment_script("sweep_report")
     rows = resolve_dataset("toyworld", limit=32)
     config = SweepConfig(
         layers=(0, 2), taus=(0.1, 0.5), encodings=("unembed", "embed"), controls=1,
@@ -55,7 +42,7 @@ def test_encoding_by_tau_table_names_each_best_layer(toyworld):
 
 
 def test_positions_table_sets_the_modes_side_by_side(toyworld):
-    positions = _script("positions_report")
+    positions = experiment_script("positions_report")
     rows = resolve_dataset("toyworld", limit=32)
     common = dict(layers=(0, 1), taus=(0.1, 0.3), encodings=("embed",), controls=1)
     runs = {
