@@ -32,6 +32,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,29 @@ log = logging.getLogger("meminject.serve")
 
 #: Compiled memory choices kept (least recently used first out).
 CACHE_SIZE = 64
+
+
+class CompiledChoices:
+    """The compiled form of recent memory choices, by choice key, at most ``size`` of
+    them (least recently used out): a client varying τ per request must not grow the
+    server without bound. Both serving engines keep their compiled choices here."""
+
+    def __init__(self, size: int = CACHE_SIZE) -> None:
+        self.size = size
+        self._held: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+
+    def get(self, key: tuple[Any, ...], make: Callable[[], Any]) -> Any:
+        """The entry of ``key``, made by ``make()`` when not held."""
+        if key in self._held:
+            self._held.move_to_end(key)
+            return self._held[key]
+        value = self._held[key] = make()
+        while len(self._held) > self.size:
+            self._held.popitem(last=False)
+        return value
+
+    def __len__(self) -> int:
+        return len(self._held)
 
 
 @dataclass(eq=False)
@@ -104,7 +128,7 @@ class Batcher:
         self.allow_outside_paths = allow_outside_paths
         self.cache_size = cache_size
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
-        self._compiled: OrderedDict[tuple[Any, ...], Any] = OrderedDict()
+        self._compiled = CompiledChoices(cache_size)
         self._thread = threading.Thread(target=self._work, name="meminject-batcher", daemon=True)
         self._thread.start()
 
@@ -115,16 +139,12 @@ class Batcher:
 
         if memories is None:
             return None
-        if key in self._compiled:
-            self._compiled.move_to_end(key)
-            return self._compiled[key]
-        compiled = compile_memories(
-            self.model, memories, allow_outside_paths=self.allow_outside_paths
+        return self._compiled.get(
+            key,
+            lambda: compile_memories(
+                self.model, memories, allow_outside_paths=self.allow_outside_paths
+            ),
         )
-        self._compiled[key] = compiled
-        while len(self._compiled) > self.cache_size:
-            self._compiled.popitem(last=False)
-        return compiled
 
     def cached(self) -> int:
         """How many compiled choices are held (at most ``cache_size``)."""

@@ -26,7 +26,7 @@ import uuid
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from meminject.serve.batcher import CACHE_SIZE, Job
+from meminject.serve.batcher import CACHE_SIZE, CompiledChoices, Job
 from meminject.serve.protocol import APIError
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class VLLMJobs:
         self.allow_outside_paths = allow_outside_paths
         self.cache_size = cache_size
         #: choice key → compiled plan (None: no memories), least recently used first.
-        self._compiled: OrderedDict[tuple[Any, ...], MemoryPlan | None] = OrderedDict()
+        self._compiled = CompiledChoices(cache_size)
         self._compile_lock = threading.Lock()  # the model runs one compile at a time
         #: digest → how many running requests use it, for the plans the workers hold
         #: (least recently used first).
@@ -100,15 +100,13 @@ class VLLMJobs:
 
         if memories is None:
             return None
-        with self._compile_lock:
-            if key in self._compiled:
-                self._compiled.move_to_end(key)
-                return self._compiled[key]
+
+        def make() -> MemoryPlan | None:
             plan = compile_plan(self.model, memories, allow_outside_paths=self.allow_outside_paths)
-            self._compiled[key] = plan if plan else None
-            while len(self._compiled) > self.cache_size:
-                self._compiled.popitem(last=False)
-            return self._compiled[key]
+            return plan if plan else None
+
+        with self._compile_lock:
+            return self._compiled.get(key, make)
 
     async def _acquire(self, plan: MemoryPlan) -> str:
         """Install ``plan`` in the workers (if they lack it) and count a user of it.
