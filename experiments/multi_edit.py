@@ -287,7 +287,7 @@ def fluency_all(
             model, learned, per, None, tokens, bos,
             memories_per_prompt=[bank([r], gate) for r in learned], before=before,
         )  # fmt: skip
-        per_gate["sequential"] = mean_entropies_of(per, mean_over_records)
+        per_gate["sequential"] = before_after(per)
         per_gate["example"] = {k: rows[0][k] for k in ("prompt", "before", "after")}
         for n in BANKS[1:]:
             if n > len(learned):
@@ -296,15 +296,18 @@ def fluency_all(
             width = sum(len(r.fluency_prompts) for r in chosen)
             per = [{"case_id": r.case_id} for r in chosen]
             add_fluency(model, chosen, per, bank(chosen, gate), tokens, bos, before=before[:width])
-            per_gate[f"batch_{n}"] = mean_entropies_of(per, mean_over_records)
+            per_gate[f"batch_{n}"] = before_after(per)
         result["gates"][gate] = per_gate
         print(f"fluency {gate}: {json.dumps(per_gate)}", flush=True)
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 
 
-def mean_entropies_of(per_record: list[dict[str, Any]], mean: Any) -> dict[str, float]:
-    m = mean(per_record)
+def before_after(per_record: list[dict[str, Any]]) -> dict[str, float]:
+    """The fluency means over records, as the results file keeps them."""
+    from meminject.evaluate import mean_over_records
+
+    m = mean_over_records(per_record)
     return {"before": m["fluency_before"], "after": m["fluency_after"], "edits": m["records"]}
 
 

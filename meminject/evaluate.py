@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meminject.errors import BadInputError
+from meminject.fluency import FluencyRow, mean_entropies
 from meminject.model_handle import continuation
 
 if TYPE_CHECKING:
@@ -67,8 +68,9 @@ class EditReport:
     #: Each memory alone on the neutral prompts: name → {"kl_mean", "kl_max", "top1_kept"}.
     neutral_per_memory: dict[str, dict[str, float]] = field(default_factory=dict)
     #: Longer greedy continuations of every prompt, before and after, with ROME's n-gram
-    #: entropy (:mod:`meminject.fluency`); empty unless fluency was asked for.
-    fluency: list[dict[str, Any]] = field(default_factory=list)
+    #: entropy (:mod:`meminject.fluency`), one per row of ``rows``, in their order; empty
+    #: unless fluency was asked for.
+    fluency: list[FluencyRow] = field(default_factory=list)
 
     def of(self, kind: str) -> list[PromptResult]:
         return [r for r in self.rows if r.kind == kind]
@@ -94,11 +96,7 @@ class EditReport:
         kls = [r.kl for r in neutral]
         fluency: dict[str, float | None] = {"fluency_before": None, "fluency_after": None}
         if self.fluency:
-            n = len(self.fluency)
-            fluency = {
-                "fluency_before": sum(r["entropy_before"] for r in self.fluency) / n,
-                "fluency_after": sum(r["entropy_after"] for r in self.fluency) / n,
-            }
+            fluency.update(mean_entropies(self.fluency))
         return {
             "reliability": share("edit"),
             "generalization": share("positive"),
@@ -121,7 +119,9 @@ class EditReport:
             "excluded_positives": list(self.excluded_positives),
             "neutral_per_memory": dict(self.neutral_per_memory),
             "prompts": [asdict(r) for r in self.rows],
-            "fluency": list(self.fluency),
+            "fluency": [
+                {"kind": r.kind, **asdict(f)} for r, f in zip(self.rows, self.fluency, strict=True)
+            ],
         }
 
 
@@ -281,9 +281,7 @@ def evaluate_edit(
             model, [r.prompt for r in report.rows], compiled, tokens=fluency_tokens,
             prepend_bos=bos,
         )  # fmt: skip
-        report.fluency = [
-            {"kind": r.kind, **asdict(f)} for r, f in zip(report.rows, rows, strict=True)
-        ]
+        report.fluency = rows
     return report
 
 
@@ -517,7 +515,7 @@ def add_fluency(
     ``memories_per_prompt``, if given, holds one entry per record (each edit alone);
     ``before``, the unedited continuations of the records' fluency prompts, if already
     made."""
-    from meminject.fluency import mean_entropies, measure_fluency
+    from meminject.fluency import measure_fluency
 
     prompts = [(i, p) for i, r in enumerate(records) for p in r.fluency_prompts]
     per_prompt = None

@@ -98,8 +98,8 @@ def test_evaluate_reports_fluency_on_both_paths(toyworld, tmp_path):
         toyworld, [MEMORY], target="Shigosmir", prompts={"edit": PROMPTS[:1]}, tokens=2,
         fluency_tokens=10,
     )  # fmt: skip
-    assert report.metrics["fluency_after"] == report.fluency[0]["entropy_after"]
-    assert len(report.fluency[0]["after"]) > len(report.rows[0].continuation_after)
+    assert report.metrics["fluency_after"] == report.fluency[0].entropy_after
+    assert len(report.fluency[0].after) > len(report.rows[0].continuation_after)
     runner = CliRunner()
     out = runner.invoke(
         cli,
