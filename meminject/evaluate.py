@@ -120,7 +120,8 @@ class EditReport:
             "neutral_per_memory": dict(self.neutral_per_memory),
             "prompts": [asdict(r) for r in self.rows],
             "fluency": [
-                {"kind": r.kind, **asdict(f)} for r, f in zip(self.rows, self.fluency, strict=True)
+                {"kind": r.kind, **asdict(f)}
+                for r, f in zip(self.rows if self.fluency else [], self.fluency, strict=True)
             ],
         }
 
